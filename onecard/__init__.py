@@ -1,0 +1,1 @@
+"""onecard: the back office of a stored-value transport card."""

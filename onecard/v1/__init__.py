@@ -1,0 +1,1 @@
+"""Generated from proto/onecard/v1 by tools/genproto.py."""
