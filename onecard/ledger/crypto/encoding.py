@@ -1,0 +1,61 @@
+"""Wire forms of the fields that go into a MAC input (PROTOCOL.md table).
+
+Validation lives here as well as encoding so that a malformed field is
+refused with the field's name before any key is touched.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+
+class FieldError(ValueError):
+    """A field that does not fit its wire form; names the field and the rule."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+def _digits(value: str, n: int, field: str) -> str:
+    if len(value) != n or not value.isascii() or not value.isdigit():
+        raise FieldError(field, f"must be exactly {n} decimal digits, got {value!r}")
+    return value
+
+
+def card_number_bcd(card_no: str, field: str = "card_number") -> bytes:
+    """16 digits -> 8 bytes BCD."""
+    return bytes.fromhex(_digits(card_no, 16, field))
+
+
+def terminal_id_bcd(terminal_id: str, field: str = "terminal_id") -> bytes:
+    """12 digits -> 6 bytes BCD."""
+    return bytes.fromhex(_digits(terminal_id, 12, field))
+
+
+def parse_datetime(value: str, field: str = "date_time") -> _dt.datetime:
+    """``YYYYMMDDhhmmss`` terminal local time; must be a real moment."""
+    _digits(value, 14, field)
+    try:
+        return _dt.datetime.strptime(value, "%Y%m%d%H%M%S")
+    except ValueError:
+        raise FieldError(field, f"is not a real date and time: {value!r}") from None
+
+
+def datetime_bcd(value: str, field: str = "date_time") -> bytes:
+    """14 digits -> 7 bytes BCD, after checking it names a real moment."""
+    parse_datetime(value, field)
+    return bytes.fromhex(value)
+
+
+def u32(value: int, field: str) -> bytes:
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise FieldError(field, f"must fit an unsigned 32-bit integer, got {value}")
+    return value.to_bytes(4, "big")
+
+
+def u16(value: int, field: str) -> bytes:
+    if not 0 <= value <= 0xFFFF:
+        raise FieldError(field, f"must fit an unsigned 16-bit integer, got {value}")
+    return value.to_bytes(2, "big")
