@@ -1,0 +1,1 @@
+"""gRPC servicers, configuration and the process entry point; no business rules."""
