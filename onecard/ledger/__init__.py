@@ -1,0 +1,1 @@
+"""The domain core: money, cards, postings, card crypto, storage. Never imports grpc."""

@@ -1,0 +1,231 @@
+"""The ledger's entry points: batch calls over a pool, and group commit in front of them.
+
+Calls follow TigerBeetle's naming: plural batch calls (``create_debits``,
+``create_loads``, ``lookup_cards``) that answer one result per item, in
+order. ``submit_debit``/``submit_load`` put a single request through the
+group committer, which is how the server reaches ``create_*`` under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from onecard.ledger.batcher import GroupCommitter
+from onecard.ledger.crypto.verifier import CardVerifier, LoadCheck, PurchaseCheck
+from onecard.ledger.keys import KeyStore
+from onecard.ledger.model import (
+    CardIssue,
+    CardView,
+    Debit,
+    DeskResult,
+    Load,
+    TxnKind,
+    TxnResult,
+)
+from onecard.ledger.refdata import ReferenceData
+from onecard.ledger.storage import cards as card_store
+from onecard.ledger.storage.terminal_batch import BatchRaced, Prepared, apply_terminal_batch
+from onecard.ledger.validation import Limits, check_card_issue, issuer_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_batch: int = 1000
+    max_queue: int = 10_000
+    linger: float = 0.0
+
+
+def _txn_time(s: str) -> dt.datetime:
+    return dt.datetime(
+        int(s[0:4]), int(s[4:6]), int(s[6:8]), int(s[8:10]), int(s[10:12]), int(s[12:14])
+    )
+
+
+def fingerprint(req: Debit | Load) -> bytes:
+    """What makes a retry "the same request": every field the terminal sent."""
+    if isinstance(req, Debit):
+        parts: tuple[object, ...] = (
+            "D",
+            req.card_no,
+            req.amount,
+            req.txn_type,
+            req.date_time,
+            req.key_version,
+            req.tac.hex(),
+        )
+    else:
+        parts = (
+            "L",
+            req.card_no,
+            req.amount,
+            req.txn_type,
+            req.date_time,
+            req.key_version,
+            req.card_random.hex(),
+            req.online_counter,
+            req.old_balance,
+            req.mac1.hex(),
+            int(req.channel),
+        )
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+
+
+class Ledger:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        keys: KeyStore,
+        verifier: CardVerifier,
+        ref: ReferenceData,
+        limits: Limits | None = None,
+        batching: BatchSettings | None = None,
+    ) -> None:
+        self.pool = pool
+        self.keys = keys
+        self.verifier = verifier
+        self.ref = ref
+        self.limits = limits or Limits()
+        b = batching or BatchSettings()
+        self._committer: GroupCommitter[Debit | Load, TxnResult] = GroupCommitter(
+            self._create_terminal_txns,
+            max_batch=b.max_batch,
+            max_queue=b.max_queue,
+            linger=b.linger,
+        )
+
+    @classmethod
+    async def open(
+        cls,
+        pool: asyncpg.Pool,
+        keys: KeyStore,
+        verifier: CardVerifier,
+        limits: Limits | None = None,
+        batching: BatchSettings | None = None,
+    ) -> Ledger:
+        async with pool.acquire() as conn:
+            ref = await ReferenceData.load(conn)
+        ledger = cls(pool, keys, verifier, ref, limits, batching)
+        ledger._committer.start()
+        return ledger
+
+    async def close(self) -> None:
+        """Finish every queued request (each gets its reply), then stop."""
+        await self._committer.close()
+
+    @property
+    def committer(self) -> GroupCommitter[Debit | Load, TxnResult]:
+        return self._committer
+
+    # -- terminal transactions ---------------------------------------------
+
+    async def submit_debit(self, debit: Debit) -> TxnResult:
+        return await self._committer.submit(debit)
+
+    async def submit_load(self, load: Load) -> TxnResult:
+        return await self._committer.submit(load)
+
+    async def create_debits(self, debits: Sequence[Debit]) -> list[TxnResult]:
+        return await self._create_terminal_txns(list(debits))
+
+    async def create_loads(self, loads: Sequence[Load]) -> list[TxnResult]:
+        return await self._create_terminal_txns(list(loads))
+
+    def _prepare(self, items: list[Debit | Load]) -> list[Prepared]:
+        """MAC checks for the whole batch in one call, outside the transaction."""
+        debit_idx = [i for i, r in enumerate(items) if isinstance(r, Debit)]
+        load_idx = [i for i, r in enumerate(items) if isinstance(r, Load)]
+        codes = [0] * len(items)
+        mac2s = [b""] * len(items)
+        if debit_idx:
+            checks = []
+            for i in debit_idx:
+                d = items[i]
+                assert isinstance(d, Debit)
+                checks.append(
+                    PurchaseCheck(
+                        issuer_of(d.card_no),
+                        d.key_version,
+                        d.card_no,
+                        d.amount,
+                        d.txn_type,
+                        d.terminal_id,
+                        d.terminal_seq,
+                        d.date_time,
+                        d.tac,
+                    )
+                )
+            for i, code in zip(debit_idx, self.verifier.verify_purchases(checks), strict=True):
+                codes[i] = code
+        if load_idx:
+            lchecks = []
+            for i in load_idx:
+                ld = items[i]
+                assert isinstance(ld, Load)
+                lchecks.append(
+                    LoadCheck(
+                        issuer_of(ld.card_no),
+                        ld.key_version,
+                        ld.card_no,
+                        ld.card_random,
+                        ld.online_counter,
+                        ld.old_balance,
+                        ld.amount,
+                        ld.txn_type,
+                        ld.terminal_id,
+                        ld.date_time,
+                        ld.mac1,
+                    )
+                )
+            for i, (code, mac2) in zip(load_idx, self.verifier.verify_loads(lchecks), strict=True):
+                codes[i] = code
+                mac2s[i] = mac2
+        return [
+            Prepared(
+                request=r,
+                kind=TxnKind.DEBIT if isinstance(r, Debit) else TxnKind.LOAD,
+                card_no=int(r.card_no),
+                terminal_id=int(r.terminal_id),
+                fingerprint=fingerprint(r),
+                mac_code=codes[i],
+                mac2=mac2s[i],
+                txn_time=_txn_time(r.date_time),
+            )
+            for i, r in enumerate(items)
+        ]
+
+    async def _create_terminal_txns(self, items: list[Debit | Load]) -> list[TxnResult]:
+        prepared = self._prepare(items)
+        unknown = {p.terminal_id for p in prepared} - self.ref.terminal_operator.keys()
+        async with self.pool.acquire() as conn:
+            if unknown:
+                await self.ref.refresh(conn)
+            for attempt in range(5):
+                try:
+                    return await apply_terminal_batch(conn, self.ref, prepared)
+                except BatchRaced:
+                    log.info("batch raced another writer on a (terminal, seq); retry %d", attempt)
+                    await asyncio.sleep(0.001 * (attempt + 1))
+            raise RuntimeError("batch kept racing concurrent writers; giving up")
+
+    # -- cards ---------------------------------------------------------------
+
+    async def issue_card(self, issue: CardIssue) -> DeskResult:
+        """Raises FieldError for a request that breaks a rule; nothing is written then."""
+        if issue.card_no[:4] not in self.ref.issuers or issue.product not in self.ref.products:
+            async with self.pool.acquire() as conn:
+                await self.ref.refresh(conn)
+        check_card_issue(issue, self.ref, self.keys)
+        return await card_store.issue_card(self.pool, self.ref, issue)
+
+    async def lookup_cards(self, card_nos: Sequence[str]) -> list[CardView | None]:
+        async with self.pool.acquire() as conn:
+            return await card_store.lookup_cards(conn, card_nos)

@@ -1,0 +1,172 @@
+"""Card rows: issuing (with its deposit posting) and enquiry.
+
+Desk actions are rare next to terminal traffic, so each is its own
+transaction; they lock the card row before any system account, the same
+order the terminal batches use, so the two cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from onecard.ledger.accounts import cash_code, deposit_account
+from onecard.ledger.model import (
+    CardIssue,
+    CardStatus,
+    CardView,
+    DeskResult,
+    DeskStatus,
+    PostingKind,
+)
+from onecard.ledger.refdata import ReferenceData
+from onecard.ledger.storage import Conn
+
+_CARD_COLUMNS = """card_no, issuer_code, key_version, product_code, status, purse_balance,
+    deposit_balance, online_counter, offline_counter, issued_at, last_used_at"""
+
+
+def _iso(value: Any) -> str:
+    return value.isoformat() if value is not None else ""
+
+
+def card_view(row: asyncpg.Record) -> CardView:
+    return CardView(
+        card_no=f"{row['card_no']:016d}",
+        issuer=row["issuer_code"],
+        key_version=row["key_version"],
+        product=row["product_code"],
+        status=CardStatus(row["status"]),
+        balance=row["purse_balance"],
+        deposit=row["deposit_balance"],
+        online_counter=row["online_counter"],
+        offline_counter=row["offline_counter"],
+        issued_at=_iso(row["issued_at"]),
+        last_used_at=_iso(row["last_used_at"]),
+    )
+
+
+def _view_json(view: CardView | None) -> dict[str, Any] | None:
+    if view is None:
+        return None
+    d = {k: getattr(view, k) for k in view.__slots__}
+    d["status"] = int(view.status)
+    return d
+
+
+def _view_from_json(d: dict[str, Any] | None) -> CardView | None:
+    if d is None:
+        return None
+    d = dict(d)
+    d["status"] = CardStatus(d["status"])
+    return CardView(**d)
+
+
+def _fingerprint(issue: CardIssue) -> bytes:
+    parts = (issue.card_no, issue.product, issue.deposit, issue.key_version, int(issue.channel))
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+
+
+async def lookup_cards(conn: Conn, card_nos: Sequence[str]) -> list[CardView | None]:
+    rows = await conn.fetch(
+        f"SELECT {_CARD_COLUMNS} FROM cards WHERE card_no = ANY($1::bigint[])",
+        [int(c) for c in card_nos],
+    )
+    by_no = {f"{r['card_no']:016d}": card_view(r) for r in rows}
+    return [by_no.get(c) for c in card_nos]
+
+
+async def _replay(conn: Conn, request_id: str, fingerprint: bytes) -> DeskResult | None:
+    row = await conn.fetchrow(
+        "SELECT fingerprint, outcome FROM desk_requests WHERE request_id = $1", request_id
+    )
+    if row is None:
+        return None
+    if row["fingerprint"] != fingerprint:
+        return DeskResult(
+            DeskStatus.CONFLICT, detail=f"request_id {request_id} was used with different content"
+        )
+    outcome = json.loads(row["outcome"])
+    return DeskResult(
+        DeskStatus(outcome["status"]), _view_from_json(outcome["card"]), outcome["detail"]
+    )
+
+
+async def issue_card(pool: asyncpg.Pool, ref: ReferenceData, issue: CardIssue) -> DeskResult:
+    fp = _fingerprint(issue)
+    card_no = int(issue.card_no)
+    async with pool.acquire() as conn:
+        for _ in range(3):
+            try:
+                async with conn.transaction():
+                    earlier = await _replay(conn, issue.request_id, fp)
+                    if earlier is not None:
+                        return earlier
+                    result = await _issue_in_tx(conn, ref, issue, card_no)
+                    outcome = {
+                        "status": int(result.status),
+                        "card": _view_json(result.card),
+                        "detail": result.detail,
+                    }
+                    await conn.execute(
+                        """INSERT INTO desk_requests
+                           (request_id, operation, fingerprint, staff_id, card_no, outcome)
+                           VALUES ($1, 'issue_card', $2, $3, $4, $5::jsonb)""",
+                        issue.request_id,
+                        fp,
+                        issue.staff_id,
+                        card_no,
+                        json.dumps(outcome),
+                    )
+                    return result
+            except asyncpg.UniqueViolationError:
+                continue  # a concurrent retry of the same request committed first
+    raise RuntimeError("issue_card kept racing a concurrent request")
+
+
+async def _issue_in_tx(
+    conn: Conn, ref: ReferenceData, issue: CardIssue, card_no: int
+) -> DeskResult:
+    row = await conn.fetchrow(
+        f"""INSERT INTO cards (card_no, issuer_code, key_version, product_code, deposit_balance)
+            VALUES ($1, $2, $3, $4, $5)
+            ON CONFLICT (card_no) DO NOTHING
+            RETURNING {_CARD_COLUMNS}""",
+        card_no,
+        issue.card_no[:4],
+        issue.key_version,
+        issue.product,
+        issue.deposit,
+    )
+    if row is None:
+        return DeskResult(DeskStatus.CARD_EXISTS, detail=f"card {issue.card_no} is already issued")
+    if issue.deposit:
+        cash = ref.account_id(cash_code(issue.card_no[:4], issue.channel.code))
+        await conn.execute(
+            """INSERT INTO postings (card_no, debit_account, credit_account, amount, kind,
+                                     request_id)
+               VALUES ($1, $2, $3, $4, $5, $6)""",
+            card_no,
+            cash,
+            deposit_account(card_no),
+            issue.deposit,
+            int(PostingKind.DEPOSIT),
+            issue.request_id,
+        )
+        await conn.execute(
+            "UPDATE accounts SET balance = balance - $2 WHERE account_id = $1", cash, issue.deposit
+        )
+    view = card_view(row)
+    await conn.execute(
+        """INSERT INTO audit_log (staff_id, operation, request_id, card_no, before, after)
+           VALUES ($1, 'issue_card', $2, $3, NULL, $4::jsonb)""",
+        issue.staff_id,
+        issue.request_id,
+        card_no,
+        json.dumps(_view_json(view)),
+    )
+    return DeskResult(DeskStatus.OK, view)

@@ -1,0 +1,74 @@
+"""Versioned SQL migrations, applied in order and recorded.
+
+Files are ``NNNN_name.sql`` in ``onecard/ledger/migrations``. Each runs in
+its own transaction together with its row in ``schema_migrations``, under an
+advisory lock, so two processes starting at once cannot both apply one and an
+existing database upgrades in place.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from onecard.ledger.storage import Conn
+
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_LOCK_KEY = 0x0EC4_2D00  # advisory lock id for migrations
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def available_migrations() -> list[Migration]:
+    found: list[Migration] = []
+    for entry in resources.files("onecard.ledger.migrations").iterdir():
+        m = _NAME.match(entry.name)
+        if m:
+            found.append(Migration(int(m.group(1)), m.group(2), entry.read_text("utf-8")))
+    found.sort(key=lambda mig: mig.version)
+    versions = [mig.version for mig in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"duplicate migration versions: {versions}")
+    return found
+
+
+async def applied_versions(conn: Conn) -> set[int]:
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    if not exists:
+        return set()
+    rows = await conn.fetch("SELECT version FROM schema_migrations")
+    return {r["version"] for r in rows}
+
+
+async def apply_migrations(conn: Conn) -> list[str]:
+    """Apply every migration not yet recorded; return the names applied."""
+    applied: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version integer PRIMARY KEY,
+                   name text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = await applied_versions(conn)
+        for mig in available_migrations():
+            if mig.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(mig.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    mig.version,
+                    mig.name,
+                )
+            applied.append(f"{mig.version:04d}_{mig.name}")
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    return applied

@@ -1,0 +1,298 @@
+"""The database transaction behind a batch of online debits and loads.
+
+One batch is one transaction of a fixed handful of set-based statements,
+whatever its size: find earlier outcomes for the batch's (terminal, seq)
+keys, lock the batch's cards in card-number order (so concurrent batches
+from several processes cannot deadlock), decide every item in arrival order
+against the locked balances, then write outcomes, postings, card balances
+and the summed deltas of the hot system accounts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from onecard.ledger.accounts import cash_code, payable_code, purse_account
+from onecard.ledger.crypto.verifier import MAC_OK
+from onecard.ledger.model import (
+    CardStatus,
+    Debit,
+    Load,
+    PostingKind,
+    Product,
+    TxnKind,
+    TxnResult,
+    TxnStatus,
+)
+from onecard.ledger.refdata import ReferenceData
+from onecard.ledger.storage import Conn
+
+
+class BatchRaced(Exception):
+    """Another process committed one of this batch's (terminal, seq) keys first.
+
+    The transaction is rolled back; running the batch again answers those
+    items as duplicates.
+    """
+
+
+@dataclass(slots=True)
+class Prepared:
+    """One request with everything that can be worked out before the transaction."""
+
+    request: Debit | Load
+    kind: TxnKind
+    card_no: int
+    terminal_id: int
+    fingerprint: bytes
+    mac_code: int
+    mac2: bytes
+    txn_time: dt.datetime
+
+
+@dataclass(slots=True)
+class _Card:
+    status: int
+    balance: int
+    product: str
+    online_counter: int
+    delta: int = 0
+    touched: bool = False
+
+
+@dataclass(slots=True)
+class _Writes:
+    txns: list[list[object]] = field(default_factory=lambda: [[] for _ in range(11)])
+    postings: list[list[object]] = field(default_factory=lambda: [[] for _ in range(7)])
+    accounts: dict[int, int] = field(default_factory=dict)
+
+    def outcome(self, p: Prepared, status: TxnStatus, balance: int, mac2: bytes | None) -> None:
+        card_balance = p.request.old_balance if isinstance(p.request, Load) else None
+        row = (
+            p.terminal_id,
+            p.request.terminal_seq,
+            p.card_no,
+            int(p.kind),
+            p.request.amount,
+            p.fingerprint,
+            int(status),
+            balance,
+            mac2,
+            card_balance,
+            p.txn_time,
+        )
+        for col, value in zip(self.txns, row, strict=True):
+            col.append(value)
+
+    def posting(self, p: Prepared, debit: int, credit: int, kind: PostingKind) -> None:
+        row = (
+            p.card_no,
+            debit,
+            credit,
+            p.request.amount,
+            int(kind),
+            p.terminal_id,
+            p.request.terminal_seq,
+        )
+        for col, value in zip(self.postings, row, strict=True):
+            col.append(value)
+        self.accounts[debit] = self.accounts.get(debit, 0) - p.request.amount
+        self.accounts[credit] = self.accounts.get(credit, 0) + p.request.amount
+
+
+_EXISTING = """
+SELECT t.terminal_id, t.terminal_seq, t.fingerprint, t.status, t.balance_after, t.mac2
+FROM unnest($1::bigint[], $2::bigint[]) AS k(terminal_id, terminal_seq)
+JOIN terminal_txns t USING (terminal_id, terminal_seq)
+"""
+
+_LOCK_CARDS = """
+SELECT card_no, status, purse_balance, product_code, online_counter
+FROM cards WHERE card_no = ANY($1::bigint[])
+ORDER BY card_no
+FOR UPDATE
+"""
+
+_INSERT_TXNS = """
+INSERT INTO terminal_txns (terminal_id, terminal_seq, card_no, kind, amount, fingerprint,
+                           status, balance_after, mac2, card_balance, txn_time)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::smallint[], $5::bigint[],
+                     $6::bytea[], $7::smallint[], $8::bigint[], $9::bytea[], $10::bigint[],
+                     $11::timestamp[])
+ON CONFLICT DO NOTHING
+"""
+
+_INSERT_POSTINGS = """
+INSERT INTO postings (card_no, debit_account, credit_account, amount, kind,
+                      terminal_id, terminal_seq)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::smallint[],
+                     $6::bigint[], $7::bigint[])
+"""
+
+_UPDATE_CARDS = """
+UPDATE cards AS c
+SET purse_balance = c.purse_balance + d.delta,
+    online_counter = greatest(c.online_counter, d.online_counter),
+    last_used_at = now()
+FROM unnest($1::bigint[], $2::bigint[], $3::integer[]) AS d(card_no, delta, online_counter)
+WHERE c.card_no = d.card_no
+"""
+
+_LOCK_ACCOUNTS = """
+SELECT account_id FROM accounts WHERE account_id = ANY($1::bigint[])
+ORDER BY account_id FOR UPDATE
+"""
+
+_UPDATE_ACCOUNTS = """
+UPDATE accounts AS a SET balance = a.balance + d.delta
+FROM unnest($1::bigint[], $2::bigint[]) AS d(account_id, delta)
+WHERE a.account_id = d.account_id
+"""
+
+
+async def apply_terminal_batch(
+    conn: Conn, ref: ReferenceData, items: list[Prepared]
+) -> list[TxnResult]:
+    """Decide and record every item; the caller replies only after this returns."""
+    async with conn.transaction():
+        rows = await conn.fetch(
+            _EXISTING,
+            [p.terminal_id for p in items],
+            [p.request.terminal_seq for p in items],
+        )
+        seen: dict[tuple[int, int], tuple[bytes, TxnStatus, int, bytes]] = {
+            (r["terminal_id"], r["terminal_seq"]): (
+                r["fingerprint"],
+                TxnStatus(r["status"]),
+                r["balance_after"],
+                r["mac2"] or b"",
+            )
+            for r in rows
+        }
+        card_nos = sorted({p.card_no for p in items})
+        cards = {
+            r["card_no"]: _Card(
+                r["status"], r["purse_balance"], r["product_code"], r["online_counter"]
+            )
+            for r in await conn.fetch(_LOCK_CARDS, card_nos)
+        }
+        writes = _Writes()
+        results = [_decide(p, seen, cards, ref, writes) for p in items]
+
+        if writes.txns[0]:
+            status = await conn.execute(_INSERT_TXNS, *writes.txns)
+            if int(status.rsplit(" ", 1)[1]) != len(writes.txns[0]):
+                raise BatchRaced()
+        if writes.postings[0]:
+            await conn.execute(_INSERT_POSTINGS, *writes.postings)
+        touched = [(no, c) for no, c in cards.items() if c.touched]
+        if touched:
+            await conn.execute(
+                _UPDATE_CARDS,
+                [no for no, _ in touched],
+                [c.delta for _, c in touched],
+                [c.online_counter for _, c in touched],
+            )
+        if writes.accounts:
+            system = sorted(a for a in writes.accounts if a < purse_account(0))
+            await conn.execute(_LOCK_ACCOUNTS, system)
+            await conn.execute(_UPDATE_ACCOUNTS, system, [writes.accounts[a] for a in system])
+    return results
+
+
+def _decide(
+    p: Prepared,
+    seen: dict[tuple[int, int], tuple[bytes, TxnStatus, int, bytes]],
+    cards: dict[int, _Card],
+    ref: ReferenceData,
+    writes: _Writes,
+) -> TxnResult:
+    req = p.request
+    key = (p.terminal_id, req.terminal_seq)
+    earlier = seen.get(key)
+    if earlier is not None:
+        fingerprint, status, balance, mac2 = earlier
+        if fingerprint != p.fingerprint:
+            return TxnResult(
+                TxnStatus.CONFLICT,
+                detail=f"terminal {req.terminal_id} seq {req.terminal_seq} was used before "
+                "with different content",
+            )
+        return TxnResult(TxnStatus.DUPLICATE, balance, mac2, original_status=status)
+
+    operator = ref.terminal_operator.get(p.terminal_id)
+    if operator is None:
+        return TxnResult(
+            TxnStatus.UNKNOWN_TERMINAL, detail=f"terminal {req.terminal_id} is not registered"
+        )
+
+    result = _decide_new(p, cards.get(p.card_no), ref, operator, writes)
+    writes.outcome(p, result.status, result.balance_after, result.mac2 or None)
+    seen[key] = (p.fingerprint, result.status, result.balance_after, result.mac2)
+    return result
+
+
+def _decide_new(
+    p: Prepared, card: _Card | None, ref: ReferenceData, operator: str, writes: _Writes
+) -> TxnResult:
+    req = p.request
+    if card is None:
+        return TxnResult(TxnStatus.UNKNOWN_CARD, detail=f"card {req.card_no} is not issued")
+    balance = card.balance
+    if p.mac_code != MAC_OK:
+        what = "TAC" if p.kind is TxnKind.DEBIT else "MAC1"
+        return TxnResult(TxnStatus.MAC_INVALID, balance, detail=f"{what} does not verify")
+    if card.status != CardStatus.ACTIVE:
+        return TxnResult(
+            TxnStatus.CARD_NOT_ACTIVE,
+            balance,
+            detail=f"card is {CardStatus(card.status).name.lower()}",
+        )
+    product: Product = ref.products[card.product]
+    if isinstance(req, Debit):
+        if req.amount > product.txn_max:
+            return TxnResult(
+                TxnStatus.OVER_LIMIT,
+                balance,
+                detail=f"amount {req.amount} fen is over the per-transaction limit "
+                f"{product.txn_max} fen of product {product.code}",
+            )
+        if balance < req.amount:
+            return TxnResult(
+                TxnStatus.INSUFFICIENT_FUNDS,
+                balance,
+                detail=f"balance {balance} fen is less than amount {req.amount} fen",
+            )
+        card.balance -= req.amount
+        card.delta -= req.amount
+        card.touched = True
+        writes.posting(
+            p,
+            purse_account(p.card_no),
+            ref.account_id(payable_code(operator)),
+            PostingKind.PURCHASE,
+        )
+        return TxnResult(TxnStatus.APPROVED, card.balance)
+
+    # A load: the card will hold old_balance + amount; the ledger's purse may be
+    # higher while offline purchases are still on their way, so both must fit.
+    ceiling = max(balance, req.old_balance) + req.amount
+    if ceiling > product.purse_max:
+        return TxnResult(
+            TxnStatus.OVER_LIMIT,
+            balance,
+            detail=f"balance after load {ceiling} fen would be over the purse maximum "
+            f"{product.purse_max} fen of product {product.code}",
+        )
+    card.balance += req.amount
+    card.delta += req.amount
+    card.online_counter = max(card.online_counter, req.online_counter + 1)
+    card.touched = True
+    writes.posting(
+        p,
+        ref.account_id(cash_code(req.card_no[:4], req.channel.code)),
+        purse_account(p.card_no),
+        PostingKind.LOAD,
+    )
+    return TxnResult(TxnStatus.APPROVED, card.balance, p.mac2)

@@ -1,0 +1,125 @@
+"""Field rules for requests, checked before anything touches the database.
+
+Every refusal is a ``FieldError`` that names the field and the rule, which
+the server turns into ``INVALID_ARGUMENT``; nothing is written for a request
+that fails here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onecard.ledger.crypto.encoding import FieldError, parse_datetime
+from onecard.ledger.crypto.suites import PURCHASE_TYPES, TYPE_LOAD, Suite
+from onecard.ledger.keys import KeyStore
+from onecard.ledger.model import CardIssue, Debit, Load, PaymentChannel
+from onecard.ledger.refdata import ReferenceData
+
+
+@dataclass(frozen=True)
+class Limits:
+    """System-wide ceilings; card products set narrower ones that answer OVER_LIMIT."""
+
+    #: No product allows a single transaction above this (fen).
+    max_amount: int = 1_000_000
+    #: Offline upload and batch calls: records per request.
+    max_batch_records: int = 1_000
+
+
+def issuer_of(card_no: str) -> str:
+    """The issuer code is the card number's first four digits (the city code of T-Union cards)."""
+    return card_no[:4]
+
+
+def check_digits(value: str, n: int, field: str) -> None:
+    if len(value) != n or not value.isascii() or not value.isdigit():
+        raise FieldError(field, f"must be exactly {n} decimal digits, got {value!r}")
+
+
+def check_amount(amount: int, limits: Limits, field: str = "amount") -> None:
+    if amount <= 0:
+        raise FieldError(field, f"must be a positive number of fen, got {amount}")
+    if amount > limits.max_amount:
+        raise FieldError(field, f"{amount} fen is over the system limit of {limits.max_amount} fen")
+
+
+def suite_for(keys: KeyStore, card_no: str, kv: int, field: str = "key_version") -> Suite:
+    version = keys.get(issuer_of(card_no), kv)
+    if version is None:
+        raise FieldError(field, f"unknown key version {kv} for issuer {issuer_of(card_no)}")
+    return version.suite
+
+
+def check_mac_length(mac: bytes, suite: Suite, field: str) -> None:
+    if len(mac) != suite.mac_length:
+        raise FieldError(
+            field, f"must be {suite.mac_length} bytes for suite {suite.label}, got {len(mac)}"
+        )
+
+
+def _check_common(
+    card_no: str, amount: int, terminal_id: str, date_time: str, limits: Limits
+) -> None:
+    check_digits(card_no, 16, "card_number")
+    check_amount(amount, limits)
+    check_digits(terminal_id, 12, "terminal_id")
+    parse_datetime(date_time, "date_time")
+
+
+def check_debit(d: Debit, keys: KeyStore, limits: Limits) -> None:
+    _check_common(d.card_no, d.amount, d.terminal_id, d.date_time, limits)
+    if d.txn_type not in PURCHASE_TYPES:
+        raise FieldError(
+            "transaction_type", f"must be 0x06 or 0x09 for a debit, got 0x{d.txn_type:02X}"
+        )
+    suite = suite_for(keys, d.card_no, d.key_version)
+    check_mac_length(d.tac, suite, "tac")
+
+
+def check_load(ld: Load, keys: KeyStore, limits: Limits) -> None:
+    _check_common(ld.card_no, ld.amount, ld.terminal_id, ld.date_time, limits)
+    if ld.txn_type != TYPE_LOAD:
+        raise FieldError("transaction_type", f"must be 0x02 for a load, got 0x{ld.txn_type:02X}")
+    if len(ld.card_random) != 4:
+        raise FieldError("card_random", f"must be 4 bytes, got {len(ld.card_random)}")
+    if not 0 <= ld.online_counter <= 0xFFFF:
+        raise FieldError("online_counter", f"must fit 16 bits, got {ld.online_counter}")
+    if ld.old_balance < 0 or ld.old_balance > 0xFFFFFFFF:
+        raise FieldError("old_balance", f"must fit 32 bits, got {ld.old_balance}")
+    suite = suite_for(keys, ld.card_no, ld.key_version)
+    check_mac_length(ld.mac1, suite, "mac1")
+
+
+def parse_channel(value: int, field: str = "payment_channel") -> PaymentChannel:
+    try:
+        return PaymentChannel(value)
+    except ValueError:
+        names = ", ".join(c.name for c in PaymentChannel)
+        raise FieldError(field, f"must name a payment channel ({names}), got {value}") from None
+
+
+def check_request_id(request_id: str) -> None:
+    if not 1 <= len(request_id) <= 64 or not request_id.isprintable():
+        raise FieldError("request_id", "must be 1 to 64 printable characters")
+
+
+def check_card_issue(issue: CardIssue, ref: ReferenceData, keys: KeyStore) -> None:
+    check_request_id(issue.request_id)
+    check_digits(issue.card_no, 16, "card_number")
+    issuer = issuer_of(issue.card_no)
+    if issuer not in ref.issuers:
+        raise FieldError("card_number", f"issuer code {issuer} (first 4 digits) is not known")
+    product = ref.products.get(issue.product)
+    if product is None:
+        raise FieldError(
+            "product", f"unknown product {issue.product!r}; known: {sorted(ref.products)}"
+        )
+    if issue.deposit != product.deposit:
+        raise FieldError(
+            "deposit",
+            f"product {product.code} takes a deposit of {product.deposit} fen, got {issue.deposit}",
+        )
+    if keys.get(issuer, issue.key_version) is None:
+        raise FieldError(
+            "key_version", f"unknown key version {issue.key_version} for issuer {issuer}"
+        )
