@@ -1,0 +1,160 @@
+"""Process lifecycle: database, keys, ledger and gRPC server, started and stopped in order.
+
+Stopping reverses starting: the server stops taking calls and lets in-flight
+ones finish, the group committer drains its queue (every request gets its
+reply after COMMIT), then the pool closes and an embedded PostgreSQL shuts
+down cleanly, so the next start finds every posting where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from onecard.ledger.crypto.select import make_verifier
+from onecard.ledger.devdata import seed_demo_data, write_dev_key_file
+from onecard.ledger.engine import Ledger
+from onecard.ledger.keys import FileKeyStore, KeyStoreError, MemoryKeyStore, key_store_from_env
+from onecard.ledger.storage.migrate import apply_migrations
+from onecard.server.config import ServerConfig
+from onecard.server.desk_service import DeskServicer
+from onecard.server.embedded_pg import EmbeddedPostgres
+from onecard.server.terminal_service import TerminalServicer
+from onecard.v1 import desk_pb2, desk_pb2_grpc, terminal_pb2, terminal_pb2_grpc
+
+log = logging.getLogger("onecard.server")
+
+EMBEDDED_DATABASE = "onecard"
+SERVICE_NAMES = (
+    terminal_pb2.DESCRIPTOR.services_by_name["TerminalService"].full_name,
+    desk_pb2.DESCRIPTOR.services_by_name["DeskService"].full_name,
+)
+
+
+def dev_key_path(cfg: ServerConfig) -> str:
+    return str(cfg.data_dir / "dev-keys.json")
+
+
+def load_keys(cfg: ServerConfig) -> tuple[MemoryKeyStore, bool]:
+    """The key store and whether it holds the public development keys."""
+    if cfg.keys is not None:
+        return FileKeyStore(cfg.keys), False
+    from_env = key_store_from_env()
+    if from_env is not None:
+        return from_env, False
+    if cfg.embedded:
+        path = cfg.data_dir / "dev-keys.json"
+        if write_dev_key_file(path):
+            log.warning("wrote development key file %s (PROTOCOL.md test keys)", path)
+        return FileKeyStore(path), True
+    raise KeyStoreError(
+        "no keys: give --keys FILE or ONECARD_KEYS_JSON "
+        "(`onecard dev-init` writes a development key file)"
+    )
+
+
+async def start_embedded_postgres(cfg: ServerConfig) -> tuple[EmbeddedPostgres, str]:
+    pg = EmbeddedPostgres(cfg.data_dir / "pg")
+    await asyncio.to_thread(pg.start)
+    conn = await asyncpg.connect(pg.dsn("postgres"))
+    try:
+        exists = await conn.fetchval(
+            "SELECT 1 FROM pg_database WHERE datname = $1", EMBEDDED_DATABASE
+        )
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}"')
+    finally:
+        await conn.close()
+    return pg, pg.dsn(EMBEDDED_DATABASE)
+
+
+@dataclass
+class RunningServer:
+    config: ServerConfig
+    server: grpc.aio.Server
+    port: int
+    ledger: Ledger
+    pool: asyncpg.Pool
+    keys: MemoryKeyStore
+    health: health_aio.HealthServicer
+    embedded: EmbeddedPostgres | None
+    dsn: str
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self) -> None:
+        log.info("stopping: draining in-flight calls")
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.shutdown_grace)
+        await self.ledger.close()
+        await self.pool.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+        log.info("stopped")
+
+    def reload_keys(self) -> None:
+        """SIGHUP: pick up added key versions; derived-key caches drop on the generation bump."""
+        if isinstance(self.keys, FileKeyStore):
+            try:
+                self.keys.reload()
+                log.info("key file reloaded: %d key versions", len(list(self.keys.versions())))
+            except KeyStoreError as exc:
+                log.error("key reload refused, old keys stay in force: %s", exc)
+
+
+async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) -> RunningServer:
+    """Start everything; ``keys`` overrides the configured key source (tests)."""
+    dev_keys = False
+    if keys is None:
+        keys, dev_keys = load_keys(cfg)
+    verifier = make_verifier(keys, cfg.key_cache_size, cfg.allow_slow_crypto)
+    embedded: EmbeddedPostgres | None = None
+    dsn = cfg.dsn
+    if not dsn:
+        embedded, dsn = await start_embedded_postgres(cfg)
+    try:
+        pool = await asyncpg.create_pool(dsn, min_size=2, max_size=cfg.pool_size)
+        async with pool.acquire() as conn:
+            applied = await apply_migrations(conn)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+            if dev_keys:
+                await seed_demo_data(conn)
+        ledger = await Ledger.open(pool, keys, verifier, cfg.limits, cfg.batching)
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ]
+        server = grpc.aio.server(options=options)
+        terminal_pb2_grpc.add_TerminalServiceServicer_to_server(TerminalServicer(ledger), server)
+        desk_pb2_grpc.add_DeskServiceServicer_to_server(DeskServicer(ledger), server)
+        health_servicer = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        port = server.add_insecure_port(cfg.listen)
+        await server.start()
+        for name in ("", *SERVICE_NAMES):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    except BaseException:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+        raise
+    log.info("card crypto: %s", verifier.name)
+    return RunningServer(cfg, server, port, ledger, pool, keys, health_servicer, embedded, dsn)

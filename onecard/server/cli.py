@@ -1,0 +1,174 @@
+"""The `onecard` command: serve, dev-init, migrate, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import asyncpg
+
+from onecard.ledger.crypto.encoding import FieldError
+from onecard.ledger.keys import KeyStoreError
+from onecard.server.config import ServerConfig, add_option, add_server_options, config_from_args
+from onecard.server.logs import setup_logging
+
+
+def _describe_dsn(dsn: str) -> str:
+    """Where we are connected, without a password."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(dsn)
+    return f"{parts.hostname}:{parts.port}{parts.path}"
+
+
+async def _serve(cfg: ServerConfig) -> None:
+    from onecard.server.app import start_server
+
+    running = await start_server(cfg)
+    db = (
+        f"embedded PostgreSQL in {cfg.data_dir / 'pg'} ({_describe_dsn(running.dsn)})"
+        if running.embedded
+        else f"PostgreSQL at {_describe_dsn(running.dsn)}"
+    )
+    print(
+        f"onecard serving gRPC on {running.address}\n"
+        f"  card crypto: {running.ledger.verifier.name}\n  database: {db}",
+        flush=True,
+    )
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.data_dir / "server.addr").write_text(running.address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, running.reload_keys)
+    await stop.wait()
+    print("onecard: stopping (draining in-flight work)", flush=True)
+    await running.stop()
+    print("onecard: stopped cleanly", flush=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    cfg = config_from_args(args)
+    uvloop.run(_serve(cfg))
+    return 0
+
+
+async def _dev_init(cfg: ServerConfig) -> None:
+    from onecard.ledger.devdata import seed_demo_data, write_dev_key_file
+    from onecard.ledger.storage.migrate import apply_migrations
+    from onecard.server.app import start_embedded_postgres
+
+    key_path = cfg.data_dir / "dev-keys.json"
+    created = write_dev_key_file(key_path)
+    print(f"development key file: {key_path} ({'created' if created else 'already there'})")
+    embedded = None
+    dsn = cfg.dsn
+    if not dsn:
+        embedded, dsn = await start_embedded_postgres(cfg)
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            applied = await apply_migrations(conn)
+            await seed_demo_data(conn)
+        finally:
+            await conn.close()
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+    print(f"migrations applied: {', '.join(applied) or 'none needed'}")
+    print(f"demo issuer, products, operators and terminals are in {_describe_dsn(dsn)}")
+
+
+def cmd_dev_init(args: argparse.Namespace) -> int:
+    asyncio.run(_dev_init(config_from_args(args)))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from onecard.ledger.storage.migrate import apply_migrations
+
+    async def go() -> list[str]:
+        conn = await asyncpg.connect(args.dsn)
+        try:
+            return await apply_migrations(conn)
+        finally:
+            await conn.close()
+
+    if not args.dsn:
+        raise SystemExit("migrate needs --dsn or ONECARD_DSN")
+    applied = asyncio.run(go())
+    print(f"migrations applied: {', '.join(applied) or 'none needed'}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from onecard.clients import simulator
+    from onecard.ledger.keys import FileKeyStore
+
+    data_dir = Path(args.data_dir)
+    target = args.target
+    if not target:
+        addr_file = data_dir / "server.addr"
+        target = addr_file.read_text().strip() if addr_file.exists() else "127.0.0.1:50051"
+    keys = FileKeyStore(args.keys or data_dir / "dev-keys.json")
+    surprises = asyncio.run(simulator.run(target, keys, data_dir))
+    return 1 if surprises else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onecard", description="Transport-card ledger: gRPC server and tools."
+    )
+    add_option(
+        parser, "--log-format", default="text", choices=["text", "json"], help="log line format"
+    )
+    add_option(parser, "--log-level", default="info", help="log level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the ledger's gRPC server")
+    add_server_options(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("dev-init", help="write development keys and demo reference data")
+    add_server_options(p)
+    p.set_defaults(func=cmd_dev_init)
+
+    p = sub.add_parser("migrate", help="apply schema migrations to --dsn")
+    add_option(p, "--dsn", help="PostgreSQL DSN")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("simulate", help="play terminals and a service desk against a server")
+    add_option(p, "--target", help="server address (default: from DATA_DIR/server.addr)")
+    add_option(
+        p,
+        "--data-dir",
+        type=Path,
+        default=Path(".onecard"),
+        help="where the server keeps its development keys and address",
+    )
+    add_option(p, "--keys", type=Path, help="key file the simulated cards are made with")
+    p.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_format, args.log_level)
+    try:
+        code: int = args.func(args)
+        return code
+    except (KeyStoreError, FieldError) as exc:
+        print(f"onecard: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Server settings. Every flag has an ``ONECARD_*`` environment twin, shown in ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onecard.ledger.engine import BatchSettings
+from onecard.ledger.validation import Limits
+
+
+@dataclass
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    dsn: str | None = None
+    data_dir: Path = field(default_factory=lambda: Path(".onecard"))
+    keys: Path | None = None
+    allow_slow_crypto: bool = False
+    key_cache_size: int = 1_000_000
+    pool_size: int = 8
+    max_message_bytes: int = 4 * 1024 * 1024
+    limits: Limits = field(default_factory=Limits)
+    batching: BatchSettings = field(default_factory=BatchSettings)
+    shutdown_grace: float = 10.0
+
+    @property
+    def embedded(self) -> bool:
+        return not self.dsn
+
+
+def env_name(flag: str) -> str:
+    return "ONECARD_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_option(
+    parser: argparse.ArgumentParser, flag: str, *, help: str, default: Any = None, **kw: Any
+) -> None:
+    """An option whose default comes from its ``ONECARD_*`` twin when that is set."""
+    env = env_name(flag)
+    raw = os.environ.get(env)
+    if kw.get("action") == "store_true":
+        value: Any = raw.lower() in ("1", "true", "yes", "on") if raw else bool(default)
+    elif raw is not None:
+        value = kw.get("type", str)(raw)
+    else:
+        value = default
+    shown = f" (default: {default})" if default not in (None, False) else ""
+    parser.add_argument(flag, default=value, help=f"{help}{shown} [env {env}]", **kw)
+
+
+def add_server_options(p: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    add_option(p, "--listen", default=d.listen, help="gRPC address; port 0 picks a free port")
+    add_option(p, "--dsn", help="PostgreSQL DSN; without it an embedded PostgreSQL is started")
+    add_option(
+        p,
+        "--data-dir",
+        type=Path,
+        default=d.data_dir,
+        help="directory for the embedded PostgreSQL and development keys",
+    )
+    add_option(
+        p,
+        "--keys",
+        type=Path,
+        help="key file (JSON, mode 600); ONECARD_KEYS_JSON may hold the same inline",
+    )
+    add_option(
+        p,
+        "--allow-slow-crypto",
+        action="store_true",
+        help="run on the pure-Python card crypto if the Cython extension is missing",
+    )
+    add_option(
+        p,
+        "--key-cache-size",
+        type=int,
+        default=d.key_cache_size,
+        help="derived card keys kept in memory",
+    )
+    add_option(
+        p, "--pool-size", type=int, default=d.pool_size, help="database connections per process"
+    )
+    add_option(
+        p,
+        "--max-batch",
+        type=int,
+        default=d.batching.max_batch,
+        help="most requests in one group-commit transaction",
+    )
+    add_option(
+        p,
+        "--max-queue",
+        type=int,
+        default=d.batching.max_queue,
+        help="requests waiting for a batch before RESOURCE_EXHAUSTED",
+    )
+    add_option(
+        p,
+        "--linger-ms",
+        type=float,
+        default=d.batching.linger * 1000,
+        help="how long a small batch waits for company before flushing",
+    )
+    add_option(
+        p,
+        "--max-amount",
+        type=int,
+        default=d.limits.max_amount,
+        help="largest amount in fen any transaction may carry",
+    )
+    add_option(
+        p,
+        "--max-message-bytes",
+        type=int,
+        default=d.max_message_bytes,
+        help="largest gRPC message accepted",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        listen=args.listen,
+        dsn=args.dsn or None,
+        data_dir=Path(args.data_dir),
+        keys=Path(args.keys) if args.keys else None,
+        allow_slow_crypto=args.allow_slow_crypto,
+        key_cache_size=args.key_cache_size,
+        pool_size=args.pool_size,
+        max_message_bytes=args.max_message_bytes,
+        limits=Limits(max_amount=args.max_amount),
+        batching=BatchSettings(
+            max_batch=args.max_batch, max_queue=args.max_queue, linger=args.linger_ms / 1000
+        ),
+    )

@@ -1,0 +1,71 @@
+"""TerminalService: protobuf in, ledger types out, and back. No business rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from onecard.ledger.engine import Ledger
+from onecard.ledger.model import Debit, Load, TxnResult
+from onecard.ledger.validation import check_debit, check_load, parse_channel
+from onecard.server.errors import guarded
+from onecard.v1 import terminal_pb2, terminal_pb2_grpc
+
+
+def _status_fields(res: TxnResult) -> dict[str, object]:
+    return {
+        "status": int(res.status),
+        "balance_after": res.balance_after,
+        "original_status": int(res.original_status) if res.original_status else 0,
+        "detail": res.detail,
+    }
+
+
+class TerminalServicer(terminal_pb2_grpc.TerminalServiceServicer):
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def Debit(
+        self, request: terminal_pb2.DebitRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> terminal_pb2.DebitReply:
+        async def call() -> terminal_pb2.DebitReply:
+            debit = Debit(
+                card_no=request.card_number,
+                amount=request.amount,
+                txn_type=request.transaction_type,
+                terminal_id=request.terminal_id,
+                terminal_seq=request.terminal_seq,
+                date_time=request.date_time,
+                key_version=request.key_version,
+                tac=request.tac,
+            )
+            check_debit(debit, self.ledger.keys, self.ledger.limits)
+            res = await self.ledger.submit_debit(debit)
+            return terminal_pb2.DebitReply(**_status_fields(res))  # type: ignore[arg-type]
+
+        return await guarded(context, call)
+
+    async def Load(
+        self, request: terminal_pb2.LoadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> terminal_pb2.LoadReply:
+        async def call() -> terminal_pb2.LoadReply:
+            load = Load(
+                card_no=request.card_number,
+                amount=request.amount,
+                txn_type=request.transaction_type,
+                terminal_id=request.terminal_id,
+                terminal_seq=request.terminal_seq,
+                date_time=request.date_time,
+                key_version=request.key_version,
+                card_random=request.card_random,
+                online_counter=request.online_counter,
+                old_balance=request.old_balance,
+                mac1=request.mac1,
+                channel=parse_channel(request.payment_channel),
+            )
+            check_load(load, self.ledger.keys, self.ledger.limits)
+            res = await self.ledger.submit_load(load)
+            return terminal_pb2.LoadReply(mac2=res.mac2, **_status_fields(res))  # type: ignore[arg-type]
+
+        return await guarded(context, call)

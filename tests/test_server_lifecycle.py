@@ -1,0 +1,176 @@
+"""The process around the ledger: health, reflection, restarts, the CLI, keys and migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from onecard.clients.terminal import Terminal
+from onecard.ledger.devdata import DEV_KEYS
+from onecard.ledger.keys import FileKeyStore, KeyStoreError
+from onecard.ledger.storage.migrate import apply_migrations, available_migrations
+from onecard.server.app import RunningServer, start_server
+from onecard.server.config import ServerConfig
+from onecard.v1 import common_pb2
+from tests.support import assert_books_balance, dev_keys, issue
+
+
+async def test_health_and_reflection(server: RunningServer, channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "onecard.v1.TerminalService", "onecard.v1.DeskService"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = refl.ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    reply = await call.read()
+    await call.done_writing()
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"onecard.v1.TerminalService", "onecard.v1.DeskService"} <= names
+
+
+async def test_restart_on_same_data_dir_keeps_acknowledged_postings(tmp_path: Path) -> None:
+    cfg = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data")
+    running = await start_server(cfg)
+    keys = dev_keys()
+    acknowledged = []
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        card = await issue(channel, keys)
+        await Terminal(channel, "310400000009", 1).load(card, 9000)
+        bus = Terminal(channel, "310400000001", 1)
+        replies = await asyncio.gather(
+            *(bus.stub.Debit(bus.debit_request(card, 100)) for _ in range(20))
+        )
+        acknowledged = [r for r in replies if r.status == common_pb2.TXN_STATUS_APPROVED]
+    await running.stop()
+
+    running = await start_server(cfg)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            from onecard.v1 import desk_pb2, desk_pb2_grpc
+
+            view = await desk_pb2_grpc.DeskServiceStub(channel).GetCard(
+                desk_pb2.GetCardRequest(card_number=card.card_no),
+                metadata=(("x-onecard-operator", "t"),),
+            )
+        assert len(acknowledged) == 20
+        assert view.balance == 9000 - 20 * 100
+        await assert_books_balance(running.dsn)
+    finally:
+        await running.stop()
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(DEV_KEYS))
+    path.chmod(0o644)
+    with pytest.raises(KeyStoreError, match="chmod 600"):
+        FileKeyStore(path)
+    path.chmod(0o600)
+    assert FileKeyStore(path).get("3104", 2) is not None
+
+
+def test_keys_never_show_their_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(DEV_KEYS))
+    path.chmod(0o600)
+    store = FileKeyStore(path)
+    version = store.get("3104", 1)
+    assert version is not None
+    shown = repr(version) + str(version.mtk) + repr(store)
+    for issuer in DEV_KEYS["issuers"].values():
+        for entry in issuer.values():
+            assert entry["mtk"].lower() not in shown.lower()
+            assert entry["mtk"][:8] not in shown
+    bad = {
+        "issuers": {
+            "3104": {
+                "1": {
+                    "suite": "pboc-3des",
+                    "mtk": "00112233445566778899AABBCCDDEEFF00",
+                    "mlk": "zz",
+                }
+            }
+        }
+    }
+    path.write_text(json.dumps(bad))
+    with pytest.raises(KeyStoreError) as err:
+        store.reload()
+    assert "00112233" not in str(err.value)
+    assert store.get("3104", 1) is not None  # old keys stay in force
+
+
+async def test_migrations_are_recorded_and_rerun_applies_nothing(empty_db_dsn: str) -> None:
+    conn = await asyncpg.connect(empty_db_dsn)
+    try:
+        applied = await apply_migrations(conn)
+        assert len(applied) == len(available_migrations()) >= 1
+        assert await apply_migrations(conn) == []
+        versions = await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")
+        assert [v["version"] for v in versions] == [m.version for m in available_migrations()]
+    finally:
+        await conn.close()
+
+
+async def test_postings_are_append_only(server: RunningServer, channel, keys) -> None:
+    await issue(channel, keys)
+    conn = await asyncpg.connect(server.dsn)
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+            await conn.execute("UPDATE postings SET amount = amount + 1")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+            await conn.execute("DELETE FROM postings")
+    finally:
+        await conn.close()
+
+
+def test_cli_serve_simulate_and_stop(tmp_path: Path) -> None:
+    """The README's first command, as a newcomer runs it: serve, simulate, Ctrl-C, serve again."""
+    data = tmp_path / "data"
+    env = {**os.environ, "ONECARD_DATA_DIR": str(data), "ONECARD_LISTEN": "127.0.0.1:0"}
+    for round_ in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "onecard.server.cli", "serve"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            banner = ""
+            while "serving gRPC" not in banner:
+                line = proc.stdout.readline()
+                assert line, f"server exited before serving: {banner}"
+                banner += line
+            assert "onecard serving gRPC on 127.0.0.1:" in banner, banner
+            sim = subprocess.run(
+                [sys.executable, "-m", "onecard.server.cli", "simulate"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert sim.returncode == 0, sim.stdout + sim.stderr
+            assert "every outcome as expected" in sim.stdout
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0, out
+            assert "stopped cleanly" in out
+            for entry in DEV_KEYS["issuers"]["3104"].values():
+                assert entry["mtk"] not in banner + out
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert round_ in (0, 1)
