@@ -164,6 +164,18 @@ def test_cli_serve_simulate_and_stop(tmp_path: Path) -> None:
             )
             assert sim.returncode == 0, sim.stdout + sim.stderr
             assert "every outcome as expected" in sim.stdout
+            if round_ == 0:
+                # A second server on the same data directory is refused with advice, no traceback.
+                second = subprocess.run(
+                    [sys.executable, "-m", "onecard.server.cli", "serve"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert second.returncode == 2, second.stdout + second.stderr
+                assert "already running" in second.stderr
+                assert "Traceback" not in second.stderr
             proc.send_signal(signal.SIGINT)
             out, _ = proc.communicate(timeout=60)
             assert proc.returncode == 0, out
@@ -174,3 +186,46 @@ def test_cli_serve_simulate_and_stop(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
         assert round_ in (0, 1)
+
+
+async def test_key_version_added_while_serving(db_dsn: str, tmp_path: Path) -> None:
+    """Rotation: a new key version becomes usable on reload; cards of the old ones keep working."""
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        from onecard.ledger.devdata import seed_demo_data
+
+        await seed_demo_data(conn)
+    finally:
+        await conn.close()
+    key_file = tmp_path / "keys.json"
+    doc = json.loads(json.dumps(DEV_KEYS))
+    key_file.write_text(json.dumps(doc))
+    key_file.chmod(0o600)
+    running = await start_server(
+        ServerConfig(listen="127.0.0.1:0", dsn=db_dsn, keys=key_file, data_dir=tmp_path / "d")
+    )
+    try:
+        async with grpc.aio.insecure_channel(running.address) as chan:
+            store = FileKeyStore(key_file)
+            old_card = await issue(chan, store, kv=1)
+            bus = Terminal(chan, "310400000001", first_seq=1)
+            topup = Terminal(chan, "310400000009", first_seq=1)
+            await topup.load(old_card, 1000)
+
+            doc["issuers"]["3104"]["4"] = {
+                "suite": "sm4",
+                "mtk": "00" * 15 + "04",
+                "mlk": "00" * 15 + "40",
+            }
+            key_file.write_text(json.dumps(doc))
+            running.reload_keys()
+            store.reload()
+
+            new_card = await issue(chan, store, kv=4)
+            assert (await topup.load(new_card, 500)).status == common_pb2.TXN_STATUS_APPROVED
+            assert (await bus.debit(new_card, 200)).status == common_pb2.TXN_STATUS_APPROVED
+            assert (await bus.debit(old_card, 200)).status == common_pb2.TXN_STATUS_APPROVED
+            assert new_card.balance == 300 and old_card.balance == 800
+    finally:
+        await running.stop()
+    await assert_books_balance(db_dsn)

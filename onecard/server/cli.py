@@ -11,8 +11,10 @@ from pathlib import Path
 import asyncpg
 
 from onecard.ledger.crypto.encoding import FieldError
+from onecard.ledger.crypto.select import CryptoUnavailable
 from onecard.ledger.keys import KeyStoreError
 from onecard.server.config import ServerConfig, add_option, add_server_options, config_from_args
+from onecard.server.embedded_pg import EmbeddedPostgresError
 from onecard.server.logs import setup_logging
 
 
@@ -163,9 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
-    except (KeyStoreError, FieldError) as exc:
+    except (KeyStoreError, FieldError, EmbeddedPostgresError, CryptoUnavailable) as exc:
+        # Start-up refusals are the operator's to fix; a traceback would hide the advice.
         print(f"onecard: {exc}", file=sys.stderr)
         return 2
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"onecard: cannot reach the database or the network: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
 
