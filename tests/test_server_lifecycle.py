@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from onecard.clients.card import SimulatedCard
 from onecard.clients.terminal import Terminal
 from onecard.ledger.devdata import DEV_KEYS
 from onecard.ledger.keys import FileKeyStore, KeyStoreError
@@ -23,7 +24,7 @@ from onecard.ledger.storage.migrate import apply_migrations, available_migration
 from onecard.server.app import RunningServer, start_server
 from onecard.server.config import ServerConfig
 from onecard.v1 import common_pb2
-from tests.support import assert_books_balance, dev_keys, issue
+from tests.support import assert_books_balance, dev_keys, fetch, issue
 
 
 async def test_health_and_reflection(server: RunningServer, channel: grpc.aio.Channel) -> None:
@@ -229,3 +230,82 @@ async def test_key_version_added_while_serving(db_dsn: str, tmp_path: Path) -> N
     finally:
         await running.stop()
     await assert_books_balance(db_dsn)
+
+
+def _start_cli_server(env: dict[str, str]) -> tuple[subprocess.Popen[str], str, str]:
+    """`onecard serve` as a child process: (process, gRPC address, embedded database DSN)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onecard.server.cli", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    banner = ""
+    while "database:" not in banner:
+        line = proc.stdout.readline()
+        assert line, f"server exited before serving: {banner}"
+        banner += line
+    address = banner.split("serving gRPC on ")[1].split()[0]
+    where = banner.split("database: embedded PostgreSQL in ")[1].split("(")[1].split(")")[0]
+    return proc, address, f"postgresql://postgres@{where}"
+
+
+async def test_kill_9_mid_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """A crash of the server process: every approved reply is a posting after restart."""
+    env = {
+        **os.environ,
+        "ONECARD_DATA_DIR": str(tmp_path / "data"),
+        "ONECARD_LISTEN": "127.0.0.1:0",
+    }
+    proc, address, _ = await asyncio.to_thread(_start_cli_server, env)
+    acknowledged: list[tuple[int, int, int]] = []
+    try:
+        async with grpc.aio.insecure_channel(address) as chan:
+            keys = dev_keys()
+            cards = [await issue(chan, keys, kv=kv) for kv in (1, 2, 3)]
+            topup = Terminal(chan, "310400000009", first_seq=1)
+            for card in cards:
+                await topup.load(card, 100_000)
+            buses = [Terminal(chan, f"31040000000{i}", first_seq=1) for i in (1, 2, 3)]
+
+            async def ride(bus: Terminal, card: SimulatedCard) -> None:
+                while True:
+                    req = bus.debit_request(card, 1)
+                    try:
+                        reply = await bus.stub.Debit(req)
+                    except grpc.aio.AioRpcError:
+                        return
+                    if reply.status == common_pb2.TXN_STATUS_APPROVED:
+                        acknowledged.append((int(req.terminal_id), req.terminal_seq, 1))
+
+            riders = [
+                asyncio.create_task(ride(bus, card)) for bus, card in zip(buses, cards, strict=True)
+            ]
+            while len(acknowledged) < 300:
+                await asyncio.sleep(0.01)
+            proc.kill()  # SIGKILL: no drain, no clean PostgreSQL stop
+            await asyncio.gather(*riders)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+    # The orphaned PostgreSQL is stopped and restarted by the next serve.
+    proc, _, dsn = await asyncio.to_thread(_start_cli_server, env)
+    try:
+        rows = await fetch(
+            dsn,
+            "SELECT t.terminal_id, t.terminal_seq, p.amount FROM terminal_txns t"
+            " JOIN postings p ON p.terminal_id = t.terminal_id AND p.terminal_seq = t.terminal_seq"
+            " WHERE t.kind = 1 AND t.status = 1",
+        )
+        posted = {(r[0], r[1], r[2]) for r in rows}
+        assert len(rows) == len(posted), "a debit was posted twice"
+        assert set(acknowledged) <= posted
+        await assert_books_balance(dsn)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+        assert proc.returncode == 0, out

@@ -28,6 +28,7 @@ loop for a few seconds matters.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import logging
 import os
@@ -352,6 +353,7 @@ class EmbeddedPostgres:
         self._user: pwd.struct_passwd | None = None
         self._groups: set[int] = set()
         self._tmp_socket_dir: Path | None = None
+        self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -395,7 +397,28 @@ class EmbeddedPostgres:
             }
             _grant_install_access(bindir, self._user, self._groups)
         self._prepare_data_dir()
-        self._refuse_if_running()
+        self._take_manager_lock()
+        try:
+            self._start_locked(bindir)
+        except BaseException:
+            self._release_manager_lock()
+            raise
+
+    def _start_locked(self, bindir: Path) -> None:
+        live = self._live_postmaster()
+        if live is not None:
+            # We hold the manager lock, so whoever started this postmaster is
+            # gone (killed, crashed): stop the orphan instead of making the
+            # operator do it. A fast stop rolls back what never committed;
+            # everything that did is in the WAL.
+            self._log.warning(
+                "stopping PostgreSQL (pid %d, port %s) left running on %s by a manager "
+                "that is gone",
+                live[0],
+                live[1],
+                self.data_dir,
+            )
+            self._stop_orphan(bindir)
         if (self.data_dir / "PG_VERSION").exists():
             self._check_version(bindir)
         else:
@@ -481,6 +504,7 @@ class EmbeddedPostgres:
             )
         self._running = False
         self._remove_tmp_socket_dir()
+        self._release_manager_lock()
         self._log.info("embedded PostgreSQL on port %d stopped (%s)", self._port, mode)
 
     def __enter__(self) -> EmbeddedPostgres:
@@ -550,24 +574,59 @@ class EmbeddedPostgres:
             _chown_tree(self.data_dir, self._user.pw_uid, self._user.pw_gid)
         _grant_traverse(self.data_dir, self._user, self._groups)
 
-    def _refuse_if_running(self) -> None:
-        """Fail clearly if a live postmaster owns this data directory.
+    @property
+    def _lock_path(self) -> Path:
+        # Beside the data directory, not in it: initdb wants an empty directory.
+        return self.data_dir.with_name(self.data_dir.name + ".manager.lock")
 
-        A stale ``postmaster.pid`` (crashed server, process gone) is left for
-        PostgreSQL itself to validate and replace; it also checks for orphaned
-        backends still attached to the old shared memory, which we must not
-        bypass by deleting the file.
+    def _take_manager_lock(self) -> None:
+        """One manager per data directory, decided by a lock the kernel drops when we die.
+
+        ``flock`` is released with the process however it ends (even SIGKILL),
+        so a live postmaster found while we hold the lock is an orphan.
+        """
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            live = self._live_postmaster()
+            server = f"PostgreSQL (pid {live[0]}, port {live[1]}) " if live else "PostgreSQL "
+            raise EmbeddedPostgresError(
+                f"a {server}server is already running on {self.data_dir}, managed by another "
+                f"process (pid {holder}). Stop that process (its PostgreSQL stops with it; "
+                f"or `pg_ctl -D {self.data_dir} stop -m fast`), or use another data directory."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _release_manager_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    def _live_postmaster(self) -> tuple[int, str] | None:
+        """(pid, port) of a live postmaster on this data directory, if there is one.
+
+        A stale ``postmaster.pid`` (process gone) is left for PostgreSQL itself
+        to validate and replace; it also checks for orphaned backends still
+        attached to the old shared memory, which we must not bypass by
+        deleting the file.
         """
         pidfile = self.data_dir / "postmaster.pid"
         try:
             lines = pidfile.read_text().splitlines()
             pid = int(lines[0])
         except (OSError, ValueError, IndexError):
-            return
+            return None
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
+            return None
         except PermissionError:
             pass
         if _is_zombie(pid):
@@ -576,17 +635,33 @@ class EmbeddedPostgres:
             deadline = time.monotonic() + 10
             while _is_zombie(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            return
+            return None
         cwd = _postmaster_cwd(pid)
         if cwd is not None and cwd != self.data_dir and not _same_file(cwd, self.data_dir):
-            return  # pid was reused by an unrelated process
-        port = lines[3] if len(lines) > 3 else "?"
-        owner = f" as user {PG_SYSTEM_USER}" if self._user is not None else ""
-        raise EmbeddedPostgresError(
-            f"a PostgreSQL server (pid {pid}, port {port}) is already running on {self.data_dir}, "
-            "probably left over from an earlier run that did not stop it. Stop it with "
-            f"`pg_ctl -D {self.data_dir} stop -m fast`{owner}, or use another data directory."
+            return None  # pid was reused by an unrelated process
+        return pid, (lines[3] if len(lines) > 3 else "?")
+
+    def _stop_orphan(self, bindir: Path) -> None:
+        out = self._run(
+            [
+                str(bindir / "pg_ctl"),
+                "stop",
+                "-D",
+                str(self.data_dir),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                str(int(self._timeout)),
+                "-s",
+            ],
+            timeout=self._timeout + 30,
         )
+        if out.returncode != 0 and self._live_postmaster() is not None:
+            raise EmbeddedPostgresError(
+                f"PostgreSQL left running on {self.data_dir} by an earlier run would not stop: "
+                f"{out.text()}\nStop it by hand with `pg_ctl -D {self.data_dir} stop -m fast`."
+            )
 
     def _check_version(self, bindir: Path) -> None:
         data_major = (self.data_dir / "PG_VERSION").read_text().strip()
