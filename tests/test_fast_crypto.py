@@ -801,3 +801,46 @@ def test_per_call_functions_agree_with_the_twin(
     seslk = _fast.load_session_key(suite, key, rnd, counter)
     assert seslk == reference.load_session_key(suite, key, rnd, counter)
     assert _fast.mac(suite, seslk, data) == reference.mac(suite, seslk, data)
+
+
+@pytest.mark.parametrize("cache_size", [0, 1, 100_000])
+def test_large_batch_grouped_by_card_answers_in_input_order(cache_size: int) -> None:
+    """Batches are verified card by card inside the extension; answers must stay in order.
+
+    Many records per card, the same card number under several key versions,
+    tampered and unknown-key records interleaved, more records than one radix
+    digit holds: every answer must equal the twin's at its own index.
+    """
+    import random
+
+    store = mixed_store()
+    versions = [v for v in store.versions() if v.issuer == "3104"]
+    rng = random.Random(7)
+    cards = [f"3104{rng.randrange(10**12):012d}" for _ in range(40)]
+    batch: list[PurchaseCheck] = []
+    for i in range(5_000):
+        version = rng.choice(versions)
+        card = rng.choice(cards)
+        key = reference.derive_card_key(
+            version.suite, version.mtk.reveal(), card, version.kv, reference.PURPOSE_TAC
+        )
+        fields: dict[str, Any] = {
+            "amount": rng.randrange(1, 5_000),
+            "txn_type": 0x06,
+            "terminal_id": "310400000001",
+            "terminal_seq": i,
+            "date_time": "20261123080000",
+        }
+        tac = reference.purchase_tac(version.suite, key, **fields)
+        kv = version.kv
+        roll = rng.random()
+        if roll < 0.1:
+            tac = flip(tac, rng.randrange(len(tac) * 8))
+        elif roll < 0.12:
+            kv = 9  # unknown key version
+        batch.append(PurchaseCheck("3104", kv, card, tac=tac, **fields))
+    expected = ReferenceVerifier(store).verify_purchases(batch)
+    assert {MAC_OK, MAC_BAD, KEY_UNKNOWN} <= set(expected)
+    fast_v = FastVerifier(store, cache_size=cache_size)
+    assert fast_v.verify_purchases(batch) == expected
+    assert fast_v.verify_purchases(batch[::-1]) == expected[::-1]

@@ -31,7 +31,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_1BYTE_DATA, PyUnicode_1BYTE_KIND, PyUnicode_Check, PyUnicode_GET_LENGTH, PyUnicode_KIND
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 from onecard.ledger.crypto._openssl cimport (
     CRYPTO_memcmp,
@@ -663,6 +663,70 @@ cdef struct PRec:
     uchar result
 
 
+cdef uint32_t _card_hash(const uchar* card) noexcept nogil:
+    """A 32-bit mix of the 8-byte BCD card number (grouping only needs equal -> equal)."""
+    cdef uint64_t c
+    memcpy(&c, card, 8)
+    c ^= c >> 33
+    c *= 0xff51afd7ed558ccdULL
+    c ^= c >> 33
+    return <uint32_t>c
+
+
+cdef int32_t* group_by_card(const uchar* cards, size_t stride, Py_ssize_t n) noexcept nogil:
+    """A permutation of 0..n-1 that puts records of the same card next to each other.
+
+    An LSD radix sort of 32-bit card hashes (3 passes of 11 bits): linear, a few
+    nanoseconds a record, where qsort cost more than the re-keys it saved.
+    Equal cards get equal hashes, so they end adjacent; a collision only
+    interleaves two cards, which costs a lookup, never a wrong answer.
+    NULL when out of memory (callers then go in input order).
+    """
+    cdef uint32_t* h = <uint32_t*>malloc(n * sizeof(uint32_t) * 2)
+    cdef int32_t* a = <int32_t*>malloc(n * sizeof(int32_t) * 2)
+    cdef uint32_t* h2
+    cdef int32_t* b
+    cdef uint32_t* ht
+    cdef int32_t* t
+    cdef uint32_t count[2048]
+    cdef uint32_t total, c
+    cdef Py_ssize_t i
+    cdef int shift, d
+    if h == NULL or a == NULL:
+        free(h)
+        free(a)
+        return NULL
+    h2 = h + n
+    b = a + n
+    for i in range(n):
+        h[i] = _card_hash(cards + i * stride)
+        a[i] = <int32_t>i
+    for shift in range(0, 33, 11):
+        memset(count, 0, sizeof(count))
+        for i in range(n):
+            count[(h[i] >> shift) & 2047] += 1
+        total = 0
+        for d in range(2048):
+            c = count[d]
+            count[d] = total
+            total += c
+        for i in range(n):
+            d = (h[i] >> shift) & 2047
+            h2[count[d]] = h[i]
+            b[count[d]] = a[i]
+            count[d] += 1
+        ht = h
+        h = h2
+        h2 = ht
+        t = a
+        a = b
+        b = t
+    # three passes: the sorted data is in the second halves; move it to the front
+    memcpy(b, a, n * sizeof(int32_t))
+    free(h if h < h2 else h2)
+    return b if b < a else a
+
+
 cdef struct LRec:
     int32_t slot
     uint32_t old_balance
@@ -967,17 +1031,28 @@ cdef class BatchVerifier:
         return k
 
     cdef int _run_purchases(self, PRec* recs, Py_ssize_t n) noexcept nogil:
+        """Verify in card order, so each card's key is found and scheduled once per batch.
+
+        Re-keying a context costs more than a block in OpenSSL 3 (parameter
+        handling plus the cipher's key schedule); a batch holds several
+        records of its popular cards, and grouping them means one key lookup
+        and one re-key per card. Results land in each record's own slot, so
+        the caller still sees input order.
+        """
         cdef Py_ssize_t i
         cdef PRec* r
         cdef Slot* s
-        cdef KeyMat* k
+        cdef KeyMat* k = NULL
         cdef KeyMat scratch
         cdef uchar msg[22]
         cdef uchar out[16]
         cdef int suite
         cdef int ok = 1
+        cdef int32_t prev_slot = -1
+        cdef uchar prev_card[8]
+        cdef int32_t* order = group_by_card(recs[0].card, sizeof(PRec), n) if n > 1 else NULL
         for i in range(n):
-            r = &recs[i]
+            r = &recs[order[i]] if order != NULL else &recs[i]
             if r.slot < 0:
                 r.result = R_UNKNOWN
                 continue
@@ -986,10 +1061,15 @@ cdef class BatchVerifier:
             if r.tac_len != MACLEN[suite]:
                 r.result = R_BAD
                 continue
-            k = self._card_key(s, <uint32_t>r.slot, P_TAC, r.card, &scratch)
-            if k == NULL:
-                ok = 0
-                break
+            if k == NULL or r.slot != prev_slot or memcmp(r.card, prev_card, 8) != 0:
+                # The previous card's key stays valid until the next lookup: only
+                # _card_key inserts, and only an insert can evict.
+                k = self._card_key(s, <uint32_t>r.slot, P_TAC, r.card, &scratch)
+                if k == NULL:
+                    ok = 0
+                    break
+                prev_slot = r.slot
+                memcpy(prev_card, r.card, 8)
             put32(msg, r.amount)
             msg[4] = r.txn_type
             memcpy(msg + 5, r.terminal, 6)
@@ -1002,6 +1082,7 @@ cdef class BatchVerifier:
             if not ok:
                 break
             r.result = R_OK if CRYPTO_memcmp(out, r.tac, r.tac_len) == 0 else R_BAD
+        free(order)
         OPENSSL_cleanse(&scratch, sizeof(KeyMat))
         OPENSSL_cleanse(out, 16)
         return ok
