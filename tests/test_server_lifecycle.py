@@ -309,3 +309,97 @@ async def test_kill_9_mid_load_loses_nothing_acknowledged(tmp_path: Path) -> Non
         proc.send_signal(signal.SIGTERM)
         out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
         assert proc.returncode == 0, out
+
+
+async def test_full_queue_answers_resource_exhausted_and_writes_nothing(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    from onecard.ledger.devdata import seed_demo_data
+    from onecard.ledger.engine import BatchSettings
+
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await seed_demo_data(conn)
+    finally:
+        await conn.close()
+    cfg = ServerConfig(
+        listen="127.0.0.1:0",
+        dsn=db_dsn,
+        data_dir=tmp_path,
+        batching=BatchSettings(max_batch=2, max_queue=2, linger=0.05),
+    )
+    running = await start_server(cfg, keys=dev_keys())
+    try:
+        async with grpc.aio.insecure_channel(running.address) as chan:
+            card = await issue(chan, dev_keys())
+            await Terminal(chan, "310400000009").load(card, 10_000)
+            bus = Terminal(chan, "310400000001")
+            reqs = [bus.debit_request(card, 10) for _ in range(30)]
+            replies = await asyncio.gather(
+                *(bus.stub.Debit(r) for r in reqs), return_exceptions=True
+            )
+        refused = [r for r in replies if isinstance(r, grpc.aio.AioRpcError)]
+        approved = [r for r in replies if not isinstance(r, BaseException)]
+        assert refused, "a queue of 2 must refuse some of 30 simultaneous debits"
+        assert {r.code() for r in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert "queue is full" in (refused[0].details() or "")
+        assert all(r.status == common_pb2.TXN_STATUS_APPROVED for r in approved)
+        rows = await fetch(db_dsn, "SELECT count(*) AS n FROM postings WHERE kind = 1")
+        assert rows[0]["n"] == len(approved)
+    finally:
+        await running.stop()
+    await assert_books_balance(db_dsn)
+
+
+async def test_database_outage_is_unavailable_and_recovers(tmp_path: Path) -> None:
+    import socket
+
+    from onecard.server.embedded_pg import EmbeddedPostgres
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pg = EmbeddedPostgres(tmp_path / "pg", port=port)
+    await asyncio.to_thread(pg.start)
+    try:
+        admin = await asyncpg.connect(pg.dsn())
+        await admin.execute("CREATE DATABASE outage")
+        await admin.close()
+        dsn = pg.dsn("outage")
+        conn = await asyncpg.connect(dsn)
+        try:
+            await apply_migrations(conn)
+            from onecard.ledger.devdata import seed_demo_data
+
+            await seed_demo_data(conn)
+        finally:
+            await conn.close()
+        running = await start_server(
+            ServerConfig(listen="127.0.0.1:0", dsn=dsn, data_dir=tmp_path / "d"), keys=dev_keys()
+        )
+        try:
+            async with grpc.aio.insecure_channel(running.address) as chan:
+                card = await issue(chan, dev_keys())
+                await Terminal(chan, "310400000009").load(card, 1_000)
+                bus = Terminal(chan, "310400000001")
+                await asyncio.to_thread(pg.stop)
+                req = bus.debit_request(card, 100)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await bus.stub.Debit(req)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                await asyncio.to_thread(pg.start)
+                # the same request, retried: the server reconnects by itself
+                for _ in range(50):
+                    try:
+                        reply = await bus.stub.Debit(req)
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                        await asyncio.sleep(0.1)
+                assert reply.status == common_pb2.TXN_STATUS_APPROVED
+                assert reply.balance_after == 900
+        finally:
+            await running.stop()
+        await assert_books_balance(dsn)
+    finally:
+        await asyncio.to_thread(pg.stop)

@@ -27,6 +27,13 @@ class Overloaded(Exception):
 
 
 class GroupCommitter(Generic[T, R]):
+    """Merges concurrent submissions into batches, one flush (transaction) each.
+
+    A submission is a group of items (one online request, or a whole upload
+    batch of a gateway); a group is never split across flushes, so an upload
+    batch commits or fails as a whole. The queue bound counts items.
+    """
+
     def __init__(
         self,
         flush: Callable[[list[T]], Awaitable[Sequence[R]]],
@@ -34,12 +41,17 @@ class GroupCommitter(Generic[T, R]):
         max_batch: int = 1000,
         max_queue: int = 10_000,
         linger: float = 0.0,
+        name: str = "group-commit",
     ) -> None:
         self._flush = flush
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.linger = linger
-        self._queue: collections.deque[tuple[T, asyncio.Future[R]]] = collections.deque()
+        self.name = name
+        self._queue: collections.deque[tuple[list[T], asyncio.Future[list[R]]]] = (
+            collections.deque()
+        )
+        self._queued_items = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -48,18 +60,25 @@ class GroupCommitter(Generic[T, R]):
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="group-commit")
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return self._queued_items
 
     async def submit(self, item: T) -> R:
+        return (await self.submit_many([item]))[0]
+
+    async def submit_many(self, items: list[T]) -> list[R]:
+        """Results for ``items`` in order, after the transaction holding them committed."""
+        if not items:
+            return []
         if self._closing:
             raise Overloaded(0)
-        if len(self._queue) >= self.max_queue:
+        if self._queued_items + len(items) > self.max_queue and self._queued_items:
             raise Overloaded(self.max_queue)
-        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, fut))
+        fut: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
+        self._queue.append((items, fut))
+        self._queued_items += len(items)
         self._wakeup.set()
         return await fut
 
@@ -71,6 +90,16 @@ class GroupCommitter(Generic[T, R]):
             await self._task
             self._task = None
 
+    def _take_batch(self) -> list[tuple[list[T], asyncio.Future[list[R]]]]:
+        groups = [self._queue.popleft()]
+        size = len(groups[0][0])
+        while self._queue and size + len(self._queue[0][0]) <= self.max_batch:
+            group = self._queue.popleft()
+            groups.append(group)
+            size += len(group[0])
+        self._queued_items -= size
+        return groups
+
     async def _run(self) -> None:
         while True:
             if not self._queue:
@@ -79,19 +108,22 @@ class GroupCommitter(Generic[T, R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self.linger and len(self._queue) < self.max_batch and not self._closing:
+            if self.linger and self._queued_items < self.max_batch and not self._closing:
                 await asyncio.sleep(self.linger)
-            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
-            items = [item for item, _ in batch]
+            groups = self._take_batch()
+            items = [item for group, _ in groups for item in group]
             try:
                 results = await self._flush(items)
             except Exception as exc:  # the whole batch failed: every caller sees why
-                for _, fut in batch:
+                for _, fut in groups:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
             self.batches += 1
-            self.items += len(batch)
-            for (_, fut), res in zip(batch, results, strict=True):
+            self.items += len(items)
+            start = 0
+            for group, fut in groups:
+                end = start + len(group)
                 if not fut.done():
-                    fut.set_result(res)
+                    fut.set_result(list(results[start:end]))
+                start = end

@@ -12,8 +12,9 @@ import asyncio
 import datetime as dt
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 
@@ -26,15 +27,24 @@ from onecard.ledger.model import (
     Debit,
     DeskResult,
     Load,
+    OfflineRecord,
+    OfflineResult,
     TxnKind,
     TxnResult,
 )
 from onecard.ledger.refdata import ReferenceData
+from onecard.ledger.storage import Conn
 from onecard.ledger.storage import cards as card_store
+from onecard.ledger.storage.offline_batch import (
+    PreparedRecord,
+    apply_offline_batch,
+)
 from onecard.ledger.storage.terminal_batch import BatchRaced, Prepared, apply_terminal_batch
 from onecard.ledger.validation import Limits, check_card_issue, issuer_of
 
 log = logging.getLogger(__name__)
+P = TypeVar("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,10 @@ class BatchSettings:
     max_batch: int = 1000
     max_queue: int = 10_000
     linger: float = 0.0
+    #: Offline uploads have their own committer: a 5,000-record upload must
+    #: not sit in front of online debits a passenger is waiting for.
+    upload_max_batch: int = 5000
+    upload_max_queue: int = 50_000
 
 
 def _txn_time(s: str) -> dt.datetime:
@@ -50,9 +64,13 @@ def _txn_time(s: str) -> dt.datetime:
     )
 
 
-def fingerprint(req: Debit | Load) -> bytes:
-    """What makes a retry "the same request": every field the terminal sent."""
-    if isinstance(req, Debit):
+def fingerprint(req: Debit | Load | OfflineRecord) -> bytes:
+    """What makes a retry "the same request": every field the terminal sent.
+
+    A purchase has the same fingerprint online and offline (the fields its TAC
+    covers), so an offline copy of an approved online debit is a duplicate.
+    """
+    if isinstance(req, Debit | OfflineRecord):
         parts: tuple[object, ...] = (
             "D",
             req.card_no,
@@ -101,6 +119,13 @@ class Ledger:
             max_queue=b.max_queue,
             linger=b.linger,
         )
+        self._uploads: GroupCommitter[OfflineRecord, OfflineResult] = GroupCommitter(
+            self._create_offline_records,
+            max_batch=b.upload_max_batch,
+            max_queue=b.upload_max_queue,
+            linger=b.linger,
+            name="group-commit-uploads",
+        )
 
     @classmethod
     async def open(
@@ -115,11 +140,13 @@ class Ledger:
             ref = await ReferenceData.load(conn)
         ledger = cls(pool, keys, verifier, ref, limits, batching)
         ledger._committer.start()
+        ledger._uploads.start()
         return ledger
 
     async def close(self) -> None:
         """Finish every queued request (each gets its reply), then stop."""
         await self._committer.close()
+        await self._uploads.close()
 
     @property
     def committer(self) -> GroupCommitter[Debit | Load, TxnResult]:
@@ -204,17 +231,67 @@ class Ledger:
 
     async def _create_terminal_txns(self, items: list[Debit | Load]) -> list[TxnResult]:
         prepared = self._prepare(items)
-        unknown = {p.terminal_id for p in prepared} - self.ref.terminal_operator.keys()
+        return await self._apply(apply_terminal_batch, prepared, {p.terminal_id for p in prepared})
+
+    async def _apply(
+        self,
+        apply: Callable[[Conn, ReferenceData, list[P]], Awaitable[list[R]]],
+        prepared: list[P],
+        terminals: set[int],
+    ) -> list[R]:
+        """Run one batch transaction; again (as duplicates) if another writer raced it."""
         async with self.pool.acquire() as conn:
-            if unknown:
-                await self.ref.refresh(conn)
+            if terminals - self.ref.terminal_operator.keys():
+                await self.ref.refresh(conn)  # a terminal registered since we last looked
             for attempt in range(5):
                 try:
-                    return await apply_terminal_batch(conn, self.ref, prepared)
+                    return await apply(conn, self.ref, prepared)
                 except BatchRaced:
                     log.info("batch raced another writer on a (terminal, seq); retry %d", attempt)
                     await asyncio.sleep(0.001 * (attempt + 1))
             raise RuntimeError("batch kept racing concurrent writers; giving up")
+
+    # -- offline uploads -------------------------------------------------------
+
+    async def submit_offline_records(self, records: list[OfflineRecord]) -> list[OfflineResult]:
+        """One gateway batch through the upload committer; it commits as a whole."""
+        return await self._uploads.submit_many(records)
+
+    async def create_offline_records(self, records: Sequence[OfflineRecord]) -> list[OfflineResult]:
+        return await self._create_offline_records(list(records))
+
+    def _prepare_records(self, items: list[OfflineRecord]) -> list[PreparedRecord]:
+        codes = self.verifier.verify_purchases(
+            [
+                PurchaseCheck(
+                    issuer_of(r.card_no),
+                    r.key_version,
+                    r.card_no,
+                    r.amount,
+                    r.txn_type,
+                    r.terminal_id,
+                    r.terminal_seq,
+                    r.date_time,
+                    r.tac,
+                )
+                for r in items
+            ]
+        )
+        return [
+            PreparedRecord(
+                record=r,
+                card_no=int(r.card_no),
+                terminal_id=int(r.terminal_id),
+                fingerprint=fingerprint(r),
+                mac_code=code,
+                txn_time=_txn_time(r.date_time),
+            )
+            for r, code in zip(items, codes, strict=True)
+        ]
+
+    async def _create_offline_records(self, items: list[OfflineRecord]) -> list[OfflineResult]:
+        prepared = self._prepare_records(items)
+        return await self._apply(apply_offline_batch, prepared, {p.terminal_id for p in prepared})
 
     # -- cards ---------------------------------------------------------------
 

@@ -20,6 +20,9 @@ class TxnStatus(enum.IntEnum):
     DUPLICATE = 7
     CONFLICT = 8
     UNKNOWN_TERMINAL = 9
+    #: Stored for quarantined offline records; online requests with an
+    #: unknown key version are refused as malformed instead.
+    KEY_UNKNOWN = 10
 
 
 class CardStatus(enum.IntEnum):
@@ -34,6 +37,7 @@ class TxnKind(enum.IntEnum):
 
     DEBIT = 1
     LOAD = 2
+    OFFLINE = 3
 
 
 class PostingKind(enum.IntEnum):
@@ -42,6 +46,9 @@ class PostingKind(enum.IntEnum):
     PURCHASE = 1
     LOAD = 2
     DEPOSIT = 3
+    #: A late offline record of a replaced card: the money follows from the
+    #: new card's purse to the old one, which the record was posted against.
+    REPLACED_CARD_FOLLOW = 4
 
 
 class PaymentChannel(enum.IntEnum):
@@ -146,3 +153,69 @@ class DeskResult:
     status: DeskStatus
     card: CardView | None = None
     detail: str = ""
+
+
+class RecordOutcome(enum.IntEnum):
+    """What became of one uploaded offline record (upload.proto RecordOutcome)."""
+
+    POSTED = 1
+    DUPLICATE = 2
+    QUARANTINED = 3
+    POSTED_WITH_EXCEPTION = 4
+    CONFLICT = 5
+
+
+class QuarantineReason(enum.IntEnum):
+    TAC_INVALID = 1
+    KEY_VERSION_UNKNOWN = 2
+    UNKNOWN_CARD = 3
+    UNKNOWN_TERMINAL = 4
+
+
+class RecordException(enum.IntEnum):
+    """Why finance must look at a posted offline record; stored as bit ``1 << value``."""
+
+    CARD_LOST = 1
+    CARD_BLOCKED = 2
+    NEGATIVE_BALANCE = 3
+    BALANCE_MISMATCH = 4
+    COUNTER_GAP = 5
+    COUNTER_REPEAT = 6
+
+
+def exception_bits(exceptions: tuple[RecordException, ...]) -> int:
+    bits = 0
+    for e in exceptions:
+        bits |= 1 << int(e)
+    return bits
+
+
+def exceptions_of(bits: int) -> tuple[RecordException, ...]:
+    return tuple(e for e in RecordException if bits & (1 << int(e)))
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineRecord:
+    """A purchase the card made while the terminal was offline, already validated."""
+
+    card_no: str
+    amount: int
+    txn_type: int
+    terminal_id: str
+    terminal_seq: int
+    date_time: str
+    key_version: int
+    tac: bytes
+    offline_counter: int
+    card_balance_before: int
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineResult:
+    """Outcome of one offline record, aligned with it in its upload batch."""
+
+    outcome: RecordOutcome
+    balance_after: int = 0
+    original_outcome: RecordOutcome | None = None
+    quarantine_reason: QuarantineReason | None = None
+    exceptions: tuple[RecordException, ...] = ()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from onecard.ledger.crypto.encoding import FieldError, parse_datetime
 from onecard.ledger.crypto.suites import PURCHASE_TYPES, TYPE_LOAD, Suite
 from onecard.ledger.keys import KeyStore
-from onecard.ledger.model import CardIssue, Debit, Load, PaymentChannel
+from onecard.ledger.model import CardIssue, Debit, Load, OfflineRecord, PaymentChannel
 from onecard.ledger.refdata import ReferenceData
 
 
@@ -22,8 +22,8 @@ class Limits:
 
     #: No product allows a single transaction above this (fen).
     max_amount: int = 1_000_000
-    #: Offline upload and batch calls: records per request.
-    max_batch_records: int = 1_000
+    #: Offline upload: records in one batch (a larger batch is refused whole).
+    max_upload_batch: int = 5_000
 
 
 def issuer_of(card_no: str) -> str:
@@ -122,4 +122,54 @@ def check_card_issue(issue: CardIssue, ref: ReferenceData, keys: KeyStore) -> No
     if keys.get(issuer, issue.key_version) is None:
         raise FieldError(
             "key_version", f"unknown key version {issue.key_version} for issuer {issuer}"
+        )
+
+
+def check_upload_batch(
+    records: list[OfflineRecord], claimed_count: int, claimed_total: int, limits: Limits
+) -> None:
+    """A batch is taken whole or refused whole, before anything is written.
+
+    Records whose TAC or key version cannot be trusted are not refused here:
+    they are quarantined, never dropped. What is refused is a batch that is
+    malformed as data: its claims do not add up, it is too large, or a field
+    could not have come from a terminal.
+    """
+    if len(records) > limits.max_upload_batch:
+        raise FieldError(
+            "records",
+            f"batch of {len(records)} records is over the limit of {limits.max_upload_batch}",
+        )
+    if claimed_count != len(records):
+        raise FieldError(
+            "claimed_count", f"claims {claimed_count} records, the batch holds {len(records)}"
+        )
+    total = 0
+    for i, r in enumerate(records):
+        where = f"records[{i}]"
+        try:
+            _check_common(r.card_no, r.amount, r.terminal_id, r.date_time, limits)
+        except FieldError as exc:
+            raise FieldError(f"{where}.{exc.field}", exc.rule) from None
+        if r.txn_type not in PURCHASE_TYPES:
+            raise FieldError(
+                f"{where}.transaction_type",
+                f"must be 0x06 or 0x09 for a purchase, got 0x{r.txn_type:02X}",
+            )
+        if len(r.tac) not in (4, 8):
+            raise FieldError(f"{where}.tac", f"must be 4 or 8 bytes, got {len(r.tac)}")
+        if not 0 <= r.offline_counter <= 0xFFFF:
+            raise FieldError(
+                f"{where}.offline_counter", f"must fit 16 bits, got {r.offline_counter}"
+            )
+        if not 0 <= r.key_version <= 255:
+            raise FieldError(f"{where}.key_version", f"must be 0 to 255, got {r.key_version}")
+        if not -(2**31) <= r.card_balance_before < 2**31:
+            raise FieldError(
+                f"{where}.card_balance_before", f"must fit 32 bits, got {r.card_balance_before}"
+            )
+        total += r.amount
+    if claimed_total != total:
+        raise FieldError(
+            "claimed_total", f"claims {claimed_total} fen, the records add up to {total} fen"
         )

@@ -27,7 +27,15 @@ from onecard.server.config import ServerConfig
 from onecard.server.desk_service import DeskServicer
 from onecard.server.embedded_pg import EmbeddedPostgres
 from onecard.server.terminal_service import TerminalServicer
-from onecard.v1 import desk_pb2, desk_pb2_grpc, terminal_pb2, terminal_pb2_grpc
+from onecard.server.upload_service import UploadServicer
+from onecard.v1 import (
+    desk_pb2,
+    desk_pb2_grpc,
+    terminal_pb2,
+    terminal_pb2_grpc,
+    upload_pb2,
+    upload_pb2_grpc,
+)
 
 log = logging.getLogger("onecard.server")
 
@@ -35,6 +43,7 @@ EMBEDDED_DATABASE = "onecard"
 SERVICE_NAMES = (
     terminal_pb2.DESCRIPTOR.services_by_name["TerminalService"].full_name,
     desk_pb2.DESCRIPTOR.services_by_name["DeskService"].full_name,
+    upload_pb2.DESCRIPTOR.services_by_name["UploadService"].full_name,
 )
 
 
@@ -138,6 +147,7 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
         server = grpc.aio.server(options=options)
         terminal_pb2_grpc.add_TerminalServiceServicer_to_server(TerminalServicer(ledger), server)
         desk_pb2_grpc.add_DeskServiceServicer_to_server(DeskServicer(ledger), server)
+        upload_pb2_grpc.add_UploadServiceServicer_to_server(UploadServicer(ledger), server)
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -114,6 +114,20 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     )
     add_option(
         p,
+        "--max-upload-batch",
+        type=int,
+        default=d.limits.max_upload_batch,
+        help="most records in one offline upload batch; a larger one is refused whole",
+    )
+    add_option(
+        p,
+        "--max-upload-queue",
+        type=int,
+        default=d.batching.upload_max_queue,
+        help="offline records waiting for a batch before RESOURCE_EXHAUSTED",
+    )
+    add_option(
+        p,
         "--max-message-bytes",
         type=int,
         default=d.max_message_bytes,
@@ -131,8 +145,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         key_cache_size=args.key_cache_size,
         pool_size=args.pool_size,
         max_message_bytes=args.max_message_bytes,
-        limits=Limits(max_amount=args.max_amount),
+        limits=Limits(max_amount=args.max_amount, max_upload_batch=args.max_upload_batch),
         batching=BatchSettings(
-            max_batch=args.max_batch, max_queue=args.max_queue, linger=args.linger_ms / 1000
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            linger=args.linger_ms / 1000,
+            upload_max_batch=max(args.max_upload_batch, 1),
+            upload_max_queue=args.max_upload_queue,
         ),
     )

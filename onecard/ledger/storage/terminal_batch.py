@@ -58,6 +58,7 @@ class _Card:
     product: str
     online_counter: int
     delta: int = 0
+    purchases: int = 0
     touched: bool = False
 
 
@@ -134,17 +135,19 @@ _UPDATE_CARDS = """
 UPDATE cards AS c
 SET purse_balance = c.purse_balance + d.delta,
     online_counter = greatest(c.online_counter, d.online_counter),
+    offline_counter = c.offline_counter + d.purchases,
     last_used_at = now()
-FROM unnest($1::bigint[], $2::bigint[], $3::integer[]) AS d(card_no, delta, online_counter)
+FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::integer[])
+     AS d(card_no, delta, online_counter, purchases)
 WHERE c.card_no = d.card_no
 """
 
-_LOCK_ACCOUNTS = """
+LOCK_ACCOUNTS = """
 SELECT account_id FROM accounts WHERE account_id = ANY($1::bigint[])
 ORDER BY account_id FOR UPDATE
 """
 
-_UPDATE_ACCOUNTS = """
+UPDATE_ACCOUNTS = """
 UPDATE accounts AS a SET balance = a.balance + d.delta
 FROM unnest($1::bigint[], $2::bigint[]) AS d(account_id, delta)
 WHERE a.account_id = d.account_id
@@ -193,11 +196,12 @@ async def apply_terminal_batch(
                 [no for no, _ in touched],
                 [c.delta for _, c in touched],
                 [c.online_counter for _, c in touched],
+                [c.purchases for _, c in touched],
             )
         if writes.accounts:
             system = sorted(a for a in writes.accounts if a < purse_account(0))
-            await conn.execute(_LOCK_ACCOUNTS, system)
-            await conn.execute(_UPDATE_ACCOUNTS, system, [writes.accounts[a] for a in system])
+            await conn.execute(LOCK_ACCOUNTS, system)
+            await conn.execute(UPDATE_ACCOUNTS, system, [writes.accounts[a] for a in system])
     return results
 
 
@@ -266,6 +270,7 @@ def _decide_new(
             )
         card.balance -= req.amount
         card.delta -= req.amount
+        card.purchases += 1  # the chip counts it too: offline records continue from here
         card.touched = True
         writes.posting(
             p,

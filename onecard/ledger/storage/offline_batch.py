@@ -1,0 +1,396 @@
+"""The database transaction behind a batch of uploaded offline purchase records.
+
+Like the online batch (terminal_batch.py): a fixed handful of set-based
+statements whatever the batch size, cards locked in card-number order, hot
+accounts updated once with summed deltas. Unlike it, a record that verifies
+is posted whatever the balance (the ride already happened, DESIGN.md
+decision 7): what is odd about it becomes an exception for finance, and what
+cannot be trusted goes to quarantine, kept whole and never posted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from onecard.ledger.accounts import payable_code, purse_account
+from onecard.ledger.crypto.verifier import KEY_UNKNOWN, MAC_OK
+from onecard.ledger.model import (
+    CardStatus,
+    OfflineRecord,
+    OfflineResult,
+    PostingKind,
+    QuarantineReason,
+    RecordException,
+    RecordOutcome,
+    TxnKind,
+    TxnStatus,
+    exception_bits,
+    exceptions_of,
+)
+from onecard.ledger.refdata import ReferenceData
+from onecard.ledger.storage import Conn
+from onecard.ledger.storage.terminal_batch import LOCK_ACCOUNTS, UPDATE_ACCOUNTS, BatchRaced
+
+#: Terminals stamp local time; PROTOCOL.md fixes it at UTC+8.
+TERMINAL_TZ = dt.timezone(dt.timedelta(hours=8))
+
+#: How a stored status of a refused record reads as a quarantine reason.
+_QUARANTINE_OF_STATUS = {
+    TxnStatus.MAC_INVALID: QuarantineReason.TAC_INVALID,
+    TxnStatus.KEY_UNKNOWN: QuarantineReason.KEY_VERSION_UNKNOWN,
+    TxnStatus.UNKNOWN_CARD: QuarantineReason.UNKNOWN_CARD,
+}
+_STATUS_OF_QUARANTINE = {v: k for k, v in _QUARANTINE_OF_STATUS.items()}
+
+
+@dataclass(slots=True)
+class PreparedRecord:
+    """One record with everything that can be worked out before the transaction."""
+
+    record: OfflineRecord
+    card_no: int
+    terminal_id: int
+    fingerprint: bytes
+    mac_code: int
+    txn_time: dt.datetime
+
+
+@dataclass(slots=True)
+class _Card:
+    status: int
+    balance: int
+    counter: int
+    lost_at: dt.datetime | None
+    replaced_by: int | None
+    delta: int = 0
+    touched: bool = False
+
+
+@dataclass(slots=True)
+class _Writes:
+    txns: list[list[object]] = field(default_factory=lambda: [[] for _ in range(12)])
+    postings: list[list[object]] = field(default_factory=lambda: [[] for _ in range(7)])
+    accounts: dict[int, int] = field(default_factory=dict)
+    quarantine: list[list[object]] = field(default_factory=lambda: [[] for _ in range(12)])
+    exceptions: list[list[object]] = field(default_factory=lambda: [[] for _ in range(5)])
+
+    def txn(self, p: PreparedRecord, status: TxnStatus, balance: int, bits: int) -> None:
+        r = p.record
+        row = (
+            p.terminal_id,
+            r.terminal_seq,
+            p.card_no,
+            int(TxnKind.OFFLINE),
+            r.amount,
+            p.fingerprint,
+            int(status),
+            balance,
+            r.card_balance_before,
+            p.txn_time,
+            bits,
+            r.offline_counter,
+        )
+        for col, value in zip(self.txns, row, strict=True):
+            col.append(value)
+
+    def posting(
+        self, p: PreparedRecord, debit: int, credit: int, kind: PostingKind, card_no: int
+    ) -> None:
+        amount = p.record.amount
+        row = (card_no, debit, credit, amount, int(kind), p.terminal_id, p.record.terminal_seq)
+        for col, value in zip(self.postings, row, strict=True):
+            col.append(value)
+        self.accounts[debit] = self.accounts.get(debit, 0) - amount
+        self.accounts[credit] = self.accounts.get(credit, 0) + amount
+
+    def quarantined(self, p: PreparedRecord, reason: QuarantineReason) -> None:
+        r = p.record
+        row = (
+            p.card_no,
+            p.terminal_id,
+            r.terminal_seq,
+            p.fingerprint,
+            r.amount,
+            r.txn_type,
+            r.date_time,
+            r.key_version,
+            r.tac,
+            r.offline_counter,
+            r.card_balance_before,
+            int(reason),
+        )
+        for col, value in zip(self.quarantine, row, strict=True):
+            col.append(value)
+
+    def exception(self, p: PreparedRecord, kind: RecordException, detail: str) -> None:
+        row = (p.card_no, p.terminal_id, p.record.terminal_seq, int(kind), detail)
+        for col, value in zip(self.exceptions, row, strict=True):
+            col.append(value)
+
+
+_EXISTING = """
+SELECT t.terminal_id, t.terminal_seq, t.fingerprint, t.status, t.balance_after, t.exceptions
+FROM unnest($1::bigint[], $2::bigint[]) AS k(terminal_id, terminal_seq)
+JOIN terminal_txns t USING (terminal_id, terminal_seq)
+"""
+
+_REPLACED = """
+SELECT card_no, replaced_by FROM cards
+WHERE card_no = ANY($1::bigint[]) AND replaced_by IS NOT NULL
+"""
+
+_LOCK_CARDS = """
+SELECT card_no, status, purse_balance, offline_counter, lost_at, replaced_by
+FROM cards WHERE card_no = ANY($1::bigint[])
+ORDER BY card_no
+FOR UPDATE
+"""
+
+_SEEN_COUNTERS = """
+SELECT t.card_no, t.offline_counter
+FROM unnest($1::bigint[], $2::integer[]) AS k(card_no, offline_counter)
+JOIN terminal_txns t USING (card_no, offline_counter)
+"""
+
+_INSERT_TXNS = """
+INSERT INTO terminal_txns (terminal_id, terminal_seq, card_no, kind, amount, fingerprint,
+                           status, balance_after, card_balance, txn_time, exceptions,
+                           offline_counter)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::smallint[], $5::bigint[],
+                     $6::bytea[], $7::smallint[], $8::bigint[], $9::bigint[], $10::timestamp[],
+                     $11::integer[], $12::integer[])
+ON CONFLICT DO NOTHING
+"""
+
+_INSERT_POSTINGS = """
+INSERT INTO postings (card_no, debit_account, credit_account, amount, kind,
+                      terminal_id, terminal_seq)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::smallint[],
+                     $6::bigint[], $7::bigint[])
+"""
+
+_UPDATE_CARDS = """
+UPDATE cards AS c
+SET purse_balance = c.purse_balance + d.delta,
+    offline_counter = greatest(c.offline_counter, d.counter),
+    last_used_at = now()
+FROM unnest($1::bigint[], $2::bigint[], $3::integer[]) AS d(card_no, delta, counter)
+WHERE c.card_no = d.card_no
+"""
+
+_INSERT_QUARANTINE = """
+INSERT INTO quarantine (card_no, terminal_id, terminal_seq, fingerprint, amount, txn_type,
+                        date_time, key_version, tac, offline_counter, card_balance_before, reason)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[], $5::bigint[],
+                     $6::smallint[], $7::text[], $8::smallint[], $9::bytea[], $10::integer[],
+                     $11::bigint[], $12::smallint[])
+ON CONFLICT DO NOTHING
+"""
+
+_INSERT_EXCEPTIONS = """
+INSERT INTO finance_exceptions (card_no, terminal_id, terminal_seq, kind, detail)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::smallint[], $5::text[])
+ON CONFLICT DO NOTHING
+"""
+
+
+def _earlier_result(status: TxnStatus, balance: int, bits: int) -> OfflineResult:
+    """A duplicate's answer: the first outcome, as the gateway saw it."""
+    original: RecordOutcome | None
+    reason = _QUARANTINE_OF_STATUS.get(status)
+    if status is TxnStatus.APPROVED:
+        original = RecordOutcome.POSTED_WITH_EXCEPTION if bits else RecordOutcome.POSTED
+    elif reason is not None:
+        original = RecordOutcome.QUARANTINED
+    else:
+        original = None  # an online request with this identity was refused: nothing posted
+    return OfflineResult(
+        RecordOutcome.DUPLICATE,
+        balance,
+        original_outcome=original,
+        quarantine_reason=reason,
+        exceptions=exceptions_of(bits),
+    )
+
+
+async def apply_offline_batch(
+    conn: Conn, ref: ReferenceData, items: list[PreparedRecord]
+) -> list[OfflineResult]:
+    """Decide and record every item; the caller replies only after this returns."""
+    async with conn.transaction():
+        rows = await conn.fetch(
+            _EXISTING,
+            [p.terminal_id for p in items],
+            [p.record.terminal_seq for p in items],
+        )
+        seen: dict[tuple[int, int], tuple[bytes, TxnStatus, int, int]] = {
+            (r["terminal_id"], r["terminal_seq"]): (
+                r["fingerprint"],
+                TxnStatus(r["status"]),
+                r["balance_after"],
+                r["exceptions"],
+            )
+            for r in rows
+        }
+
+        card_nos = {p.card_no for p in items}
+        # Successors of replaced cards take part in the batch (the money follows
+        # to them), so they are locked with the rest, in the same single order.
+        successors = {r["replaced_by"] for r in await conn.fetch(_REPLACED, list(card_nos))}
+        lock = sorted(card_nos | successors)
+        cards = {
+            r["card_no"]: _Card(
+                r["status"],
+                r["purse_balance"],
+                r["offline_counter"],
+                r["lost_at"],
+                r["replaced_by"],
+            )
+            for r in await conn.fetch(_LOCK_CARDS, lock)
+        }
+        if any(c.replaced_by is not None and c.replaced_by not in cards for c in cards.values()):
+            raise BatchRaced()  # replaced between the two reads; run again
+
+        counters = await conn.fetch(
+            _SEEN_COUNTERS,
+            [p.card_no for p in items],
+            [p.record.offline_counter for p in items],
+        )
+        used_counters = {(r["card_no"], r["offline_counter"]) for r in counters}
+
+        writes = _Writes()
+        results = [_decide(p, seen, cards, used_counters, ref, writes) for p in items]
+
+        if writes.txns[0]:
+            status = await conn.execute(_INSERT_TXNS, *writes.txns)
+            if int(status.rsplit(" ", 1)[1]) != len(writes.txns[0]):
+                raise BatchRaced()
+        if writes.postings[0]:
+            await conn.execute(_INSERT_POSTINGS, *writes.postings)
+        touched = [(no, c) for no, c in cards.items() if c.touched]
+        if touched:
+            await conn.execute(
+                _UPDATE_CARDS,
+                [no for no, _ in touched],
+                [c.delta for _, c in touched],
+                [c.counter for _, c in touched],
+            )
+        if writes.quarantine[0]:
+            await conn.execute(_INSERT_QUARANTINE, *writes.quarantine)
+        if writes.exceptions[0]:
+            await conn.execute(_INSERT_EXCEPTIONS, *writes.exceptions)
+        system = sorted(a for a in writes.accounts if a < purse_account(0))
+        if system:
+            await conn.execute(LOCK_ACCOUNTS, system)
+            await conn.execute(UPDATE_ACCOUNTS, system, [writes.accounts[a] for a in system])
+    return results
+
+
+def _decide(
+    p: PreparedRecord,
+    seen: dict[tuple[int, int], tuple[bytes, TxnStatus, int, int]],
+    cards: dict[int, _Card],
+    used_counters: set[tuple[int, int]],
+    ref: ReferenceData,
+    writes: _Writes,
+) -> OfflineResult:
+    r = p.record
+    key = (p.terminal_id, r.terminal_seq)
+    earlier = seen.get(key)
+    if earlier is not None:
+        fingerprint, status, balance, bits = earlier
+        if fingerprint != p.fingerprint:
+            return OfflineResult(RecordOutcome.CONFLICT)
+        return _earlier_result(status, balance, bits)
+
+    operator = ref.terminal_operator.get(p.terminal_id)
+    if operator is None:
+        # No identity to claim: the terminal is not ours. Kept, never posted;
+        # a re-upload finds the same quarantine row.
+        writes.quarantined(p, QuarantineReason.UNKNOWN_TERMINAL)
+        return OfflineResult(
+            RecordOutcome.QUARANTINED, quarantine_reason=QuarantineReason.UNKNOWN_TERMINAL
+        )
+
+    card = cards.get(p.card_no)
+    reason: QuarantineReason | None = None
+    if card is None:
+        reason = QuarantineReason.UNKNOWN_CARD
+    elif p.mac_code == KEY_UNKNOWN:
+        reason = QuarantineReason.KEY_VERSION_UNKNOWN
+    elif p.mac_code != MAC_OK:
+        reason = QuarantineReason.TAC_INVALID
+    if reason is not None:
+        balance = card.balance if card is not None else 0
+        writes.quarantined(p, reason)
+        writes.txn(p, _STATUS_OF_QUARANTINE[reason], balance, 0)
+        seen[key] = (p.fingerprint, _STATUS_OF_QUARANTINE[reason], balance, 0)
+        return OfflineResult(RecordOutcome.QUARANTINED, balance, quarantine_reason=reason)
+    assert card is not None
+
+    found: list[tuple[RecordException, str]] = []
+    if card.status == CardStatus.LOST:
+        lost = card.lost_at.astimezone(TERMINAL_TZ).replace(tzinfo=None) if card.lost_at else None
+        if lost is None or p.txn_time >= lost:
+            found.append((RecordException.CARD_LOST, f"used at {p.txn_time}, lost at {lost}"))
+    elif card.status in (CardStatus.BLOCKED, CardStatus.CLOSED):
+        what = CardStatus(card.status).name.lower()
+        if card.replaced_by is not None:
+            what += f", replaced by {card.replaced_by:016d}: the amount follows to it"
+        found.append((RecordException.CARD_BLOCKED, f"card is {what}"))
+    if r.card_balance_before != card.balance:
+        found.append(
+            (
+                RecordException.BALANCE_MISMATCH,
+                f"card reported {r.card_balance_before} fen before, ledger held {card.balance}",
+            )
+        )
+    counter_key = (p.card_no, r.offline_counter)
+    if counter_key in used_counters:
+        found.append((RecordException.COUNTER_REPEAT, f"counter {r.offline_counter} seen before"))
+    elif r.offline_counter > card.counter + 1:
+        found.append(
+            (
+                RecordException.COUNTER_GAP,
+                f"counter {r.offline_counter} after {card.counter}: "
+                f"{r.offline_counter - card.counter - 1} missing so far",
+            )
+        )
+    used_counters.add(counter_key)
+
+    payable = ref.account_id(payable_code(operator))
+    writes.posting(p, purse_account(p.card_no), payable, PostingKind.PURCHASE, p.card_no)
+    card.balance -= r.amount
+    card.delta -= r.amount
+    card.counter = max(card.counter, r.offline_counter)
+    card.touched = True
+    bearer = card
+    if card.replaced_by is not None:
+        successor = cards[card.replaced_by]
+        writes.posting(
+            p,
+            purse_account(card.replaced_by),
+            purse_account(p.card_no),
+            PostingKind.REPLACED_CARD_FOLLOW,
+            card.replaced_by,
+        )
+        card.balance += r.amount
+        card.delta += r.amount
+        successor.balance -= r.amount
+        successor.delta -= r.amount
+        successor.touched = True
+        bearer = successor
+    if bearer.balance < 0:
+        found.append(
+            (RecordException.NEGATIVE_BALANCE, f"purse at {bearer.balance} fen after the record")
+        )
+
+    exceptions = tuple(kind for kind, _ in found)
+    bits = exception_bits(exceptions)
+    for kind, detail in found:
+        writes.exception(p, kind, detail)
+    writes.txn(p, TxnStatus.APPROVED, card.balance, bits)
+    seen[key] = (p.fingerprint, TxnStatus.APPROVED, card.balance, bits)
+    outcome = RecordOutcome.POSTED_WITH_EXCEPTION if exceptions else RecordOutcome.POSTED
+    return OfflineResult(outcome, card.balance, exceptions=exceptions)

@@ -1,0 +1,81 @@
+"""UploadService: offline records in, one outcome per record out, batch by batch.
+
+The stream is the gateway's pipe; each request batch is independent and is
+answered (after its COMMIT) before the next one is read, so a gateway knows
+exactly which of its batches are safe to delete. A batch refused as malformed
+ends the stream with INVALID_ARGUMENT naming the claim or the record field;
+nothing of it was written, and every batch answered before it stays committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from onecard.ledger.engine import Ledger
+from onecard.ledger.model import OfflineRecord, OfflineResult, RecordOutcome
+from onecard.ledger.validation import check_upload_batch
+from onecard.server.errors import guarded
+from onecard.v1 import upload_pb2, upload_pb2_grpc
+
+
+def _records(batch: upload_pb2.UploadBatch) -> list[OfflineRecord]:
+    return [
+        OfflineRecord(
+            r.card_number,
+            r.amount,
+            r.transaction_type,
+            r.terminal_id,
+            r.terminal_seq,
+            r.date_time,
+            r.key_version,
+            r.tac,
+            r.offline_counter,
+            r.card_balance_before,
+        )
+        for r in batch.records
+    ]
+
+
+def _reply(batch_id: str, results: list[OfflineResult]) -> upload_pb2.UploadBatchReply:
+    reply = upload_pb2.UploadBatchReply(batch_id=batch_id)
+    counts = dict.fromkeys(RecordOutcome, 0)
+    add = reply.results.add
+    for res in results:
+        counts[res.outcome] += 1
+        add(
+            outcome=int(res.outcome),
+            balance_after=res.balance_after,
+            original_outcome=int(res.original_outcome or 0),
+            quarantine_reason=int(res.quarantine_reason or 0),
+            exceptions=[int(e) for e in res.exceptions],
+        )
+    reply.posted = counts[RecordOutcome.POSTED] + counts[RecordOutcome.POSTED_WITH_EXCEPTION]
+    reply.duplicates = counts[RecordOutcome.DUPLICATE]
+    reply.quarantined = counts[RecordOutcome.QUARANTINED]
+    reply.exceptions = counts[RecordOutcome.POSTED_WITH_EXCEPTION]
+    return reply
+
+
+class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def UploadRecords(
+        self,
+        request_iterator: AsyncIterator[upload_pb2.UploadBatch],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[upload_pb2.UploadBatchReply]:
+        async for batch in request_iterator:
+
+            async def call(batch: upload_pb2.UploadBatch = batch) -> upload_pb2.UploadBatchReply:
+                records = _records(batch)
+                check_upload_batch(
+                    records, batch.claimed_count, batch.claimed_total, self.ledger.limits
+                )
+                results = await self.ledger.submit_offline_records(records)
+                return _reply(batch.batch_id, results)
+
+            yield await guarded(context, call)

@@ -1,0 +1,75 @@
+"""Group commit: merging, bounds, and what callers see when a flush fails."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from onecard.ledger.batcher import GroupCommitter, Overloaded
+
+
+async def test_groups_merge_but_never_split_and_results_align() -> None:
+    gate = asyncio.Event()
+    flushed: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        await gate.wait()
+        flushed.append(items)
+        return [i * 10 for i in items]
+
+    gc: GroupCommitter[int, int] = GroupCommitter(flush, max_batch=5, max_queue=100)
+    gc.start()
+    first = asyncio.create_task(gc.submit(0))  # occupies the flusher
+    await asyncio.sleep(0)
+    groups = [[1, 2], [3, 4, 5], [6], [7, 8, 9, 10, 11, 12]]
+    tasks = [asyncio.create_task(gc.submit_many(g)) for g in groups]
+    await asyncio.sleep(0)
+    gate.set()
+    assert await first == 0
+    assert [await t for t in tasks] == [[i * 10 for i in g] for g in groups]
+    # [1,2]+[3,4,5] fill a batch of 5; [6] goes alone (the next group would overflow);
+    # a group larger than max_batch is one batch of its own.
+    assert flushed == [[0], [1, 2, 3, 4, 5], [6], [7, 8, 9, 10, 11, 12]]
+    await gc.close()
+
+
+async def test_full_queue_refuses_at_once() -> None:
+    gate = asyncio.Event()
+
+    async def flush(items: list[int]) -> list[int]:
+        await gate.wait()
+        return items
+
+    gc: GroupCommitter[int, int] = GroupCommitter(flush, max_batch=10, max_queue=3)
+    gc.start()
+    busy = asyncio.create_task(gc.submit(0))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(gc.submit(i)) for i in (1, 2, 3)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded, match="3 requests waiting"):
+        await gc.submit(4)
+    gate.set()
+    assert await busy == 0
+    assert [await t for t in waiting] == [1, 2, 3]
+    await gc.close()
+
+
+async def test_a_failed_flush_fails_its_callers_and_the_next_batch_goes_on() -> None:
+    calls = 0
+
+    async def flush(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("database went away")
+        return items
+
+    gc: GroupCommitter[int, int] = GroupCommitter(flush)
+    gc.start()
+    with pytest.raises(ConnectionError):
+        await gc.submit_many([1, 2])
+    assert await gc.submit(3) == 3
+    await gc.close()
+    with pytest.raises(Overloaded):
+        await gc.submit(4)  # closed: refuses instead of hanging

@@ -1,0 +1,316 @@
+"""Offline upload over real gRPC and PostgreSQL: every outcome, in replies and in the books."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+
+import grpc
+import pytest
+
+from onecard.clients.card import SimulatedCard
+from onecard.clients.gateway import Gateway, make_batch, offline_record
+from onecard.clients.terminal import CHINA_TIME, Terminal, now_bcd_text
+from onecard.ledger.accounts import purse_account
+from onecard.server.app import RunningServer
+from onecard.v1 import common_pb2, upload_pb2
+from tests.support import assert_books_balance, fetch, issue
+
+BUS = "310400000001"
+POSTED = upload_pb2.RECORD_OUTCOME_POSTED
+WITH_EXCEPTION = upload_pb2.RECORD_OUTCOME_POSTED_WITH_EXCEPTION
+DUPLICATE = upload_pb2.RECORD_OUTCOME_DUPLICATE
+QUARANTINED = upload_pb2.RECORD_OUTCOME_QUARANTINED
+CONFLICT = upload_pb2.RECORD_OUTCOME_CONFLICT
+_seqs = itertools.count(1)
+
+
+async def funded(channel: grpc.aio.Channel, keys, amount: int = 5000, kv: int = 1) -> SimulatedCard:  # type: ignore[no-untyped-def]
+    card = await issue(channel, keys, kv=kv)
+    reply = await Terminal(channel, "310400000009", next(_seqs) * 10).load(card, amount)
+    assert reply.status == common_pb2.TXN_STATUS_APPROVED
+    return card
+
+
+def ride(
+    card: SimulatedCard, amount: int = 200, when: str | None = None
+) -> upload_pb2.OfflineRecord:
+    return offline_record(card, amount, BUS, next(_seqs), when or now_bcd_text())
+
+
+async def postings_of(dsn: str, card: SimulatedCard) -> list[tuple[int, int]]:
+    rows = await fetch(
+        dsn,
+        "SELECT kind, amount FROM postings WHERE card_no = $1 ORDER BY posting_id",
+        int(card.card_no),
+    )
+    return [(r["kind"], r["amount"]) for r in rows]
+
+
+async def balance_of(dsn: str, card: SimulatedCard) -> int:
+    rows = await fetch(dsn, "SELECT purse_balance FROM cards WHERE card_no = $1", int(card.card_no))
+    return int(rows[0]["purse_balance"])
+
+
+async def test_records_post_in_order_and_reupload_is_duplicate(
+    server: RunningServer, channel, keys
+) -> None:
+    cards = [await funded(channel, keys, kv=kv) for kv in (1, 2, 3)]
+    records = [ride(c, 200) for c in cards] + [ride(cards[0], 300)]
+    gw = Gateway(channel)
+    (reply,) = await gw.upload([make_batch("morning-1", records)])
+    assert reply.batch_id == "morning-1"
+    assert [r.outcome for r in reply.results] == [POSTED] * 4
+    # two records of one card in one batch, applied in arrival order
+    assert [r.balance_after for r in reply.results] == [4800, 4800, 4800, 4500]
+    assert reply.posted == 4 and reply.exceptions == 0
+    assert await balance_of(server.dsn, cards[0]) == 4500 == cards[0].balance
+    assert (await postings_of(server.dsn, cards[0]))[-2:] == [(1, 200), (1, 300)]
+
+    (again,) = await gw.upload([make_batch("morning-1-retry", records)])
+    assert [r.outcome for r in again.results] == [DUPLICATE] * 4
+    assert [r.original_outcome for r in again.results] == [POSTED] * 4
+    assert [r.balance_after for r in again.results] == [4800, 4800, 4800, 4500]
+    assert await balance_of(server.dsn, cards[0]) == 4500
+    assert len(await postings_of(server.dsn, cards[0])) == 4  # deposit, load, two rides
+    await assert_books_balance(server.dsn)
+
+
+async def test_offline_copy_of_an_online_debit_is_a_duplicate(
+    server: RunningServer, channel, keys
+) -> None:
+    card = await funded(channel, keys)
+    bus = Terminal(channel, BUS, 900_000)
+    before = card.balance
+    req = bus.debit_request(card, 250)
+    reply = await bus.stub.Debit(req)
+    assert reply.status == common_pb2.TXN_STATUS_APPROVED
+    copy = upload_pb2.OfflineRecord(
+        card_number=req.card_number,
+        amount=req.amount,
+        transaction_type=req.transaction_type,
+        terminal_id=req.terminal_id,
+        terminal_seq=req.terminal_seq,
+        date_time=req.date_time,
+        key_version=req.key_version,
+        tac=req.tac,
+        offline_counter=card.offline_counter,
+        card_balance_before=before,
+    )
+    (up,) = await Gateway(channel).upload([make_batch("b", [copy])])
+    assert up.results[0].outcome == DUPLICATE
+    assert up.results[0].original_outcome == POSTED
+    assert await balance_of(server.dsn, card) == before - 250
+    await assert_books_balance(server.dsn)
+
+
+async def test_same_identity_other_content_is_a_conflict(
+    server: RunningServer, channel, keys
+) -> None:
+    card = await funded(channel, keys)
+    rec = ride(card, 200)
+    changed = upload_pb2.OfflineRecord()
+    changed.CopyFrom(rec)
+    changed.amount = 2000
+    (reply,) = await Gateway(channel).upload([make_batch("a", [rec])])
+    (reply2,) = await Gateway(channel).upload([make_batch("b", [changed])])
+    assert reply.results[0].outcome == POSTED
+    assert reply2.results[0].outcome == CONFLICT
+    assert await balance_of(server.dsn, card) == 4800
+    await assert_books_balance(server.dsn)
+
+
+async def test_untrusted_records_are_quarantined_never_posted(
+    server: RunningServer, channel, keys
+) -> None:
+    card = await funded(channel, keys)
+    forged = ride(card, 200)
+    forged.tac = bytes([forged.tac[0] ^ 0x01]) + forged.tac[1:]
+    unknown_kv = ride(card, 200)
+    unknown_kv.key_version = 7
+    stranger = SimulatedCard("3104999999999999", keys.get("3104", 1))
+    stranger.balance = 1000
+    unknown_card = ride(stranger, 100)
+    foreign = offline_record(card, 100, "999900000001", next(_seqs), now_bcd_text())
+    records = [forged, unknown_kv, unknown_card, foreign]
+    (reply,) = await Gateway(channel).upload([make_batch("q", records)])
+    assert [r.outcome for r in reply.results] == [QUARANTINED] * 4
+    assert [r.quarantine_reason for r in reply.results] == [
+        upload_pb2.QUARANTINE_REASON_TAC_INVALID,
+        upload_pb2.QUARANTINE_REASON_KEY_VERSION_UNKNOWN,
+        upload_pb2.QUARANTINE_REASON_UNKNOWN_CARD,
+        upload_pb2.QUARANTINE_REASON_UNKNOWN_TERMINAL,
+    ]
+    assert reply.quarantined == 4 and reply.posted == 0
+    assert await balance_of(server.dsn, card) == 5000
+    kept = await fetch(
+        server.dsn, "SELECT terminal_seq, reason, tac FROM quarantine ORDER BY reason"
+    )
+    assert [(r["terminal_seq"], r["reason"], r["tac"]) for r in kept] == [
+        (rec.terminal_seq, i + 1, rec.tac) for i, rec in enumerate(records)
+    ]
+    # a re-upload answers the same and keeps one copy of each
+    (again,) = await Gateway(channel).upload([make_batch("q2", records)])
+    assert [r.quarantine_reason for r in again.results] == [
+        r.quarantine_reason for r in reply.results
+    ]
+    assert len(await fetch(server.dsn, "SELECT 1 FROM quarantine")) == 4
+    await assert_books_balance(server.dsn)
+
+
+async def test_exceptions_for_finance(server: RunningServer, channel, keys) -> None:
+    card = await funded(channel, keys, amount=100)
+    negative = ride(card, 100)  # chip at 0 after this
+    card.balance = 300  # a chip that claims more than the ledger holds (and pays anyway)
+    overdraw = ride(card, 300)
+    card.offline_counter += 3  # three purchases the ledger never heard of
+    card.balance = 100
+    gap = ride(card, 10)
+    repeat = ride(card, 10)
+    repeat.offline_counter = gap.offline_counter  # same counter, another record (a clone?)
+    records = [negative, overdraw, gap, repeat]
+    (reply,) = await Gateway(channel).upload([make_batch("x", records)])
+    kinds = [list(r.exceptions) for r in reply.results]
+    assert reply.results[0].outcome == POSTED
+    assert [r.outcome for r in reply.results[1:]] == [WITH_EXCEPTION] * 3
+    assert kinds[1] == [
+        upload_pb2.RECORD_EXCEPTION_NEGATIVE_BALANCE,
+        upload_pb2.RECORD_EXCEPTION_BALANCE_MISMATCH,
+    ] or sorted(kinds[1]) == sorted(
+        [upload_pb2.RECORD_EXCEPTION_NEGATIVE_BALANCE, upload_pb2.RECORD_EXCEPTION_BALANCE_MISMATCH]
+    )
+    assert upload_pb2.RECORD_EXCEPTION_COUNTER_GAP in kinds[2]
+    assert upload_pb2.RECORD_EXCEPTION_COUNTER_REPEAT in kinds[3]
+    assert reply.results[-1].balance_after == -320  # posted although the purse went negative
+    assert await balance_of(server.dsn, card) == -320
+    stored = await fetch(
+        server.dsn,
+        "SELECT kind FROM finance_exceptions WHERE card_no = $1 ORDER BY terminal_seq, kind",
+        int(card.card_no),
+    )
+    assert len(stored) == sum(len(k) for k in kinds)
+    await assert_books_balance(server.dsn)
+
+
+async def test_lost_card_used_after_loss(server: RunningServer, channel, keys) -> None:
+    card = await funded(channel, keys)
+    now = dt.datetime.now(CHINA_TIME)
+    before_loss = ride(card, 200, (now - dt.timedelta(hours=2)).strftime("%Y%m%d%H%M%S"))
+    after_loss = ride(card, 200, now.strftime("%Y%m%d%H%M%S"))
+    await fetch(
+        server.dsn,
+        "UPDATE cards SET status = 2, lost_at = now() - interval '1 hour' WHERE card_no = $1",
+        int(card.card_no),
+    )
+    (reply,) = await Gateway(channel).upload([make_batch("l", [before_loss, after_loss])])
+    assert reply.results[0].outcome == POSTED
+    assert reply.results[1].outcome == WITH_EXCEPTION
+    assert list(reply.results[1].exceptions) == [upload_pb2.RECORD_EXCEPTION_CARD_LOST]
+    assert await balance_of(server.dsn, card) == 4600
+    await assert_books_balance(server.dsn)
+
+
+async def test_replaced_card_money_follows_to_the_new_card(
+    server: RunningServer, channel, keys
+) -> None:
+    old = await funded(channel, keys)
+    new = await issue(channel, keys)
+    # The desk's replacement: the balance moves by a posting, the old card is
+    # blocked for good and names its successor.
+    await fetch(
+        server.dsn,
+        "WITH m AS (INSERT INTO postings (card_no, debit_account, credit_account, amount, kind)"
+        " VALUES ($1, $3, $4, 5000, 5) RETURNING 1)"
+        " UPDATE cards SET purse_balance = CASE WHEN card_no = $1 THEN 0 ELSE 5000 END,"
+        " status = CASE WHEN card_no = $1 THEN 3 ELSE status END,"
+        " replaced_by = CASE WHEN card_no = $1 THEN $2 ELSE NULL END"
+        " WHERE card_no IN ($1, $2)",
+        int(old.card_no),
+        int(new.card_no),
+        purse_account(int(old.card_no)),
+        purse_account(int(new.card_no)),
+    )
+    await assert_books_balance(server.dsn)
+    late = ride(old, 200)  # the old card rode the bus before it was handed in
+    (reply,) = await Gateway(channel).upload([make_batch("r", [late])])
+    res = reply.results[0]
+    assert res.outcome == WITH_EXCEPTION
+    assert upload_pb2.RECORD_EXCEPTION_CARD_BLOCKED in res.exceptions
+    assert await balance_of(server.dsn, old) == 0
+    assert await balance_of(server.dsn, new) == 4800
+    assert (await postings_of(server.dsn, old))[-1] == (1, 200)
+    assert (await postings_of(server.dsn, new))[-1] == (4, 200)
+    await assert_books_balance(server.dsn)
+
+
+async def test_batch_whose_claims_do_not_add_up_is_refused_whole(
+    server: RunningServer, channel, keys
+) -> None:
+    card = await funded(channel, keys)
+    good = make_batch("good", [ride(card, 100)])
+    bad = make_batch("bad", [ride(card, 100), ride(card, 100)])
+    bad.claimed_total += 1
+    stub = Gateway(channel)
+    call = stub.stub.UploadRecords(iter([good, bad]))
+    first = await call.read()
+    assert first.results[0].outcome == POSTED
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call.read()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "claimed_total" in (info.value.details() or "")
+    assert await balance_of(server.dsn, card) == 4900  # the first batch stays committed
+
+    miscounted = make_batch("n", [ride(card, 100)])
+    miscounted.claimed_count = 2
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.upload([miscounted])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "claimed_count" in (info.value.details() or "")
+
+    broken = make_batch("f", [ride(card, 100)])
+    broken.records[0].terminal_id = "12345"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.upload([broken])
+    assert "records[0].terminal_id" in (info.value.details() or "")
+    assert await balance_of(server.dsn, card) == 4900
+    await assert_books_balance(server.dsn)
+
+
+async def test_oversize_batch_is_refused(server: RunningServer, channel, keys) -> None:
+    card = await funded(channel, keys, amount=50_000)
+    limit = server.ledger.limits.max_upload_batch
+    records = [ride(card, 1) for _ in range(limit + 1)]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await Gateway(channel).upload([make_batch("big", records)])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(limit) in (info.value.details() or "")
+    assert await balance_of(server.dsn, card) == 50_000
+    rows = await fetch(server.dsn, "SELECT count(*) AS n FROM terminal_txns WHERE kind = 3")
+    assert rows[0]["n"] == 0
+
+
+async def test_concurrent_streams_lose_and_double_nothing(
+    server: RunningServer, channel, keys
+) -> None:
+    cards = [await funded(channel, keys, amount=20_000, kv=kv) for kv in (1, 2, 3, 1)]
+    streams = []
+    for s in range(4):
+        records = [ride(cards[(s + i) % 4], 7) for i in range(400)]
+        streams.append([make_batch(f"s{s}-{j}", records[j : j + 50]) for j in range(0, 400, 50)])
+    # every stream sent twice at once: the retry storm of a flaky gateway link
+    replies = await asyncio.gather(
+        *(Gateway(channel).upload(batches) for batches in streams + streams)
+    )
+    outcomes = [r.outcome for rep in replies for batch in rep for r in batch.results]
+    # Streams interleave a card's records out of chip order, so some are posted
+    # with a balance-mismatch or counter exception; none is lost or doubled.
+    assert outcomes.count(POSTED) + outcomes.count(WITH_EXCEPTION) == 1600
+    assert outcomes.count(DUPLICATE) == 1600
+    for card in cards:
+        assert await balance_of(server.dsn, card) == card.balance == 20_000 - 400 * 7
+    rows = await fetch(
+        server.dsn, "SELECT count(*) AS n, sum(amount) AS s FROM postings WHERE kind = 1"
+    )
+    assert (rows[0]["n"], rows[0]["s"]) == (1600, 1600 * 7)
+    await assert_books_balance(server.dsn)
