@@ -1,0 +1,416 @@
+"""End-to-end throughput: offline upload, online debits, group commit, card population.
+
+``python -m benchmarks.throughput`` starts its own embedded PostgreSQL and real
+``onecard serve`` processes on loopback and drives them from this process over
+gRPC, so the figures include protobuf, gRPC, MAC checks, SQL and fsync'd
+COMMITs. Each figure is a ratio against a baseline measured in the same run:
+
+- ``upload``: offline records per second, acknowledged after COMMIT (batches of
+  500 over several streams, each stream a gateway with its own cards).
+- ``online``: unary Debit against a no-op TerminalService (same messages, same
+  client, same concurrency): what the ledger costs over gRPC alone.
+- ``batching``: the online workload with group commit against one transaction
+  per request (``--max-batch 1``).
+- ``scale``: upload throughput with a large card population against a small one.
+
+Everything shares the machine's two cores: the client, the server and
+PostgreSQL. The server runs in its own process (as in production), the client
+in this one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import grpc
+
+from onecard.clients.population import BUS_TERMINALS, METRO_TERMINALS, Population, Zipf, seed_cards
+from onecard.ledger.audit import trial_balance
+from onecard.ledger.devdata import DEMO_ISSUER, DEV_KEYS, seed_demo_data
+from onecard.ledger.keys import MemoryKeyStore, parse_key_document
+from onecard.ledger.storage.migrate import apply_migrations
+from onecard.server.embedded_pg import EmbeddedPostgres
+from onecard.v1 import common_pb2, terminal_pb2, terminal_pb2_grpc, upload_pb2, upload_pb2_grpc
+
+KEY_VERSION = 2  # sm4, the suite most cards in the field carry
+OPENING_BALANCE = 100_000  # the standard product's purse maximum
+WHEN = "20261123073000"
+
+PG_SETTINGS = {
+    # Durability stays as it is (fsync, synchronous_commit on); these only
+    # give a checkpoint-free, cache-resident run, as a production box would be.
+    "shared_buffers": "2GB",
+    "max_wal_size": "16GB",
+    "checkpoint_timeout": "30min",
+    "wal_buffers": "64MB",
+}
+
+
+@dataclass
+class Rate:
+    count: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.seconds
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies:
+            return 0.0
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class ServerProcess:
+    """``onecard serve`` (or the no-op servicer) in a child process."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        assert self.proc.stdout is not None
+        banner = ""
+        while "serving gRPC on " not in banner:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"server exited before serving:\n{banner}")
+            banner += line
+        self.address = banner.split("serving gRPC on ")[1].split()[0]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def ledger_server(dsn: str, keys: Path, data_dir: Path, *extra: str) -> ServerProcess:
+    return ServerProcess(
+        [
+            "-m",
+            "onecard.server.cli",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--dsn",
+            dsn,
+            "--keys",
+            str(keys),
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data_dir),
+            "--pool-size",
+            "4",
+            *extra,
+        ]
+    )
+
+
+class _NoopTerminal(terminal_pb2_grpc.TerminalServiceServicer):  # type: ignore[misc]
+    async def Debit(
+        self, request: terminal_pb2.DebitRequest, context: object
+    ) -> terminal_pb2.DebitReply:
+        return terminal_pb2.DebitReply(
+            status=common_pb2.TXN_STATUS_APPROVED, balance_after=OPENING_BALANCE
+        )
+
+
+async def _noop_main() -> None:
+    server = grpc.aio.server()
+    terminal_pb2_grpc.add_TerminalServiceServicer_to_server(_NoopTerminal(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"no-op serving gRPC on 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def upload_streams(
+    pop: Population, streams: int, records: int, batch: int, seq_base: int, rng: random.Random
+) -> list[list[upload_pb2.UploadBatch]]:
+    """Per stream (gateway), its batches; each card belongs to one stream, records in chip order."""
+    terminals = BUS_TERMINALS + METRO_TERMINALS
+    per_stream = records // streams
+    out = []
+    for s in range(streams):
+        terminal = terminals[s % len(terminals)]
+        seq0 = seq_base + s * per_stream
+        recs = []
+        for i in range(per_stream):
+            index = rng.randrange(pop.count // streams) * streams + s
+            recs.append(
+                pop.offline_record(index, rng.randrange(100, 400), terminal, seq0 + i, WHEN)
+            )
+        out.append(
+            [
+                upload_pb2.UploadBatch(
+                    batch_id=f"s{s}-{j}",
+                    records=recs[j : j + batch],
+                    claimed_count=len(recs[j : j + batch]),
+                    claimed_total=sum(r.amount for r in recs[j : j + batch]),
+                )
+                for j in range(0, per_stream, batch)
+            ]
+        )
+    return out
+
+
+async def run_upload(address: str, streams: list[list[upload_pb2.UploadBatch]]) -> Rate:
+    async with grpc.aio.insecure_channel(
+        address, options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as channel:
+        stub = upload_pb2_grpc.UploadServiceStub(channel)
+        latencies: list[float] = []
+        counted = 0
+
+        async def one(batches: Sequence[upload_pb2.UploadBatch]) -> None:
+            nonlocal counted
+            sent: list[float] = []
+
+            async def gen() -> AsyncIterator[upload_pb2.UploadBatch]:
+                for b in batches:
+                    sent.append(time.perf_counter())
+                    yield b
+
+            i = 0
+            async for reply in stub.UploadRecords(gen()):
+                latencies.append(time.perf_counter() - sent[i])
+                i += 1
+                bad = [
+                    r
+                    for r in reply.results
+                    if r.outcome
+                    not in (
+                        upload_pb2.RECORD_OUTCOME_POSTED,
+                        upload_pb2.RECORD_OUTCOME_POSTED_WITH_EXCEPTION,
+                    )
+                ]
+                if bad:
+                    raise RuntimeError(f"unexpected outcome in {reply.batch_id}: {bad[0]}")
+                counted += len(reply.results)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one(s) for s in streams))
+        return Rate(counted, time.perf_counter() - began, latencies)
+
+
+def debit_requests(
+    pop: Population, n: int, seq_base: int, rng: random.Random
+) -> list[terminal_pb2.DebitRequest]:
+    zipf = Zipf(pop.count, 1.0, rng)
+    gates = METRO_TERMINALS + BUS_TERMINALS
+    return [
+        pop.debit_request(zipf.draw(), 20, gates[i % len(gates)], seq_base + i, WHEN)
+        for i in range(n)
+    ]
+
+
+async def run_online(
+    address: str, requests: list[terminal_pb2.DebitRequest], concurrency: int
+) -> Rate:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = terminal_pb2_grpc.TerminalServiceStub(channel)
+        latencies: list[float] = []
+        it = iter(requests)
+        refused = 0
+
+        async def worker() -> None:
+            nonlocal refused
+            for req in it:
+                t = time.perf_counter()
+                reply = await stub.Debit(req)
+                latencies.append(time.perf_counter() - t)
+                if reply.status != common_pb2.TXN_STATUS_APPROVED:
+                    refused += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - began
+        if refused:
+            raise RuntimeError(f"{refused} debits were not approved")
+        return Rate(len(latencies), elapsed, latencies)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+async def prepare_db(pg: EmbeddedPostgres, name: str, cards: int) -> str:
+    admin = await asyncpg.connect(pg.dsn())
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    dsn = pg.dsn(name)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await apply_migrations(conn)
+        await seed_demo_data(conn)
+        began = time.perf_counter()
+        await seed_cards(conn, cards, OPENING_BALANCE, KEY_VERSION)
+        print(f"  seeded {cards:,} cards in {time.perf_counter() - began:.1f}s ({name})")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+    return dsn
+
+
+async def check_books(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        tb = await trial_balance(conn)
+        if tb != 0:
+            raise SystemExit(f"trial balance is {tb} fen, not zero: money was created or lost")
+    finally:
+        await conn.close()
+
+
+def describe(label: str, r: Rate, unit: str) -> None:
+    print(
+        f"  {label:<28}{r.count:>9,} {unit} in {r.seconds:6.2f}s = {r.per_second:>9,.0f}/s"
+        f"   p50 {r.percentile(0.5) * 1e3:6.1f} ms  p99 {r.percentile(0.99) * 1e3:6.1f} ms"
+    )
+
+
+async def run(args: argparse.Namespace) -> dict[str, float]:
+    rng = random.Random(args.seed)
+    keys = MemoryKeyStore(parse_key_document(DEV_KEYS, "dev keys"))
+    version = keys.get(DEMO_ISSUER, KEY_VERSION)
+    assert version is not None
+    tmp = Path(tempfile.mkdtemp(prefix="onecard-bench-"))
+    key_file = tmp / "keys.json"
+    key_file.write_text(json.dumps(DEV_KEYS))
+    key_file.chmod(0o600)
+    pg = EmbeddedPostgres(tmp / "pg", settings=PG_SETTINGS)
+    await asyncio.to_thread(pg.start)
+    results: dict[str, float] = {}
+    try:
+        print("setting up")
+        small = await prepare_db(pg, "small", args.small)
+        large = await prepare_db(pg, "large", args.large)
+
+        print("offline upload")
+        rates = {}
+        for name, dsn, count in (("small", small, args.small), ("large", large, args.large)):
+            pop = Population(version, count, OPENING_BALANCE)
+            server = ledger_server(dsn, key_file, tmp / f"srv-{name}")
+            try:
+                warm = upload_streams(pop, args.streams, args.records // 10, 500, 10_000_000, rng)
+                await run_upload(server.address, warm)
+                streams = upload_streams(pop, args.streams, args.records, 500, 20_000_000, rng)
+                rate = await run_upload(server.address, streams)
+            finally:
+                server.stop()
+            describe(f"{count:,} cards, batches of 500", rate, "records")
+            rates[name] = rate
+            await check_books(dsn)
+        results["upload"] = rates["small"].per_second
+        results["scale"] = rates["large"].per_second / rates["small"].per_second
+
+        print("online debits")
+        pop = Population(version, args.small, OPENING_BALANCE)
+        n = args.debits
+        noop = ServerProcess(["-m", "benchmarks.throughput", "--noop-server"])
+        try:
+            base = await run_online(noop.address, debit_requests(pop, n, 0, rng), args.concurrency)
+        finally:
+            noop.stop()
+        describe("no-op servicer", base, "debits")
+        server = ledger_server(small, key_file, tmp / "srv-online")
+        try:
+            await run_online(
+                server.address, debit_requests(pop, n // 5, 50_000_000, rng), args.concurrency
+            )
+            online = await run_online(
+                server.address, debit_requests(pop, n, 60_000_000, rng), args.concurrency
+            )
+        finally:
+            server.stop()
+        describe("group commit", online, "debits")
+        naive_server = ledger_server(small, key_file, tmp / "srv-naive", "--max-batch", "1")
+        try:
+            naive = await run_online(
+                naive_server.address,
+                debit_requests(pop, n // 2, 70_000_000, rng),
+                args.concurrency,
+            )
+        finally:
+            naive_server.stop()
+        describe("one transaction per debit", naive, "debits")
+        await check_books(small)
+        results["online"] = online.per_second
+        results["online_p99_ms"] = online.percentile(0.99) * 1e3
+        results["online_ratio"] = online.per_second / base.per_second
+        results["batching"] = online.per_second / naive.per_second
+    finally:
+        await asyncio.to_thread(pg.stop)
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    print()
+    print(f"upload: {results['upload']:.0f} records/s durable")
+    print(
+        f"online: {results['online']:.0f} debits/s, p99 {results['online_p99_ms']:.1f} ms, "
+        f"{results['online_ratio']:.2f} of no-op"
+    )
+    print(f"batching: {results['batching']:.1f}x")
+    print(f"scale: {results['scale']:.2f} of small")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__)
+    parser.add_argument("--small", type=int, default=100_000, help="cards in the small population")
+    parser.add_argument("--large", type=int, default=10_000_000, help="cards in the large one")
+    parser.add_argument("--records", type=int, default=200_000, help="offline records per run")
+    parser.add_argument("--streams", type=int, default=8, help="concurrent upload streams")
+    parser.add_argument("--debits", type=int, default=20_000, help="online debits per run")
+    parser.add_argument("--concurrency", type=int, default=128, help="debits in flight")
+    parser.add_argument("--seed", type=int, default=20261123)
+    parser.add_argument("--quick", action="store_true", help="a 1,000,000-card large population")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--noop-server", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.noop_server:
+        import uvloop
+
+        uvloop.run(_noop_main())
+        return 0
+    if args.quick:
+        args.large = min(args.large, 1_000_000)
+    import uvloop
+
+    uvloop.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
