@@ -7,6 +7,7 @@ refused with the field's name before any key is touched.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 
 
 class FieldError(ValueError):
@@ -36,11 +37,30 @@ def terminal_id_bcd(terminal_id: str, field: str = "terminal_id") -> bytes:
 
 def parse_datetime(value: str, field: str = "date_time") -> _dt.datetime:
     """``YYYYMMDDhhmmss`` terminal local time; must be a real moment."""
-    _digits(value, 14, field)
+    moment = _moment(value)
+    if moment is None:
+        _digits(value, 14, field)
+        raise FieldError(field, f"is not a real date and time: {value!r}")
+    return moment
+
+
+@functools.lru_cache(maxsize=65_536)
+def _moment(value: str) -> _dt.datetime | None:
+    """Cached: the records of one upload share a handful of minutes, and
+    strptime was a fifth of the server's time per offline record (py-spy)."""
+    if len(value) != 14 or not value.isascii() or not value.isdigit():
+        return None
     try:
-        return _dt.datetime.strptime(value, "%Y%m%d%H%M%S")
+        return _dt.datetime(
+            int(value[0:4]),
+            int(value[4:6]),
+            int(value[6:8]),
+            int(value[8:10]),
+            int(value[10:12]),
+            int(value[12:14]),
+        )
     except ValueError:
-        raise FieldError(field, f"is not a real date and time: {value!r}") from None
+        return None
 
 
 def datetime_bcd(value: str, field: str = "date_time") -> bytes:
