@@ -57,6 +57,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     cfg = config_from_args(args)
+    if args.workers < 1:
+        raise FieldError("--workers", f"must be at least 1, got {args.workers}")
+    if args.workers > 1:
+        from onecard.server.workers import run_workers
+
+        return run_workers(cfg, args.workers, args.argv)
     uvloop.run(_serve(cfg))
     return 0
 
@@ -160,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     setup_logging(args.log_format, args.log_level)
     try:
         code: int = args.func(args)

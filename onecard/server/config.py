@@ -54,6 +54,13 @@ def add_option(
 def add_server_options(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     add_option(p, "--listen", default=d.listen, help="gRPC address; port 0 picks a free port")
+    add_option(
+        p,
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT), each with its own pool",
+    )
     add_option(p, "--dsn", help="PostgreSQL DSN; without it an embedded PostgreSQL is started")
     add_option(
         p,

@@ -1,0 +1,81 @@
+"""``onecard serve --workers N``: several processes, one port, one set of books."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import grpc
+
+from onecard.clients.terminal import Terminal
+from onecard.ledger.devdata import DEV_KEYS, seed_demo_data
+from onecard.v1 import common_pb2
+from tests.support import assert_books_balance, dev_keys, fetch, issue
+
+
+async def test_two_workers_share_the_port_and_the_books(db_dsn: str, tmp_path: Path) -> None:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await seed_demo_data(conn)
+    finally:
+        await conn.close()
+    key_file = tmp_path / "keys.json"
+    key_file.write_text(json.dumps(DEV_KEYS))
+    key_file.chmod(0o600)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onecard.server.cli", "serve", "--workers", "2"],
+        env={
+            **os.environ,
+            "ONECARD_DSN": db_dsn,
+            "ONECARD_KEYS": str(key_file),
+            "ONECARD_LISTEN": "127.0.0.1:0",
+            "ONECARD_DATA_DIR": str(tmp_path / "data"),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        while "database:" not in banner:
+            line = await asyncio.to_thread(proc.stdout.readline)
+            assert line, banner
+            banner += line
+        address = banner.split("serving gRPC on ")[1].split()[0]
+        pids = banner.split("(pids ")[1].split(")")[0].split(", ")
+        assert len(pids) == 2 and all(os.path.exists(f"/proc/{p}") for p in pids)
+
+        keys = dev_keys()
+        async with grpc.aio.insecure_channel(address) as chan:
+            card = await issue(chan, keys)
+            await Terminal(chan, "310400000009").load(card, 10_000)
+        # many connections, so the kernel hands some to each worker
+        channels = [grpc.aio.insecure_channel(address) for _ in range(8)]
+        buses = [Terminal(ch, "310400000001", 1 + 100 * i) for i, ch in enumerate(channels)]
+        replies = await asyncio.gather(*(bus.debit(card, 10) for bus in buses for _ in range(5)))
+        for ch in channels:
+            await ch.close()
+        assert all(r.status == common_pb2.TXN_STATUS_APPROVED for r in replies)
+        rows = await fetch(
+            db_dsn, "SELECT purse_balance FROM cards WHERE card_no = $1", int(card.card_no)
+        )
+        assert rows[0]["purse_balance"] == 10_000 - 40 * 10
+        backends = await fetch(
+            db_dsn,
+            "SELECT count(DISTINCT client_port) AS n FROM pg_stat_activity WHERE datname = $1",
+            db_dsn.rsplit("/", 1)[1],
+        )
+        assert backends[0]["n"] >= 3  # two pools of at least two, and ours
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+    assert proc.returncode == 0, out
+    assert "stopped cleanly" in out
+    await assert_books_balance(db_dsn)
