@@ -28,6 +28,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from onecard.v1 import common_pb2, terminal_pb2, terminal_pb2_grpc, upload_pb2, 
 KEY_VERSION = 2  # sm4, the suite most cards in the field carry
 OPENING_BALANCE = 100_000  # the standard product's purse maximum
 WHEN = "20261123073000"
+WORKERS = 2  # set from --workers
 
 PG_SETTINGS = {
     # Durability stays as it is (fsync, synchronous_commit on); these only
@@ -55,6 +57,8 @@ PG_SETTINGS = {
     "max_wal_size": "16GB",
     "checkpoint_timeout": "30min",
     "wal_buffers": "64MB",
+    # Where the database's time goes, printed after the upload run.
+    "shared_preload_libraries": "pg_stat_statements",
 }
 
 
@@ -97,14 +101,26 @@ class ServerProcess:
                 raise RuntimeError(f"server exited before serving:\n{banner}")
             banner += line
         self.address = banner.split("serving gRPC on ")[1].split()[0]
+        # Keep draining its output: a full pipe would stall the server mid-run.
+        self.log: list[str] = []
+        self._drain = threading.Thread(target=self._read, daemon=True)
+        self._drain.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.append(line)
 
     def stop(self) -> None:
         self.proc.terminate()
         try:
-            self.proc.communicate(timeout=60)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.communicate()
+            self.proc.wait()
+        self._drain.join(timeout=5)
+        if os.environ.get("BENCH_SERVER_LOG"):
+            sys.stderr.writelines(self.log)
 
 
 def ledger_server(dsn: str, keys: Path, data_dir: Path, *extra: str) -> ServerProcess:
@@ -113,7 +129,7 @@ def ledger_server(dsn: str, keys: Path, data_dir: Path, *extra: str) -> ServerPr
             "-m",
             "onecard.server.cli",
             "--log-level",
-            "WARNING",
+            os.environ.get("BENCH_SERVER_LOG", "WARNING"),
             "serve",
             "--dsn",
             dsn,
@@ -125,6 +141,8 @@ def ledger_server(dsn: str, keys: Path, data_dir: Path, *extra: str) -> ServerPr
             str(data_dir),
             "--pool-size",
             "4",
+            "--workers",
+            str(WORKERS),
             *extra,
         ]
     )
@@ -272,6 +290,7 @@ async def prepare_db(pg: EmbeddedPostgres, name: str, cards: int) -> str:
     try:
         await apply_migrations(conn)
         await seed_demo_data(conn)
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         began = time.perf_counter()
         await seed_cards(conn, cards, OPENING_BALANCE, KEY_VERSION)
         print(f"  seeded {cards:,} cards in {time.perf_counter() - began:.1f}s ({name})")
@@ -279,6 +298,34 @@ async def prepare_db(pg: EmbeddedPostgres, name: str, cards: int) -> str:
     finally:
         await conn.close()
     return dsn
+
+
+async def reset_statements(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SELECT pg_stat_statements_reset()")
+    finally:
+        await conn.close()
+
+
+async def show_statements(dsn: str, seconds: float) -> None:
+    """The statements that took the database's time, as a share of the run's wall time."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g') AS q"
+            " FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database"
+            " WHERE datname = current_database()) ORDER BY total_exec_time DESC LIMIT 8"
+        )
+    finally:
+        await conn.close()
+    print(f"    {'calls':>7}{'ms total':>10}{'% of run':>9}{'rows':>9}  statement")
+    for r in rows:
+        share = r["total_exec_time"] / 1e3 / seconds * 100
+        print(
+            f"    {r['calls']:>7}{r['total_exec_time']:>10.0f}{share:>8.0f}%{r['rows']:>9}"
+            f"  {r['q'][:70]}"
+        )
 
 
 async def check_books(dsn: str) -> None:
@@ -324,10 +371,12 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 warm = upload_streams(pop, args.streams, args.records // 10, 500, 10_000_000, rng)
                 await run_upload(server.address, warm)
                 streams = upload_streams(pop, args.streams, args.records, 500, 20_000_000, rng)
+                await reset_statements(dsn)
                 rate = await run_upload(server.address, streams)
             finally:
                 server.stop()
             describe(f"{count:,} cards, batches of 500", rate, "records")
+            await show_statements(dsn, rate.seconds)
             rates[name] = rate
             await check_books(dsn)
         results["upload"] = rates["small"].per_second
@@ -395,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--debits", type=int, default=20_000, help="online debits per run")
     parser.add_argument("--concurrency", type=int, default=128, help="debits in flight")
     parser.add_argument("--seed", type=int, default=20261123)
+    parser.add_argument("--workers", type=int, default=2, help="onecard serve --workers")
     parser.add_argument("--quick", action="store_true", help="a 1,000,000-card large population")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--noop-server", action="store_true", help=argparse.SUPPRESS)
@@ -404,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         uvloop.run(_noop_main())
         return 0
+    global WORKERS
+    WORKERS = args.workers
     if args.quick:
         args.large = min(args.large, 1_000_000)
     import uvloop
