@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 from onecard.ledger.accounts import cash_code
 from onecard.ledger.crypto import _fast
-from onecard.ledger.crypto.suites import TYPE_PURCHASE
+from onecard.ledger.crypto.suites import TYPE_LOAD, TYPE_PURCHASE
 from onecard.ledger.devdata import DEMO_ISSUER
 from onecard.ledger.keys import KeyVersion
 from onecard.ledger.storage import Conn
-from onecard.v1 import terminal_pb2, upload_pb2
+from onecard.v1 import common_pb2, terminal_pb2, upload_pb2
 
 #: Seeded cards are ``3104 9`` followed by an 11-digit index, apart from cards
 #: the desk issues in demos and tests.
@@ -116,6 +116,7 @@ class Chip:
 
     balance: int
     counter: int = 0
+    online: int = 0
     key: bytes = field(default=b"", repr=False)
 
 
@@ -136,7 +137,7 @@ class Population:
             key = _fast.derive_card_key(
                 self._suite, self._mtk, card_number(index), self.version.kv, _fast.PURPOSE_TAC
             )
-            chip = self.chips[index] = Chip(self.balance, 0, key)
+            chip = self.chips[index] = Chip(self.balance, key=key)
         return chip
 
     def tac(self, index: int, amount: int, terminal: str, seq: int, when: str) -> bytes:
@@ -165,10 +166,44 @@ class Population:
             card_balance_before=before,
         )
 
+    def load_request(
+        self, index: int, amount: int, terminal: str, seq: int, when: str, random_: bytes
+    ) -> terminal_pb2.LoadRequest:
+        """A top-up as the machine sends it; the chip is assumed to take the MAC2."""
+        chip = self.chip(index)
+        load_key = _fast.derive_card_key(
+            self._suite,
+            self.version.mlk.reveal(),
+            card_number(index),
+            self.version.kv,
+            _fast.PURPOSE_LOAD,
+        )
+        seslk = _fast.load_session_key(self._suite, load_key, random_, chip.online)
+        req = terminal_pb2.LoadRequest(
+            card_number=card_number(index),
+            amount=amount,
+            transaction_type=TYPE_LOAD,
+            terminal_id=terminal,
+            terminal_seq=seq,
+            date_time=when,
+            key_version=self.version.kv,
+            card_random=random_,
+            online_counter=chip.online,
+            old_balance=chip.balance,
+            mac1=_fast.load_mac1(self._suite, seslk, chip.balance, amount, TYPE_LOAD, terminal),
+            payment_channel=common_pb2.PAYMENT_CHANNEL_WECHAT_PAY,
+        )
+        chip.balance += amount
+        chip.online += 1
+        return req
+
     def debit_request(
         self, index: int, amount: int, terminal: str, seq: int, when: str
     ) -> terminal_pb2.DebitRequest:
-        """An online debit as a gate sends it (the chip moves only if approved)."""
+        """An online debit as a gate sends it; the chip pays, expecting approval."""
+        chip = self.chip(index)
+        chip.balance -= amount
+        chip.counter += 1
         return terminal_pb2.DebitRequest(
             card_number=card_number(index),
             amount=amount,
@@ -187,3 +222,23 @@ def sequences(start: int) -> Iterator[int]:
     while True:
         yield n
         n += 1
+
+
+#: Load-generator terminals: ``3104 1`` followed by a 7-digit index.
+BASE_TERMINAL = 310410000000
+
+
+async def seed_terminals(conn: Conn, count: int) -> list[str]:
+    """``count`` registered terminals, alternately bus validators and metro gates."""
+    await conn.execute(
+        """
+        INSERT INTO terminals (terminal_id, operator_id, kind)
+        SELECT $1::bigint + i, CASE WHEN i % 2 = 0 THEN 'SZBUS' ELSE 'SZMETRO' END,
+               'load generator'
+        FROM generate_series(0, $2::bigint - 1) AS i
+        ON CONFLICT DO NOTHING
+        """,
+        BASE_TERMINAL,
+        count,
+    )
+    return [f"{BASE_TERMINAL + i:012d}" for i in range(count)]

@@ -162,7 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_option(p, "--keys", type=Path, help="key file the simulated cards are made with")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "loadtest",
+        help="play thousands of terminals against a server, then check the books",
+        description="Requests are signed ahead; --rate is open loop (latency from the "
+        "intended send time), --rate 0 closed loop. With --dsn the population is seeded "
+        "there and every acknowledged posting is checked afterwards.",
+    )
+    from onecard.clients.loadtest import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_loadtest)
     return parser
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from onecard.clients.loadtest import run
+
+    return uvloop.run(run(args))
 
 
 def main(argv: list[str] | None = None) -> int:

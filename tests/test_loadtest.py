@@ -1,0 +1,43 @@
+"""``onecard loadtest`` against a real server: its report, its files, and its check of the books."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from onecard.clients.loadtest import add_arguments, run
+from onecard.server.app import RunningServer
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("mode", [["--count", "300"], ["--rate", "400", "--duration", "1"]])
+async def test_loadtest_reports_and_checks_the_books(
+    server: RunningServer, tmp_path: Path, mode: list[str]
+) -> None:
+    report_file, plot_file = tmp_path / "r.json", tmp_path / "r.png"
+    args = _args(
+        "--target", server.address, "--dsn", server.dsn, "--cards", "500",
+        "--terminals", "20", "--batch", "20", "--profile", "rush",
+        "--json", str(report_file), "--plot", str(plot_file), *mode,
+    )  # fmt: skip
+    assert await run(args) == 0
+    report = json.loads(report_file.read_text())
+    outcomes = report["outcomes"]
+    assert report["requests"] == (300 if "--count" in mode else 400)
+    assert not [k for k in outcomes if "error" in k], report["errors"]
+    assert outcomes.get("debit APPROVED", 0) > 0
+    assert outcomes.get("upload POSTED", 0) > 0
+    check = report["check"]
+    assert check["acknowledged"] > 0
+    assert (check["missing"], check["doubled"], check["trial_balance"]) == (0, 0, 0)
+    assert set(report["latency_ms"]) <= {"debit", "load", "upload"}
+    assert all(v["p50"] <= v["p99"] <= v["max"] for v in report["latency_ms"].values())
+    assert plot_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
