@@ -74,6 +74,7 @@ class _Writes:
     accounts: dict[int, int] = field(default_factory=dict)
     quarantine: list[list[object]] = field(default_factory=lambda: [[] for _ in range(12)])
     exceptions: list[list[object]] = field(default_factory=lambda: [[] for _ in range(5)])
+    purchases: int = 0
 
     def txn(self, p: PreparedRecord, status: TxnStatus, balance: int, bits: int) -> None:
         r = p.record
@@ -101,6 +102,13 @@ class _Writes:
         row = (card_no, debit, credit, amount, int(kind), p.terminal_id, p.record.terminal_seq)
         for col, value in zip(self.postings, row, strict=True):
             col.append(value)
+        self.accounts[debit] = self.accounts.get(debit, 0) - amount
+        self.accounts[credit] = self.accounts.get(credit, 0) + amount
+
+    def purchase(self, p: PreparedRecord, debit: int, credit: int) -> None:
+        """A purchase posting; its row is derived in SQL from the inserted record."""
+        amount = p.record.amount
+        self.purchases += 1
         self.accounts[debit] = self.accounts.get(debit, 0) - amount
         self.accounts[credit] = self.accounts.get(credit, 0) + amount
 
@@ -153,14 +161,32 @@ FROM unnest($1::bigint[], $2::integer[]) AS k(card_no, offline_counter)
 JOIN terminal_txns t USING (card_no, offline_counter)
 """
 
+# The record rows, and in the same statement the purchase postings derived
+# from the rows actually inserted (purse of the card -> payable of the
+# terminal's operator): the postings never travel from Python as arrays,
+# which was about a third of the client-side encoding per record.
 _INSERT_TXNS = """
-INSERT INTO terminal_txns (terminal_id, terminal_seq, card_no, kind, amount, fingerprint,
-                           status, balance_after, card_balance, txn_time, exceptions,
-                           offline_counter)
-SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::smallint[], $5::bigint[],
-                     $6::bytea[], $7::smallint[], $8::bigint[], $9::bigint[], $10::timestamp[],
-                     $11::integer[], $12::integer[])
-ON CONFLICT DO NOTHING
+WITH t AS (
+    INSERT INTO terminal_txns (terminal_id, terminal_seq, card_no, kind, amount, fingerprint,
+                               status, balance_after, card_balance, txn_time, exceptions,
+                               offline_counter)
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::smallint[], $5::bigint[],
+                         $6::bytea[], $7::smallint[], $8::bigint[], $9::bigint[],
+                         $10::timestamp[], $11::integer[], $12::integer[])
+    ON CONFLICT DO NOTHING
+    RETURNING terminal_id, terminal_seq, card_no, amount, status
+), p AS (
+    INSERT INTO postings (card_no, debit_account, credit_account, amount, kind,
+                          terminal_id, terminal_seq)
+    SELECT t.card_no, 10000000000000000 + t.card_no, a.account_id, t.amount, 1,
+           t.terminal_id, t.terminal_seq
+    FROM t
+    JOIN terminals USING (terminal_id)
+    JOIN accounts a ON a.code = 'payable:' || terminals.operator_id
+    WHERE t.status = 1
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM t) AS txns, (SELECT count(*) FROM p) AS postings
 """
 
 _INSERT_POSTINGS = """
@@ -263,9 +289,14 @@ async def apply_offline_batch(
         results = [_decide(p, seen, cards, used_counters, ref, writes) for p in items]
 
         if writes.txns[0]:
-            status = await conn.execute(_INSERT_TXNS, *writes.txns)
-            if int(status.rsplit(" ", 1)[1]) != len(writes.txns[0]):
+            counts = await conn.fetchrow(_INSERT_TXNS, *writes.txns)
+            assert counts is not None
+            if counts["txns"] != len(writes.txns[0]):
                 raise BatchRaced()
+            if counts["postings"] != writes.purchases:
+                raise RuntimeError(
+                    f"{writes.purchases} purchases decided, {counts['postings']} posted"
+                )
         if writes.postings[0]:
             await conn.execute(_INSERT_POSTINGS, *writes.postings)
         touched = [(no, c) for no, c in cards.items() if c.touched]
@@ -360,7 +391,7 @@ def _decide(
     used_counters.add(counter_key)
 
     payable = ref.account_id(payable_code(operator))
-    writes.posting(p, purse_account(p.card_no), payable, PostingKind.PURCHASE, p.card_no)
+    writes.purchase(p, purse_account(p.card_no), payable)
     card.balance -= r.amount
     card.delta -= r.amount
     card.counter = max(card.counter, r.offline_counter)
