@@ -16,6 +16,8 @@ class TxnStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TXN_STATUS_DUPLICATE: _ClassVar[TxnStatus]
     TXN_STATUS_CONFLICT: _ClassVar[TxnStatus]
     TXN_STATUS_UNKNOWN_TERMINAL: _ClassVar[TxnStatus]
+    TXN_STATUS_NOT_REVERSIBLE: _ClassVar[TxnStatus]
+    TXN_STATUS_ALREADY_REVERSED: _ClassVar[TxnStatus]
 
 class PaymentChannel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +44,8 @@ TXN_STATUS_OVER_LIMIT: TxnStatus
 TXN_STATUS_DUPLICATE: TxnStatus
 TXN_STATUS_CONFLICT: TxnStatus
 TXN_STATUS_UNKNOWN_TERMINAL: TxnStatus
+TXN_STATUS_NOT_REVERSIBLE: TxnStatus
+TXN_STATUS_ALREADY_REVERSED: TxnStatus
 PAYMENT_CHANNEL_UNSPECIFIED: PaymentChannel
 PAYMENT_CHANNEL_CASH: PaymentChannel
 PAYMENT_CHANNEL_BANK_CARD: PaymentChannel

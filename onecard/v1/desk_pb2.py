@@ -25,23 +25,49 @@ _sym_db = _symbol_database.Default()
 from onecard.v1 import common_pb2 as onecard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15onecard/v1/desk.proto\x12\nonecard.v1\x1a\x17onecard/v1/common.proto\"\xa7\x01\n\x10IssueCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x0f\n\x07product\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65posit\x18\x04 \x01(\x03\x12\x13\n\x0bkey_version\x18\x05 \x01(\r\x12\x33\n\x0fpayment_channel\x18\x06 \x01(\x0e\x32\x1a.onecard.v1.PaymentChannel\"h\n\x0eIssueCardReply\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.onecard.v1.DeskStatus\x12\x1e\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x10.onecard.v1.Card\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"%\n\x0eGetCardRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\"\xf5\x01\n\x04\x43\x61rd\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\x12\x0f\n\x07product\x18\x04 \x01(\t\x12&\n\x06status\x18\x05 \x01(\x0e\x32\x16.onecard.v1.CardStatus\x12\x0f\n\x07\x62\x61lance\x18\x06 \x01(\x03\x12\x0f\n\x07\x64\x65posit\x18\x07 \x01(\x03\x12\x16\n\x0eonline_counter\x18\x08 \x01(\r\x12\x17\n\x0foffline_counter\x18\t \x01(\r\x12\x11\n\tissued_at\x18\n \x01(\t\x12\x14\n\x0clast_used_at\x18\x0b \x01(\t*t\n\nDeskStatus\x12\x1b\n\x17\x44\x45SK_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45SK_STATUS_OK\x10\x01\x12\x1b\n\x17\x44\x45SK_STATUS_CARD_EXISTS\x10\x02\x12\x18\n\x14\x44\x45SK_STATUS_CONFLICT\x10\x03\x32\x8d\x01\n\x0b\x44\x65skService\x12\x45\n\tIssueCard\x12\x1c.onecard.v1.IssueCardRequest\x1a\x1a.onecard.v1.IssueCardReply\x12\x37\n\x07GetCard\x12\x1a.onecard.v1.GetCardRequest\x1a\x10.onecard.v1.Cardb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15onecard/v1/desk.proto\x12\nonecard.v1\x1a\x17onecard/v1/common.proto\"8\n\x06Holder\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tid_number\x18\x02 \x01(\t\x12\r\n\x05phone\x18\x03 \x01(\t\"\xcb\x01\n\x10IssueCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x0f\n\x07product\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65posit\x18\x04 \x01(\x03\x12\x13\n\x0bkey_version\x18\x05 \x01(\r\x12\x33\n\x0fpayment_channel\x18\x06 \x01(\x0e\x32\x1a.onecard.v1.PaymentChannel\x12\"\n\x06holder\x18\x07 \x01(\x0b\x32\x12.onecard.v1.Holder\"h\n\x0eIssueCardReply\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.onecard.v1.DeskStatus\x12\x1e\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x10.onecard.v1.Card\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"%\n\x0eGetCardRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\"\x8e\x03\n\x04\x43\x61rd\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\x12\x0f\n\x07product\x18\x04 \x01(\t\x12&\n\x06status\x18\x05 \x01(\x0e\x32\x16.onecard.v1.CardStatus\x12\x0f\n\x07\x62\x61lance\x18\x06 \x01(\x03\x12\x0f\n\x07\x64\x65posit\x18\x07 \x01(\x03\x12\x16\n\x0eonline_counter\x18\x08 \x01(\r\x12\x17\n\x0foffline_counter\x18\t \x01(\r\x12\x11\n\tissued_at\x18\n \x01(\t\x12\x14\n\x0clast_used_at\x18\x0b \x01(\t\x12\"\n\x06holder\x18\x0c \x01(\x0b\x32\x12.onecard.v1.Holder\x12\x0f\n\x07lost_at\x18\r \x01(\t\x12\x13\n\x0breplaced_by\x18\x0e \x01(\t\x12\x10\n\x08replaces\x18\x0f \x01(\t\x12\x13\n\x0b\x64\x65ny_listed\x18\x10 \x01(\x08\x12&\n\x06refund\x18\x11 \x01(\x0b\x32\x16.onecard.v1.HeldRefund\"\xae\x01\n\nHeldRefund\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.onecard.v1.RefundState\x12\x0e\n\x06\x64ue_at\x18\x02 \x01(\t\x12\x0f\n\x07paid_at\x18\x03 \x01(\t\x12+\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x1a.onecard.v1.PaymentChannel\x12\x14\n\x0c\x62\x61lance_paid\x18\x05 \x01(\x03\x12\x14\n\x0c\x64\x65posit_paid\x18\x06 \x01(\x03\"\xab\x01\n\tDeskReply\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.onecard.v1.DeskStatus\x12\x1e\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x10.onecard.v1.Card\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\"\n\x08new_card\x18\x04 \x01(\x0b\x32\x10.onecard.v1.Card\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x03\x12\x12\n\nposting_id\x18\x06 \x01(\x03\"V\n\x11\x43\x61rdActionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x18\n\x10holder_id_number\x18\x03 \x01(\t\"\xb0\x01\n\x12ReplaceCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x17\n\x0fnew_card_number\x18\x03 \x01(\t\x12\x13\n\x0bkey_version\x18\x04 \x01(\r\x12)\n\x06reason\x18\x05 \x01(\x0e\x32\x19.onecard.v1.ReplaceReason\x12\x18\n\x10holder_id_number\x18\x06 \x01(\t\"\xb7\x01\n\x11\x43\x61ncelCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x32\n\x0erefund_channel\x18\x03 \x01(\x0e\x32\x1a.onecard.v1.PaymentChannel\x12\x15\n\rcard_readable\x18\x04 \x01(\x08\x12\x14\n\x0c\x63\x61rd_balance\x18\x05 \x01(\x03\x12\x18\n\x10holder_id_number\x18\x06 \x01(\t\"\x8b\x01\n\x14RefundPostingRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x12\n\nposting_id\x18\x03 \x01(\x03\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\x16\n\x0e\x63\x61se_reference\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"s\n\x11GetHistoryRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x11\n\tfrom_time\x18\x02 \x01(\t\x12\x0f\n\x07to_time\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"\xd0\x01\n\x0cHistoryEntry\x12\x12\n\nposting_id\x18\x01 \x01(\x03\x12\x11\n\tposted_at\x18\x02 \x01(\t\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.onecard.v1.PostingKind\x12\x0f\n\x07\x61\x63\x63ount\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x03\x12\x14\n\x0c\x63ounterparty\x18\x06 \x01(\t\x12\x13\n\x0bterminal_id\x18\x07 \x01(\t\x12\x14\n\x0cterminal_seq\x18\x08 \x01(\r\x12\x10\n\x08\x63orrects\x18\t \x01(\x03\"U\n\x0fGetHistoryReply\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.onecard.v1.HistoryEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xb0\x02\n\nDeskStatus\x12\x1b\n\x17\x44\x45SK_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45SK_STATUS_OK\x10\x01\x12\x1b\n\x17\x44\x45SK_STATUS_CARD_EXISTS\x10\x02\x12\x18\n\x14\x44\x45SK_STATUS_CONFLICT\x10\x03\x12\x1c\n\x18\x44\x45SK_STATUS_UNKNOWN_CARD\x10\x04\x12\x1b\n\x17\x44\x45SK_STATUS_WRONG_STATE\x10\x05\x12\x1f\n\x1b\x44\x45SK_STATUS_HOLDER_MISMATCH\x10\x06\x12\x1e\n\x1a\x44\x45SK_STATUS_REFUND_EXCEEDS\x10\x07\x12\x1e\n\x1a\x44\x45SK_STATUS_NOT_REFUNDABLE\x10\x08\x12\x1e\n\x1a\x44\x45SK_STATUS_REFUND_PENDING\x10\t*\\\n\x0bRefundState\x12\x1c\n\x18REFUND_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REFUND_STATE_PENDING\x10\x01\x12\x15\n\x11REFUND_STATE_PAID\x10\x02*d\n\rReplaceReason\x12\x1e\n\x1aREPLACE_REASON_UNSPECIFIED\x10\x00\x12\x17\n\x13REPLACE_REASON_LOST\x10\x01\x12\x1a\n\x16REPLACE_REASON_DAMAGED\x10\x02*\x87\x03\n\x0bPostingKind\x12\x1c\n\x18POSTING_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15POSTING_KIND_PURCHASE\x10\x01\x12\x15\n\x11POSTING_KIND_LOAD\x10\x02\x12\x18\n\x14POSTING_KIND_DEPOSIT\x10\x03\x12%\n!POSTING_KIND_REPLACED_CARD_FOLLOW\x10\x04\x12%\n!POSTING_KIND_REPLACEMENT_TRANSFER\x10\x05\x12!\n\x1dPOSTING_KIND_DEPOSIT_TRANSFER\x10\x06\x12\x1f\n\x1bPOSTING_KIND_BALANCE_REFUND\x10\x07\x12\x1f\n\x1bPOSTING_KIND_DEPOSIT_REFUND\x10\x08\x12\x1f\n\x1bPOSTING_KIND_DISPUTE_REFUND\x10\t\x12\x19\n\x15POSTING_KIND_REVERSAL\x10\n\x12\x1f\n\x1bPOSTING_KIND_DEPOSIT_OFFSET\x10\x0b\x32\xb4\x04\n\x0b\x44\x65skService\x12\x45\n\tIssueCard\x12\x1c.onecard.v1.IssueCardRequest\x1a\x1a.onecard.v1.IssueCardReply\x12\x37\n\x07GetCard\x12\x1a.onecard.v1.GetCardRequest\x1a\x10.onecard.v1.Card\x12H\n\nGetHistory\x12\x1d.onecard.v1.GetHistoryRequest\x1a\x1b.onecard.v1.GetHistoryReply\x12\x42\n\nReportLoss\x12\x1d.onecard.v1.CardActionRequest\x1a\x15.onecard.v1.DeskReply\x12\x43\n\x0bReleaseLoss\x12\x1d.onecard.v1.CardActionRequest\x1a\x15.onecard.v1.DeskReply\x12\x44\n\x0bReplaceCard\x12\x1e.onecard.v1.ReplaceCardRequest\x1a\x15.onecard.v1.DeskReply\x12\x42\n\nCancelCard\x12\x1d.onecard.v1.CancelCardRequest\x1a\x15.onecard.v1.DeskReply\x12H\n\rRefundPosting\x12 .onecard.v1.RefundPostingRequest\x1a\x15.onecard.v1.DeskReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'onecard.v1.desk_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DESKSTATUS']._serialized_start=625
-  _globals['_DESKSTATUS']._serialized_end=741
-  _globals['_ISSUECARDREQUEST']._serialized_start=63
-  _globals['_ISSUECARDREQUEST']._serialized_end=230
-  _globals['_ISSUECARDREPLY']._serialized_start=232
-  _globals['_ISSUECARDREPLY']._serialized_end=336
-  _globals['_GETCARDREQUEST']._serialized_start=338
-  _globals['_GETCARDREQUEST']._serialized_end=375
-  _globals['_CARD']._serialized_start=378
-  _globals['_CARD']._serialized_end=623
-  _globals['_DESKSERVICE']._serialized_start=744
-  _globals['_DESKSERVICE']._serialized_end=885
+  _globals['_DESKSTATUS']._serialized_start=2234
+  _globals['_DESKSTATUS']._serialized_end=2538
+  _globals['_REFUNDSTATE']._serialized_start=2540
+  _globals['_REFUNDSTATE']._serialized_end=2632
+  _globals['_REPLACEREASON']._serialized_start=2634
+  _globals['_REPLACEREASON']._serialized_end=2734
+  _globals['_POSTINGKIND']._serialized_start=2737
+  _globals['_POSTINGKIND']._serialized_end=3128
+  _globals['_HOLDER']._serialized_start=62
+  _globals['_HOLDER']._serialized_end=118
+  _globals['_ISSUECARDREQUEST']._serialized_start=121
+  _globals['_ISSUECARDREQUEST']._serialized_end=324
+  _globals['_ISSUECARDREPLY']._serialized_start=326
+  _globals['_ISSUECARDREPLY']._serialized_end=430
+  _globals['_GETCARDREQUEST']._serialized_start=432
+  _globals['_GETCARDREQUEST']._serialized_end=469
+  _globals['_CARD']._serialized_start=472
+  _globals['_CARD']._serialized_end=870
+  _globals['_HELDREFUND']._serialized_start=873
+  _globals['_HELDREFUND']._serialized_end=1047
+  _globals['_DESKREPLY']._serialized_start=1050
+  _globals['_DESKREPLY']._serialized_end=1221
+  _globals['_CARDACTIONREQUEST']._serialized_start=1223
+  _globals['_CARDACTIONREQUEST']._serialized_end=1309
+  _globals['_REPLACECARDREQUEST']._serialized_start=1312
+  _globals['_REPLACECARDREQUEST']._serialized_end=1488
+  _globals['_CANCELCARDREQUEST']._serialized_start=1491
+  _globals['_CANCELCARDREQUEST']._serialized_end=1674
+  _globals['_REFUNDPOSTINGREQUEST']._serialized_start=1677
+  _globals['_REFUNDPOSTINGREQUEST']._serialized_end=1816
+  _globals['_GETHISTORYREQUEST']._serialized_start=1818
+  _globals['_GETHISTORYREQUEST']._serialized_end=1933
+  _globals['_HISTORYENTRY']._serialized_start=1936
+  _globals['_HISTORYENTRY']._serialized_end=2144
+  _globals['_GETHISTORYREPLY']._serialized_start=2146
+  _globals['_GETHISTORYREPLY']._serialized_end=2231
+  _globals['_DESKSERVICE']._serialized_start=3131
+  _globals['_DESKSERVICE']._serialized_end=3695
 # @@protoc_insertion_point(module_scope)

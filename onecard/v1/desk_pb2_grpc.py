@@ -47,6 +47,36 @@ class DeskServiceStub:
                 request_serializer=onecard_dot_v1_dot_desk__pb2.GetCardRequest.SerializeToString,
                 response_deserializer=onecard_dot_v1_dot_desk__pb2.Card.FromString,
                 _registered_method=True)
+        self.GetHistory = channel.unary_unary(
+                '/onecard.v1.DeskService/GetHistory',
+                request_serializer=onecard_dot_v1_dot_desk__pb2.GetHistoryRequest.SerializeToString,
+                response_deserializer=onecard_dot_v1_dot_desk__pb2.GetHistoryReply.FromString,
+                _registered_method=True)
+        self.ReportLoss = channel.unary_unary(
+                '/onecard.v1.DeskService/ReportLoss',
+                request_serializer=onecard_dot_v1_dot_desk__pb2.CardActionRequest.SerializeToString,
+                response_deserializer=onecard_dot_v1_dot_desk__pb2.DeskReply.FromString,
+                _registered_method=True)
+        self.ReleaseLoss = channel.unary_unary(
+                '/onecard.v1.DeskService/ReleaseLoss',
+                request_serializer=onecard_dot_v1_dot_desk__pb2.CardActionRequest.SerializeToString,
+                response_deserializer=onecard_dot_v1_dot_desk__pb2.DeskReply.FromString,
+                _registered_method=True)
+        self.ReplaceCard = channel.unary_unary(
+                '/onecard.v1.DeskService/ReplaceCard',
+                request_serializer=onecard_dot_v1_dot_desk__pb2.ReplaceCardRequest.SerializeToString,
+                response_deserializer=onecard_dot_v1_dot_desk__pb2.DeskReply.FromString,
+                _registered_method=True)
+        self.CancelCard = channel.unary_unary(
+                '/onecard.v1.DeskService/CancelCard',
+                request_serializer=onecard_dot_v1_dot_desk__pb2.CancelCardRequest.SerializeToString,
+                response_deserializer=onecard_dot_v1_dot_desk__pb2.DeskReply.FromString,
+                _registered_method=True)
+        self.RefundPosting = channel.unary_unary(
+                '/onecard.v1.DeskService/RefundPosting',
+                request_serializer=onecard_dot_v1_dot_desk__pb2.RefundPostingRequest.SerializeToString,
+                response_deserializer=onecard_dot_v1_dot_desk__pb2.DeskReply.FromString,
+                _registered_method=True)
 
 
 class DeskServiceServicer:
@@ -63,7 +93,54 @@ class DeskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetCard(self, request, context):
-        """Card enquiry (余额查询).
+        """Card enquiry (余额查询): status, balances, counters, last use, holder
+        (masked), loss, replacement and a held refund.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHistory(self, request, context):
+        """History (消费账单): the card's postings over a time range, newest first,
+        paged with an opaque continuation token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportLoss(self, request, context):
+        """Report loss (挂失): the card becomes lost and enters the deny list;
+        online debits and loads are refused from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLoss(self, request, context):
+        """Release loss (解挂): back to active, off the deny list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplaceCard(self, request, context):
+        """Replace (补换卡) a lost or damaged card: balance and deposit move to the
+        new card by postings; the old card is blocked for good.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelCard(self, request, context):
+        """Cancel (退卡): refund balance and deposit and close the card. Without
+        the card in hand the refund is held (REFUND_PENDING) and paid later.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefundPosting(self, request, context):
+        """Refund (退款) all or part of a disputed purchase posting.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -81,6 +158,36 @@ def add_DeskServiceServicer_to_server(servicer, server):
                     servicer.GetCard,
                     request_deserializer=onecard_dot_v1_dot_desk__pb2.GetCardRequest.FromString,
                     response_serializer=onecard_dot_v1_dot_desk__pb2.Card.SerializeToString,
+            ),
+            'GetHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHistory,
+                    request_deserializer=onecard_dot_v1_dot_desk__pb2.GetHistoryRequest.FromString,
+                    response_serializer=onecard_dot_v1_dot_desk__pb2.GetHistoryReply.SerializeToString,
+            ),
+            'ReportLoss': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLoss,
+                    request_deserializer=onecard_dot_v1_dot_desk__pb2.CardActionRequest.FromString,
+                    response_serializer=onecard_dot_v1_dot_desk__pb2.DeskReply.SerializeToString,
+            ),
+            'ReleaseLoss': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLoss,
+                    request_deserializer=onecard_dot_v1_dot_desk__pb2.CardActionRequest.FromString,
+                    response_serializer=onecard_dot_v1_dot_desk__pb2.DeskReply.SerializeToString,
+            ),
+            'ReplaceCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplaceCard,
+                    request_deserializer=onecard_dot_v1_dot_desk__pb2.ReplaceCardRequest.FromString,
+                    response_serializer=onecard_dot_v1_dot_desk__pb2.DeskReply.SerializeToString,
+            ),
+            'CancelCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelCard,
+                    request_deserializer=onecard_dot_v1_dot_desk__pb2.CancelCardRequest.FromString,
+                    response_serializer=onecard_dot_v1_dot_desk__pb2.DeskReply.SerializeToString,
+            ),
+            'RefundPosting': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefundPosting,
+                    request_deserializer=onecard_dot_v1_dot_desk__pb2.RefundPostingRequest.FromString,
+                    response_serializer=onecard_dot_v1_dot_desk__pb2.DeskReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +247,168 @@ class DeskService:
             '/onecard.v1.DeskService/GetCard',
             onecard_dot_v1_dot_desk__pb2.GetCardRequest.SerializeToString,
             onecard_dot_v1_dot_desk__pb2.Card.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onecard.v1.DeskService/GetHistory',
+            onecard_dot_v1_dot_desk__pb2.GetHistoryRequest.SerializeToString,
+            onecard_dot_v1_dot_desk__pb2.GetHistoryReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLoss(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onecard.v1.DeskService/ReportLoss',
+            onecard_dot_v1_dot_desk__pb2.CardActionRequest.SerializeToString,
+            onecard_dot_v1_dot_desk__pb2.DeskReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLoss(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onecard.v1.DeskService/ReleaseLoss',
+            onecard_dot_v1_dot_desk__pb2.CardActionRequest.SerializeToString,
+            onecard_dot_v1_dot_desk__pb2.DeskReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplaceCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onecard.v1.DeskService/ReplaceCard',
+            onecard_dot_v1_dot_desk__pb2.ReplaceCardRequest.SerializeToString,
+            onecard_dot_v1_dot_desk__pb2.DeskReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onecard.v1.DeskService/CancelCard',
+            onecard_dot_v1_dot_desk__pb2.CancelCardRequest.SerializeToString,
+            onecard_dot_v1_dot_desk__pb2.DeskReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefundPosting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onecard.v1.DeskService/RefundPosting',
+            onecard_dot_v1_dot_desk__pb2.RefundPostingRequest.SerializeToString,
+            onecard_dot_v1_dot_desk__pb2.DeskReply.FromString,
             options,
             channel_credentials,
             insecure,

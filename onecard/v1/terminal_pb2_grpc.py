@@ -46,6 +46,16 @@ class TerminalServiceStub:
                 request_serializer=onecard_dot_v1_dot_terminal__pb2.LoadRequest.SerializeToString,
                 response_deserializer=onecard_dot_v1_dot_terminal__pb2.LoadReply.FromString,
                 _registered_method=True)
+        self.Reverse = channel.unary_unary(
+                '/onecard.v1.TerminalService/Reverse',
+                request_serializer=onecard_dot_v1_dot_terminal__pb2.ReverseRequest.SerializeToString,
+                response_deserializer=onecard_dot_v1_dot_terminal__pb2.ReverseReply.FromString,
+                _registered_method=True)
+        self.GetDenyList = channel.unary_unary(
+                '/onecard.v1.TerminalService/GetDenyList',
+                request_serializer=onecard_dot_v1_dot_terminal__pb2.GetDenyListRequest.SerializeToString,
+                response_deserializer=onecard_dot_v1_dot_terminal__pb2.GetDenyListReply.FromString,
+                _registered_method=True)
 
 
 class TerminalServiceServicer:
@@ -67,6 +77,23 @@ class TerminalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reverse(self, request, context):
+        """Reversal (撤消): the terminal undoes its own last approved online debit
+        or load within the reversal window, once. The reversal has its own
+        terminal_seq and is idempotent by it like any terminal transaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDenyList(self, request, context):
+        """The deny list (黑名单): the changes since the version the terminal
+        holds, or the full list (since_version 0).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TerminalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +106,16 @@ def add_TerminalServiceServicer_to_server(servicer, server):
                     servicer.Load,
                     request_deserializer=onecard_dot_v1_dot_terminal__pb2.LoadRequest.FromString,
                     response_serializer=onecard_dot_v1_dot_terminal__pb2.LoadReply.SerializeToString,
+            ),
+            'Reverse': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reverse,
+                    request_deserializer=onecard_dot_v1_dot_terminal__pb2.ReverseRequest.FromString,
+                    response_serializer=onecard_dot_v1_dot_terminal__pb2.ReverseReply.SerializeToString,
+            ),
+            'GetDenyList': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDenyList,
+                    request_deserializer=onecard_dot_v1_dot_terminal__pb2.GetDenyListRequest.FromString,
+                    response_serializer=onecard_dot_v1_dot_terminal__pb2.GetDenyListReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +174,60 @@ class TerminalService:
             '/onecard.v1.TerminalService/Load',
             onecard_dot_v1_dot_terminal__pb2.LoadRequest.SerializeToString,
             onecard_dot_v1_dot_terminal__pb2.LoadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reverse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onecard.v1.TerminalService/Reverse',
+            onecard_dot_v1_dot_terminal__pb2.ReverseRequest.SerializeToString,
+            onecard_dot_v1_dot_terminal__pb2.ReverseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDenyList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onecard.v1.TerminalService/GetDenyList',
+            onecard_dot_v1_dot_terminal__pb2.GetDenyListRequest.SerializeToString,
+            onecard_dot_v1_dot_terminal__pb2.GetDenyListReply.FromString,
             options,
             channel_credentials,
             insecure,
