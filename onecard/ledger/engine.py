@@ -21,7 +21,9 @@ import asyncpg
 from onecard.ledger.batcher import GroupCommitter
 from onecard.ledger.crypto.encoding import parse_datetime
 from onecard.ledger.crypto.verifier import CardVerifier, LoadCheck, PurchaseCheck
+from onecard.ledger.desk import CardLifecycle
 from onecard.ledger.keys import KeyStore
+from onecard.ledger.lifecycle import DeskSettings
 from onecard.ledger.model import (
     CardIssue,
     CardView,
@@ -109,6 +111,7 @@ class Ledger:
         ref: ReferenceData,
         limits: Limits | None = None,
         batching: BatchSettings | None = None,
+        desk: DeskSettings | None = None,
     ) -> None:
         self.pool = pool
         self.keys = keys
@@ -130,6 +133,8 @@ class Ledger:
             name="group-commit-uploads",
             flushers=b.upload_flushers,
         )
+        #: The service desk's card lifecycle (loss, replacement, cancellation, ...).
+        self.lifecycle = CardLifecycle(pool, ref, keys, self.limits, desk or DeskSettings())
 
     @classmethod
     async def open(
@@ -139,16 +144,19 @@ class Ledger:
         verifier: CardVerifier,
         limits: Limits | None = None,
         batching: BatchSettings | None = None,
+        desk: DeskSettings | None = None,
     ) -> Ledger:
         async with pool.acquire() as conn:
             ref = await ReferenceData.load(conn)
-        ledger = cls(pool, keys, verifier, ref, limits, batching)
+        ledger = cls(pool, keys, verifier, ref, limits, batching, desk)
         ledger._committer.start()
         ledger._uploads.start()
+        ledger.lifecycle.start()
         return ledger
 
     async def close(self) -> None:
         """Finish every queued request (each gets its reply), then stop."""
+        await self.lifecycle.close()
         await self._committer.close()
         await self._uploads.close()
 

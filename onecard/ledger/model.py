@@ -23,6 +23,11 @@ class TxnStatus(enum.IntEnum):
     #: Stored for quarantined offline records; online requests with an
     #: unknown key version are refused as malformed instead.
     KEY_UNKNOWN = 10
+    #: A reversal whose original is not the terminal's last approved
+    #: transaction, is outside the reversal window, or does not match.
+    NOT_REVERSIBLE = 11
+    #: The original was reversed before (by another reversal request).
+    ALREADY_REVERSED = 12
 
 
 class CardStatus(enum.IntEnum):
@@ -38,6 +43,8 @@ class TxnKind(enum.IntEnum):
     DEBIT = 1
     LOAD = 2
     OFFLINE = 3
+    #: A terminal undoing its own last transaction (a cashier's mistake).
+    REVERSAL = 4
 
 
 class PostingKind(enum.IntEnum):
@@ -49,6 +56,20 @@ class PostingKind(enum.IntEnum):
     #: A late offline record of a replaced card: the money follows from the
     #: new card's purse to the old one, which the record was posted against.
     REPLACED_CARD_FOLLOW = 4
+    #: Replacement (补换卡): the old card's purse moves to the new card.
+    REPLACEMENT_TRANSFER = 5
+    #: Replacement: the old card's deposit moves to the new card.
+    DEPOSIT_TRANSFER = 6
+    #: Cancellation (退卡): the purse paid out through a payment channel.
+    BALANCE_REFUND = 7
+    #: Cancellation: the deposit paid out through a payment channel.
+    DEPOSIT_REFUND = 8
+    #: A disputed purchase refunded from the operator's payable (corrects it).
+    DISPUTE_REFUND = 9
+    #: A terminal's reversal of its last transaction (corrects it).
+    REVERSAL = 10
+    #: Cancellation of a card whose purse went negative: the deposit covers it.
+    DEPOSIT_OFFSET = 11
 
 
 class PaymentChannel(enum.IntEnum):
@@ -115,6 +136,23 @@ class Product:
 
 
 @dataclass(frozen=True, slots=True)
+class ProtectedHolder:
+    """Holder details as the ledger keeps them: masked for display, keyed digests to check.
+
+    The clear values never get this far (onecard.ledger.pii), so nothing that
+    holds one of these can leak a full ID number into a log or the database.
+    """
+
+    name_masked: str
+    id_masked: str
+    phone_masked: str
+    name_digest: bytes | None
+    id_digest: bytes | None
+    phone_digest: bytes | None
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class CardIssue:
     request_id: str
     staff_id: str
@@ -123,12 +161,24 @@ class CardIssue:
     deposit: int
     key_version: int
     channel: PaymentChannel
+    holder: ProtectedHolder | None = None
 
 
 class DeskStatus(enum.IntEnum):
     OK = 1
     CARD_EXISTS = 2
     CONFLICT = 3
+    UNKNOWN_CARD = 4
+    #: The card's status does not allow the action (detail says which would).
+    WRONG_STATE = 5
+    #: The holder's ID number does not match the registered card's.
+    HOLDER_MISMATCH = 6
+    #: A refund larger than the original posting less earlier refunds.
+    REFUND_EXCEEDS = 7
+    #: The posting is not a purchase of this card.
+    NOT_REFUNDABLE = 8
+    #: Cancellation accepted; the refund waits out the hold period.
+    REFUND_PENDING = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +196,20 @@ class CardView:
     offline_counter: int
     issued_at: str
     last_used_at: str
+    holder_name: str = ""
+    holder_id_number: str = ""
+    holder_phone: str = ""
+    lost_at: str = ""
+    replaced_by: str = ""
+    replaces: str = ""
+    deny_listed: bool = False
+    #: 0 none, 1 pending, 2 paid (a cancellation's refund)
+    refund_state: int = 0
+    refund_due_at: str = ""
+    refund_paid_at: str = ""
+    refund_channel: int = 0
+    refund_balance_paid: int = 0
+    refund_deposit_paid: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -50,7 +51,7 @@ def card_view(row: asyncpg.Record) -> CardView:
     )
 
 
-def _view_json(view: CardView | None) -> dict[str, Any] | None:
+def view_json(view: CardView | None) -> dict[str, Any] | None:
     if view is None:
         return None
     d = {k: getattr(view, k) for k in view.__slots__}
@@ -58,7 +59,7 @@ def _view_json(view: CardView | None) -> dict[str, Any] | None:
     return d
 
 
-def _view_from_json(d: dict[str, Any] | None) -> CardView | None:
+def view_from_json(d: dict[str, Any] | None) -> CardView | None:
     if d is None:
         return None
     d = dict(d)
@@ -67,7 +68,17 @@ def _view_from_json(d: dict[str, Any] | None) -> CardView | None:
 
 
 def _fingerprint(issue: CardIssue) -> bytes:
-    parts = (issue.card_no, issue.product, issue.deposit, issue.key_version, int(issue.channel))
+    parts: tuple[object, ...] = (
+        issue.card_no,
+        issue.product,
+        issue.deposit,
+        issue.key_version,
+        int(issue.channel),
+    )
+    if issue.holder is not None:
+        # Keyed digests, never clear values: the fingerprint is stored.
+        h = issue.holder
+        parts += (h.name_digest, h.id_digest, h.phone_digest)
     return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
 
 
@@ -92,7 +103,7 @@ async def _replay(conn: Conn, request_id: str, fingerprint: bytes) -> DeskResult
         )
     outcome = json.loads(row["outcome"])
     return DeskResult(
-        DeskStatus(outcome["status"]), _view_from_json(outcome["card"]), outcome["detail"]
+        DeskStatus(outcome["status"]), view_from_json(outcome["card"]), outcome["detail"]
     )
 
 
@@ -109,7 +120,7 @@ async def issue_card(pool: asyncpg.Pool, ref: ReferenceData, issue: CardIssue) -
                     result = await _issue_in_tx(conn, ref, issue, card_no)
                     outcome = {
                         "status": int(result.status),
-                        "card": _view_json(result.card),
+                        "card": view_json(result.card),
                         "detail": result.detail,
                     }
                     await conn.execute(
@@ -161,12 +172,33 @@ async def _issue_in_tx(
             "UPDATE accounts SET balance = balance - $2 WHERE account_id = $1", cash, issue.deposit
         )
     view = card_view(row)
+    if issue.holder is not None:
+        h = issue.holder
+        await conn.execute(
+            """INSERT INTO card_holders (card_no, name_masked, id_masked, phone_masked,
+                                         name_digest, id_digest, phone_digest, key_id)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+            card_no,
+            h.name_masked,
+            h.id_masked,
+            h.phone_masked,
+            h.name_digest,
+            h.id_digest,
+            h.phone_digest,
+            h.key_id,
+        )
+        view = replace(
+            view,
+            holder_name=h.name_masked,
+            holder_id_number=h.id_masked,
+            holder_phone=h.phone_masked,
+        )
     await conn.execute(
         """INSERT INTO audit_log (staff_id, operation, request_id, card_no, before, after)
            VALUES ($1, 'issue_card', $2, $3, NULL, $4::jsonb)""",
         issue.staff_id,
         issue.request_id,
         card_no,
-        json.dumps(_view_json(view)),
+        json.dumps(view_json(view)),
     )
     return DeskResult(DeskStatus.OK, view)

@@ -1,0 +1,113 @@
+"""The deny list (黑名单) terminals pull: versioned, as a full list or the changes since a version.
+
+Every change takes the next version from a single head row, updated inside
+the desk action's transaction. The row lock serializes writers until COMMIT,
+so versions become visible in order: a terminal that has seen version N has
+seen every change up to N, and asking for changes since N misses nothing.
+Desk actions are rare, so one hot row costs nothing that matters.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from onecard.ledger.storage import Conn
+
+
+class DenyReason(enum.IntEnum):
+    LOST = 1
+    #: Replaced by a new card; the old one must never pay again.
+    BLOCKED = 2
+    #: Cancelled without the card in hand (it may still be out there).
+    CLOSED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class DenyEntry:
+    card_no: str
+    listed: bool
+    reason: DenyReason
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class DenyListPage:
+    version: int
+    #: True: ``entries`` is the whole list (replace what you hold); False: changes only.
+    full: bool
+    entries: tuple[DenyEntry, ...]
+
+
+async def _next_version(conn: Conn) -> int:
+    version: int = await conn.fetchval(
+        "UPDATE deny_list_head SET version = version + 1 RETURNING version"
+    )
+    return version
+
+
+async def list_card(conn: Conn, card_no: int, reason: DenyReason) -> int:
+    """Add the card (or change its reason); the new list version."""
+    version = await _next_version(conn)
+    await conn.execute(
+        """INSERT INTO deny_list (card_no, reason, version) VALUES ($1, $2, $3)
+           ON CONFLICT (card_no) DO UPDATE SET reason = EXCLUDED.reason,
+                                               version = EXCLUDED.version""",
+        card_no,
+        int(reason),
+        version,
+    )
+    await conn.execute(
+        "INSERT INTO deny_list_changes (card_no, version, listed, reason) "
+        "VALUES ($1, $2, true, $3)",
+        card_no,
+        version,
+        int(reason),
+    )
+    return version
+
+
+async def unlist_card(conn: Conn, card_no: int) -> int | None:
+    """Take the card off the list; the new version, or None if it was not listed."""
+    reason = await conn.fetchval(
+        "DELETE FROM deny_list WHERE card_no = $1 RETURNING reason", card_no
+    )
+    if reason is None:
+        return None
+    version = await _next_version(conn)
+    await conn.execute(
+        "INSERT INTO deny_list_changes (card_no, version, listed, reason) "
+        "VALUES ($1, $2, false, $3)",
+        card_no,
+        version,
+        reason,
+    )
+    return version
+
+
+async def deny_list_since(conn: Conn, since: int) -> DenyListPage:
+    """Changes after ``since`` (one per card, its latest), or the full list when since is 0.
+
+    A version the ledger never issued (a terminal restored from elsewhere)
+    gets the full list too, so the terminal can start over from it.
+    """
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        head: int = await conn.fetchval("SELECT version FROM deny_list_head")
+        if since <= 0 or since > head:
+            rows = await conn.fetch(
+                "SELECT card_no, true AS listed, reason, version FROM deny_list ORDER BY card_no"
+            )
+            full = True
+        else:
+            rows = await conn.fetch(
+                """SELECT DISTINCT ON (card_no) card_no, listed, reason, version
+                   FROM deny_list_changes WHERE version > $1
+                   ORDER BY card_no, version DESC""",
+                since,
+            )
+            full = False
+    entries = tuple(
+        DenyEntry(f"{r['card_no']:016d}", r["listed"], DenyReason(r["reason"]), r["version"])
+        for r in rows
+    )
+    return DenyListPage(head, full, entries)

@@ -1,0 +1,195 @@
+"""A terminal's reversal (撤消) of its own last transaction: a cashier's mistake undone.
+
+The reversal is itself a terminal transaction with its own (terminal id,
+terminal seq), stored in terminal_txns like a debit: a retry is a DUPLICATE
+with the first outcome, other content under that identity is a CONFLICT.
+The original gets the reversal's seq in ``reversed_by_seq``, so a second
+reversal of it, under another seq, is ALREADY_REVERSED. The money goes back
+by a REVERSAL posting whose ``corrects`` names the original posting.
+
+Rare next to debits, so it is one small transaction of its own, taking the
+card row lock first and system accounts after, the order the batches use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import asyncpg
+
+from onecard.ledger.accounts import purse_account
+from onecard.ledger.crypto.encoding import parse_datetime
+from onecard.ledger.lifecycle import Reversal
+from onecard.ledger.model import PostingKind, TxnKind, TxnResult, TxnStatus
+from onecard.ledger.refdata import ReferenceData
+from onecard.ledger.storage import Conn
+from onecard.ledger.storage.lifecycle import Mover, audit, load_view
+
+
+def reversal_fingerprint(r: Reversal) -> bytes:
+    parts = ("R", r.card_no, r.amount, r.original_seq, r.date_time)
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+
+
+async def reverse(pool: asyncpg.Pool, ref: ReferenceData, r: Reversal, window: float) -> TxnResult:
+    async with pool.acquire() as conn:
+        if int(r.terminal_id) not in ref.terminal_operator:
+            await ref.refresh(conn)
+        for _ in range(3):
+            try:
+                async with conn.transaction():
+                    return await _reverse(conn, ref, r, window)
+            except asyncpg.UniqueViolationError:
+                continue  # a concurrent retry stored it first: answer as a duplicate
+    raise RuntimeError("reversal kept racing a concurrent retry")
+
+
+async def _reverse(conn: Conn, ref: ReferenceData, r: Reversal, window: float) -> TxnResult:
+    terminal_id, card_no = int(r.terminal_id), int(r.card_no)
+    fp = reversal_fingerprint(r)
+    earlier = await conn.fetchrow(
+        "SELECT fingerprint, status, balance_after FROM terminal_txns "
+        "WHERE terminal_id = $1 AND terminal_seq = $2",
+        terminal_id,
+        r.terminal_seq,
+    )
+    if earlier is not None:
+        if earlier["fingerprint"] != fp:
+            return TxnResult(
+                TxnStatus.CONFLICT,
+                detail=f"terminal {r.terminal_id} seq {r.terminal_seq} was used before "
+                "with different content",
+            )
+        return TxnResult(
+            TxnStatus.DUPLICATE,
+            earlier["balance_after"],
+            original_status=TxnStatus(earlier["status"]),
+        )
+    if terminal_id not in ref.terminal_operator:
+        return TxnResult(
+            TxnStatus.UNKNOWN_TERMINAL, detail=f"terminal {r.terminal_id} is not registered"
+        )
+    card = await conn.fetchrow(
+        "SELECT purse_balance FROM cards WHERE card_no = $1 FOR UPDATE", card_no
+    )
+    if card is None:
+        return TxnResult(TxnStatus.UNKNOWN_CARD, detail=f"card {r.card_no} is not issued")
+    balance: int = card["purse_balance"]
+    status, detail, posting = await _check(conn, r, terminal_id, card_no, balance, window)
+    if status is TxnStatus.APPROVED:
+        assert posting is not None
+        before = await load_view(conn, card_no)
+        mover = Mover(None)
+        # Back the way it came: the original's credit side pays the debit side.
+        mover.move(
+            card_no,
+            posting["credit_account"],
+            posting["debit_account"],
+            r.amount,
+            PostingKind.REVERSAL,
+            corrects=posting["posting_id"],
+        )
+        await mover.flush(conn, terminal_id, r.terminal_seq)
+        balance += mover.deltas.get(purse_account(card_no), 0)
+        await conn.execute(
+            "UPDATE terminal_txns SET reversed_by_seq = $3 "
+            "WHERE terminal_id = $1 AND terminal_seq = $2",
+            terminal_id,
+            r.original_seq,
+            r.terminal_seq,
+        )
+        after = await load_view(conn, card_no)
+        await audit(
+            conn, f"terminal:{r.terminal_id}", "reverse", None, card_no, before, after,
+            {"original_seq": r.original_seq, "reversal_seq": r.terminal_seq,
+             "amount": r.amount, "original_posting": posting["posting_id"]},
+        )  # fmt: skip
+    await conn.execute(
+        """INSERT INTO terminal_txns (terminal_id, terminal_seq, card_no, kind, amount,
+                                      fingerprint, status, balance_after, txn_time)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+        terminal_id,
+        r.terminal_seq,
+        card_no,
+        int(TxnKind.REVERSAL),
+        r.amount,
+        fp,
+        int(status),
+        balance,
+        parse_datetime(r.date_time, "date_time"),
+    )
+    return TxnResult(status, balance, detail=detail)
+
+
+async def _check(
+    conn: Conn, r: Reversal, terminal_id: int, card_no: int, balance: int, window: float
+) -> tuple[TxnStatus, str, asyncpg.Record | None]:
+    """Whether the original may be reversed now, and its posting when it may."""
+    original = await conn.fetchrow(
+        """SELECT card_no, kind, amount, status, reversed_by_seq,
+                  now() - received_at > make_interval(secs => $3) AS too_late
+           FROM terminal_txns WHERE terminal_id = $1 AND terminal_seq = $2 FOR UPDATE""",
+        terminal_id,
+        r.original_seq,
+        window,
+    )
+    what = f"terminal {r.terminal_id} seq {r.original_seq}"
+    if original is None:
+        return TxnStatus.NOT_REVERSIBLE, f"{what} is not a transaction the ledger knows", None
+    if original["reversed_by_seq"] is not None:
+        return (
+            TxnStatus.ALREADY_REVERSED,
+            f"{what} was reversed by seq {original['reversed_by_seq']}",
+            None,
+        )
+    if original["kind"] not in (TxnKind.DEBIT, TxnKind.LOAD) or original["status"] != (
+        TxnStatus.APPROVED
+    ):
+        return TxnStatus.NOT_REVERSIBLE, f"{what} is not an approved online debit or load", None
+    if original["card_no"] != card_no or original["amount"] != r.amount:
+        return TxnStatus.NOT_REVERSIBLE, f"{what} was for another card or amount", None
+    later = await conn.fetchval(
+        """SELECT terminal_seq FROM terminal_txns
+           WHERE terminal_id = $1 AND terminal_seq > $2 AND kind <> $3
+           ORDER BY terminal_seq LIMIT 1""",
+        terminal_id,
+        r.original_seq,
+        int(TxnKind.REVERSAL),
+    )
+    if later is not None:
+        return (
+            TxnStatus.NOT_REVERSIBLE,
+            f"{what} is not the terminal's last transaction (seq {later} came after it)",
+            None,
+        )
+    if original["too_late"]:
+        return (
+            TxnStatus.NOT_REVERSIBLE,
+            f"{what} is older than the reversal window of {window:g} s",
+            None,
+        )
+    posting = await conn.fetchrow(
+        """SELECT posting_id, debit_account, credit_account FROM postings
+           WHERE card_no = $1 AND terminal_id = $2 AND terminal_seq = $3 AND kind = ANY($4)""",
+        card_no,
+        terminal_id,
+        r.original_seq,
+        [int(PostingKind.PURCHASE), int(PostingKind.LOAD)],
+    )
+    assert posting is not None, "an approved online transaction always has its posting"
+    refunded = await conn.fetchval(
+        "SELECT coalesce(sum(amount), 0) FROM postings WHERE corrects = $1", posting["posting_id"]
+    )
+    if refunded:
+        return (
+            TxnStatus.NOT_REVERSIBLE,
+            f"{what} was refunded in part ({refunded} fen) by the desk; it cannot be reversed",
+            None,
+        )
+    if original["kind"] == TxnKind.LOAD and balance < r.amount:
+        return (
+            TxnStatus.INSUFFICIENT_FUNDS,
+            f"balance {balance} fen is less than the load of {r.amount} fen to reverse",
+            None,
+        )
+    return TxnStatus.APPROVED, "", posting
