@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import asyncpg
 import grpc
@@ -22,6 +22,7 @@ from onecard.ledger.crypto.select import make_verifier
 from onecard.ledger.devdata import seed_demo_data, write_dev_key_file
 from onecard.ledger.engine import Ledger
 from onecard.ledger.keys import FileKeyStore, KeyStoreError, MemoryKeyStore, key_store_from_env
+from onecard.ledger.pii import load_or_create_key, read_key_file
 from onecard.ledger.storage.migrate import apply_migrations
 from onecard.server.config import ServerConfig
 from onecard.server.desk_service import DeskServicer
@@ -139,7 +140,13 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
                 log.info("applied migrations: %s", ", ".join(applied))
             if dev_keys:
                 await seed_demo_data(conn)
-        ledger = await Ledger.open(pool, keys, verifier, cfg.limits, cfg.batching)
+        pii_key = (
+            read_key_file(cfg.pii_key_file)
+            if cfg.pii_key_file is not None
+            else load_or_create_key(cfg.data_dir / "pii-key")
+        )
+        desk = replace(cfg.desk, pii_key=pii_key)
+        ledger = await Ledger.open(pool, keys, verifier, cfg.limits, cfg.batching, desk)
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),

@@ -1,4 +1,4 @@
-"""The `onecard` command: serve, dev-init, migrate, simulate."""
+"""The `onecard` command: serve, dev-init, migrate, simulate, desk."""
 
 from __future__ import annotations
 
@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_option(p, "--keys", type=Path, help="key file the simulated cards are made with")
     p.set_defaults(func=cmd_simulate)
+
+    from onecard.clients.desk_cli import add_desk_parser
+
+    add_desk_parser(sub)
 
     p = sub.add_parser(
         "loadtest",

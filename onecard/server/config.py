@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from onecard.ledger.engine import BatchSettings
+from onecard.ledger.lifecycle import DeskSettings
 from onecard.ledger.validation import Limits
 
 
@@ -25,6 +26,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     batching: BatchSettings = field(default_factory=BatchSettings)
     shutdown_grace: float = 10.0
+    desk: DeskSettings = field(default_factory=DeskSettings)
+    #: Hex key for holder-data digests; default: DATA_DIR/pii-key, made once.
+    pii_key_file: Path | None = None
 
     @property
     def embedded(self) -> bool:
@@ -135,6 +139,33 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     )
     add_option(
         p,
+        "--refund-hold",
+        type=float,
+        default=d.desk.refund_hold,
+        help="seconds a cancelled card's refund waits for late offline records",
+    )
+    add_option(
+        p,
+        "--refund-job-interval",
+        type=float,
+        default=d.desk.refund_job_interval,
+        help="seconds between runs of the job that pays held refunds (0: never)",
+    )
+    add_option(
+        p,
+        "--reversal-window",
+        type=float,
+        default=d.desk.reversal_window,
+        help="seconds within which a terminal may reverse its last transaction",
+    )
+    add_option(
+        p,
+        "--pii-key-file",
+        type=Path,
+        help="hex key (mode 600) for holder-data digests; default DATA_DIR/pii-key, made once",
+    )
+    add_option(
+        p,
         "--max-message-bytes",
         type=int,
         default=d.max_message_bytes,
@@ -160,4 +191,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             upload_max_batch=max(args.max_upload_batch, 1),
             upload_max_queue=args.max_upload_queue,
         ),
+        desk=DeskSettings(
+            refund_hold=args.refund_hold,
+            refund_job_interval=args.refund_job_interval,
+            reversal_window=args.reversal_window,
+        ),
+        pii_key_file=Path(args.pii_key_file) if args.pii_key_file else None,
     )

@@ -7,6 +7,7 @@ from typing import Any
 import grpc
 
 from onecard.ledger.engine import Ledger
+from onecard.ledger.lifecycle import Reversal
 from onecard.ledger.model import Debit, Load, TxnResult
 from onecard.ledger.validation import check_debit, check_load, parse_channel
 from onecard.server.errors import guarded
@@ -67,5 +68,45 @@ class TerminalServicer(terminal_pb2_grpc.TerminalServiceServicer):
             check_load(load, self.ledger.keys, self.ledger.limits)
             res = await self.ledger.submit_load(load)
             return terminal_pb2.LoadReply(mac2=res.mac2, **_status_fields(res))  # type: ignore[arg-type]
+
+        return await guarded(context, call)
+
+    async def Reverse(
+        self, request: terminal_pb2.ReverseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> terminal_pb2.ReverseReply:
+        async def call() -> terminal_pb2.ReverseReply:
+            reversal = Reversal(
+                card_no=request.card_number,
+                amount=request.amount,
+                terminal_id=request.terminal_id,
+                terminal_seq=request.terminal_seq,
+                original_seq=request.original_seq,
+                date_time=request.date_time,
+            )
+            res = await self.ledger.lifecycle.reverse(reversal)
+            return terminal_pb2.ReverseReply(**_status_fields(res))  # type: ignore[arg-type]
+
+        return await guarded(context, call)
+
+    async def GetDenyList(
+        self,
+        request: terminal_pb2.GetDenyListRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> terminal_pb2.GetDenyListReply:
+        async def call() -> terminal_pb2.GetDenyListReply:
+            page = await self.ledger.lifecycle.deny_list(request.since_version)
+            return terminal_pb2.GetDenyListReply(
+                version=page.version,
+                full=page.full,
+                entries=[
+                    terminal_pb2.DenyListEntry(
+                        card_number=e.card_no,
+                        listed=e.listed,
+                        reason=int(e.reason),  # type: ignore[arg-type]
+                        version=e.version,
+                    )
+                    for e in page.entries
+                ],
+            )
 
         return await guarded(context, call)

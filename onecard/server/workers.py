@@ -23,6 +23,7 @@ from pathlib import Path
 import asyncpg
 
 from onecard.ledger.devdata import seed_demo_data
+from onecard.ledger.pii import load_or_create_key
 from onecard.ledger.storage.migrate import apply_migrations
 from onecard.server.config import ServerConfig
 
@@ -49,6 +50,10 @@ async def _prepare(cfg: ServerConfig) -> tuple[str, Path | None, object]:
 
     keys, dev = load_keys(cfg)
     key_path = getattr(keys, "path", None)
+    if cfg.pii_key_file is None:
+        # Made here, once: workers creating it at the same moment could read
+        # each other's half-written file.
+        load_or_create_key(cfg.data_dir / "pii-key")
     embedded = None
     dsn = cfg.dsn
     if not dsn:
