@@ -1,0 +1,121 @@
+"""`onecard desk …` on a real server: tables, --json, exit codes, errors that say what to do."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from onecard.server.app import RunningServer
+from onecard.server.cli import main
+from tests.desk_support import funded
+from tests.support import assert_books_balance, new_card_number
+
+
+async def desk(
+    capsys: pytest.CaptureFixture[str], server: RunningServer | None, *argv: str
+) -> tuple[int, str, str]:
+    """Run the CLI in a thread (it runs its own event loop) and capture what it printed."""
+    target = server.address if server is not None else "127.0.0.1:1"
+    args = ["desk", *argv, "--target", target, "--operator", "clerk7", "--timeout", "5"]
+    code = await asyncio.to_thread(main, args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_cli_flows_tables_and_json(
+    server: RunningServer, channel, keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    no = new_card_number()
+    code, out, _ = await desk(
+        capsys, server, "issue", no, "--product", "student", "--deposit", "2000",
+        "--name", "李四", "--id-number", "32010219900101123X", "--phone", "13900001111",
+    )  # fmt: skip
+    assert code == 0, out
+    assert "3201**********123X" in out and "139****1111" in out
+    assert "32010219900101123X" not in out and "13900001111" not in out
+
+    code, out, _ = await desk(capsys, server, "show", no, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["status"] == "CARD_STATUS_ACTIVE" and doc["holder"]["name"] == "李*"
+
+    code, out, _ = await desk(capsys, server, "report-loss", no, "--json")
+    assert code == 1 and json.loads(out)["status"] == "DESK_STATUS_HOLDER_MISMATCH"
+    code, out, _ = await desk(
+        capsys, server, "report-loss", no, "--id-number", "32010219900101123x", "--json"
+    )
+    assert code == 0, out
+    lost = json.loads(out)
+    assert lost["card"]["status"] == "CARD_STATUS_LOST" and lost["request_id"]
+    # The same request id again: the first outcome, exit 0, nothing changes.
+    code, out, _ = await desk(
+        capsys, server, "report-loss", no, "--id-number", "32010219900101123X",
+        "--request-id", lost["request_id"], "--json",
+    )  # fmt: skip
+    assert code == 0 and json.loads(out)["card"] == lost["card"]
+
+    code, out, _ = await desk(capsys, server, "deny-list")
+    assert code == 0 and no in out and "version 1" in out
+
+    new_no = new_card_number()
+    code, out, _ = await desk(
+        capsys, server, "replace", no, new_no, "--id-number", "32010219900101123X"
+    )
+    assert code == 0, out
+    assert "new card:" in out and "blocked" in out
+
+    code, out, _ = await desk(capsys, server, "history", new_no)
+    assert code == 0 and "deposit_transfer" in out and "+2000" in out
+
+    code, out, _ = await desk(
+        capsys, server, "cancel", new_no, "--id-number", "32010219900101123X", "--json"
+    )
+    assert code == 0 and json.loads(out)["status"] == "DESK_STATUS_REFUND_PENDING"
+    code, out, _ = await desk(capsys, server, "cancel", new_no, "--card-balance", "0")
+    assert code == 1 and "wrong_state" in out and "closed" in out
+    await assert_books_balance(server.dsn)
+
+
+async def test_cli_refund_and_reverse(
+    server: RunningServer, channel, keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from onecard.clients.terminal import Terminal
+
+    card = await funded(channel, keys, 1000)
+    assert (await Terminal(channel, "310400000001", 40).debit(card, 300)).status == 1
+    code, out, _ = await desk(capsys, server, "history", card.card_no, "--json")
+    purchase = json.loads(out)["entries"][0]
+    assert purchase["kind"] == "POSTING_KIND_PURCHASE"
+    posting = purchase["posting_id"]
+    code, out, _ = await desk(
+        capsys, server, "refund", card.card_no, posting, "400", "--case", "C-1", "--reason", "x"
+    )
+    assert code == 1 and "at most 300 fen" in out
+    code, out, _ = await desk(
+        capsys, server, "refund", card.card_no, posting, "100", "--case", "C-1", "--reason", "x"
+    )
+    assert code == 0 and "refunded 100 fen" in out
+    code, out, _ = await desk(
+        capsys, server, "reverse", card.card_no, "300",
+        "--terminal", "310400000001", "--seq", "41", "--original-seq", "40",
+    )  # fmt: skip
+    assert code == 1 and "not_reversible" in out and "refunded in part" in out
+    await assert_books_balance(server.dsn)
+
+
+async def test_cli_exit_codes_for_usage_and_outage(
+    server: RunningServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = await desk(capsys, server, "show", "12")
+    assert code == 2 and err.startswith("onecard desk show: card_number")
+    code, _, err = await desk(capsys, server, "show", "3104999999999999")
+    assert code == 1 and "not issued" in err and "check the card number" in err
+    code, _, err = await desk(capsys, None, "report-loss", "3104000000000001")
+    assert code == 3 and "retry with --request-id" in err
+    no_staff = await asyncio.to_thread(
+        main, ["desk", "show", "3104000000000001", "--target", server.address, "--operator", ""]
+    )
+    assert no_staff == 2
+    assert "ONECARD_OPERATOR" in capsys.readouterr().err
