@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+from collections.abc import Sequence
 
 import grpc
 import pytest
@@ -48,6 +49,44 @@ async def postings_of(dsn: str, card: SimulatedCard) -> list[tuple[int, int]]:
     return [(r["kind"], r["amount"]) for r in rows]
 
 
+async def assert_acknowledged(
+    dsn: str,
+    records: Sequence[upload_pb2.OfflineRecord],
+    replies: Sequence[upload_pb2.UploadBatchReply],
+) -> None:
+    """The database holds what the replies said: one purchase per posted record, none else.
+
+    ``records`` are every record sent (in the order of the replies' results),
+    possibly across several uploads of the same records.
+    """
+    results = [r for reply in replies for r in reply.results]
+    assert len(results) == len(records)
+    posted: dict[tuple[int, int], tuple[int, int]] = {}
+    quarantined: set[tuple[int, int, int, bytes, int]] = set()
+    for rec, res in zip(records, results, strict=True):
+        key = (int(rec.terminal_id), rec.terminal_seq)
+        first = res.original_outcome if res.outcome == DUPLICATE else res.outcome
+        if first in (POSTED, WITH_EXCEPTION):
+            posted[key] = (int(rec.card_number), rec.amount)
+        elif res.outcome == QUARANTINED:
+            quarantined.add((*key, int(rec.card_number), rec.tac, res.quarantine_reason))
+    rows = await fetch(
+        dsn,
+        "SELECT p.terminal_id, p.terminal_seq, p.card_no, p.amount FROM postings p"
+        " JOIN terminal_txns t USING (terminal_id, terminal_seq)"
+        " WHERE p.kind = 1 AND t.kind = 3",
+    )
+    keys = [(r["terminal_id"], r["terminal_seq"]) for r in rows]
+    assert len(keys) == len(set(keys)), "a record was posted twice"
+    assert {k: (r["card_no"], r["amount"]) for k, r in zip(keys, rows, strict=True)} == posted
+    kept = await fetch(
+        dsn, "SELECT terminal_id, terminal_seq, card_no, tac, reason FROM quarantine"
+    )
+    assert {
+        (r["terminal_id"], r["terminal_seq"], r["card_no"], r["tac"], r["reason"]) for r in kept
+    } == quarantined
+
+
 async def balance_of(dsn: str, card: SimulatedCard) -> int:
     rows = await fetch(dsn, "SELECT purse_balance FROM cards WHERE card_no = $1", int(card.card_no))
     return int(rows[0]["purse_balance"])
@@ -74,6 +113,7 @@ async def test_records_post_in_order_and_reupload_is_duplicate(
     assert [r.balance_after for r in again.results] == [4800, 4800, 4800, 4500]
     assert await balance_of(server.dsn, cards[0]) == 4500
     assert len(await postings_of(server.dsn, cards[0])) == 4  # deposit, load, two rides
+    await assert_acknowledged(server.dsn, records + records, [reply, again])
     await assert_books_balance(server.dsn)
 
 
@@ -108,16 +148,67 @@ async def test_offline_copy_of_an_online_debit_is_a_duplicate(
 async def test_same_identity_other_content_is_a_conflict(
     server: RunningServer, channel, keys
 ) -> None:
+    """Two genuine records under one (terminal, seq): a terminal that reused its seq."""
     card = await funded(channel, keys)
+
+    def resigned(rec: upload_pb2.OfflineRecord, amount: int) -> upload_pb2.OfflineRecord:
+        other = upload_pb2.OfflineRecord()
+        other.CopyFrom(rec)
+        other.amount = amount
+        other.tac = card.sign_purchase(amount, rec.terminal_id, rec.terminal_seq, rec.date_time)
+        return other
+
     rec = ride(card, 200)
-    changed = upload_pb2.OfflineRecord()
-    changed.CopyFrom(rec)
-    changed.amount = 2000
-    (reply,) = await Gateway(channel).upload([make_batch("a", [rec])])
-    (reply2,) = await Gateway(channel).upload([make_batch("b", [changed])])
-    assert reply.results[0].outcome == POSTED
-    assert reply2.results[0].outcome == CONFLICT
+    gw = Gateway(channel)
+    (first,) = await gw.upload([make_batch("a", [rec])])
+    (second,) = await gw.upload([make_batch("b", [resigned(rec, 300)])])
+    assert first.results[0].outcome == POSTED
+    assert second.results[0].outcome == CONFLICT
+    # within one batch the first record wins and the second changes nothing
+    rec2 = ride(card, 100)
+    (third,) = await gw.upload([make_batch("c", [rec2, resigned(rec2, 150)])])
+    assert [r.outcome for r in third.results] == [POSTED, CONFLICT]
+    assert await balance_of(server.dsn, card) == 4700
+    stored = await fetch(
+        server.dsn,
+        "SELECT terminal_seq, amount FROM terminal_txns WHERE kind = 3 ORDER BY terminal_seq",
+    )
+    assert [(r["terminal_seq"], r["amount"]) for r in stored] == [
+        (rec.terminal_seq, 200),
+        (rec2.terminal_seq, 100),
+    ]
+    await assert_acknowledged(
+        server.dsn,
+        [rec, resigned(rec, 300), rec2, resigned(rec2, 150)],
+        [first, second, third],
+    )
+    await assert_books_balance(server.dsn)
+
+
+async def test_damaged_record_is_quarantined_and_the_genuine_one_still_posts(
+    server: RunningServer, channel, keys
+) -> None:
+    """Untrusted content claims no identity: it cannot block or shadow the real record."""
+    card = await funded(channel, keys)
+    genuine = ride(card, 200)
+    damaged = upload_pb2.OfflineRecord()
+    damaged.CopyFrom(genuine)
+    damaged.tac = bytes([genuine.tac[0] ^ 0x40]) + genuine.tac[1:]  # one bit lost on the way
+    tampered = upload_pb2.OfflineRecord()
+    tampered.CopyFrom(genuine)
+    tampered.amount = 20  # a cheaper ride, the TAC copied from the real one
+    gw = Gateway(channel)
+    (r1,) = await gw.upload([make_batch("1", [damaged])])
+    assert r1.results[0].outcome == QUARANTINED
+    assert r1.results[0].quarantine_reason == upload_pb2.QUARANTINE_REASON_TAC_INVALID
+    (r2,) = await gw.upload([make_batch("2", [genuine])])
+    assert r2.results[0].outcome == POSTED and r2.results[0].balance_after == 4800
+    # after the real one, a forged copy is kept for investigation, not dropped as a conflict
+    (r3,) = await gw.upload([make_batch("3", [tampered, damaged])])
+    assert [r.outcome for r in r3.results] == [QUARANTINED, QUARANTINED]
     assert await balance_of(server.dsn, card) == 4800
+    assert len(await fetch(server.dsn, "SELECT 1 FROM quarantine")) == 2
+    await assert_acknowledged(server.dsn, [damaged, genuine, tampered, damaged], [r1, r2, r3])
     await assert_books_balance(server.dsn)
 
 
@@ -150,12 +241,22 @@ async def test_untrusted_records_are_quarantined_never_posted(
     assert [(r["terminal_seq"], r["reason"], r["tac"]) for r in kept] == [
         (rec.terminal_seq, i + 1, rec.tac) for i, rec in enumerate(records)
     ]
-    # a re-upload answers the same and keeps one copy of each
+    # A re-upload answers the same and keeps one copy of each. The unknown
+    # card's record has a TAC that verifies, so it holds its identity and is a
+    # duplicate; the untrusted ones hold none and are simply quarantined again.
     (again,) = await Gateway(channel).upload([make_batch("q2", records)])
+    assert [r.outcome for r in again.results] == [
+        QUARANTINED,
+        QUARANTINED,
+        DUPLICATE,
+        QUARANTINED,
+    ]
+    assert again.results[2].original_outcome == QUARANTINED
     assert [r.quarantine_reason for r in again.results] == [
         r.quarantine_reason for r in reply.results
     ]
     assert len(await fetch(server.dsn, "SELECT 1 FROM quarantine")) == 4
+    await assert_acknowledged(server.dsn, records + records, [reply, again])
     await assert_books_balance(server.dsn)
 
 
@@ -190,6 +291,7 @@ async def test_exceptions_for_finance(server: RunningServer, channel, keys) -> N
         int(card.card_no),
     )
     assert len(stored) == sum(len(k) for k in kinds)
+    await assert_acknowledged(server.dsn, records, [reply])
     await assert_books_balance(server.dsn)
 
 
@@ -208,7 +310,35 @@ async def test_lost_card_used_after_loss(server: RunningServer, channel, keys) -
     assert reply.results[1].outcome == WITH_EXCEPTION
     assert list(reply.results[1].exceptions) == [upload_pb2.RECORD_EXCEPTION_CARD_LOST]
     assert await balance_of(server.dsn, card) == 4600
+    lost = await fetch(
+        server.dsn,
+        "SELECT terminal_seq, kind FROM finance_exceptions WHERE card_no = $1",
+        int(card.card_no),
+    )
+    assert [(r["terminal_seq"], r["kind"]) for r in lost] == [(after_loss.terminal_seq, 1)]
+    await assert_acknowledged(server.dsn, [before_loss, after_loss], [reply])
     await assert_books_balance(server.dsn)
+
+
+async def replace_by_sql(dsn: str, old: SimulatedCard, new: SimulatedCard) -> None:
+    """The desk's replacement, as direct SQL: the purse moves by a posting, the old
+    card is blocked for good and names its successor."""
+    await fetch(
+        dsn,
+        "WITH b AS (SELECT purse_balance AS amount FROM cards WHERE card_no = $1),"
+        " m AS (INSERT INTO postings (card_no, debit_account, credit_account, amount, kind)"
+        " SELECT $1, $3, $4, amount, 5 FROM b WHERE amount > 0 RETURNING 1)"
+        " UPDATE cards SET purse_balance = CASE WHEN card_no = $1 THEN 0"
+        "   ELSE purse_balance + (SELECT amount FROM b) END,"
+        " status = CASE WHEN card_no = $1 THEN 3 ELSE status END,"
+        " replaced_by = CASE WHEN card_no = $1 THEN $2 ELSE replaced_by END"
+        " WHERE card_no IN ($1, $2)",
+        int(old.card_no),
+        int(new.card_no),
+        purse_account(int(old.card_no)),
+        purse_account(int(new.card_no)),
+    )
+    await assert_books_balance(dsn)
 
 
 async def test_replaced_card_money_follows_to_the_new_card(
@@ -216,22 +346,8 @@ async def test_replaced_card_money_follows_to_the_new_card(
 ) -> None:
     old = await funded(channel, keys)
     new = await issue(channel, keys)
-    # The desk's replacement: the balance moves by a posting, the old card is
-    # blocked for good and names its successor.
-    await fetch(
-        server.dsn,
-        "WITH m AS (INSERT INTO postings (card_no, debit_account, credit_account, amount, kind)"
-        " VALUES ($1, $3, $4, 5000, 5) RETURNING 1)"
-        " UPDATE cards SET purse_balance = CASE WHEN card_no = $1 THEN 0 ELSE 5000 END,"
-        " status = CASE WHEN card_no = $1 THEN 3 ELSE status END,"
-        " replaced_by = CASE WHEN card_no = $1 THEN $2 ELSE NULL END"
-        " WHERE card_no IN ($1, $2)",
-        int(old.card_no),
-        int(new.card_no),
-        purse_account(int(old.card_no)),
-        purse_account(int(new.card_no)),
-    )
-    await assert_books_balance(server.dsn)
+    await replace_by_sql(server.dsn, old, new)
+    assert await balance_of(server.dsn, new) == 5000
     late = ride(old, 200)  # the old card rode the bus before it was handed in
     (reply,) = await Gateway(channel).upload([make_batch("r", [late])])
     res = reply.results[0]
@@ -241,6 +357,71 @@ async def test_replaced_card_money_follows_to_the_new_card(
     assert await balance_of(server.dsn, new) == 4800
     assert (await postings_of(server.dsn, old))[-1] == (1, 200)
     assert (await postings_of(server.dsn, new))[-1] == (4, 200)
+    follow = await fetch(
+        server.dsn,
+        "SELECT debit_account, credit_account, terminal_seq FROM postings WHERE kind = 4",
+    )
+    assert [tuple(r) for r in follow] == [
+        (purse_account(int(new.card_no)), purse_account(int(old.card_no)), late.terminal_seq)
+    ]
+    await assert_acknowledged(server.dsn, [late], [reply])
+    await assert_books_balance(server.dsn)
+
+
+async def test_money_follows_a_card_replaced_twice_to_the_last_one(
+    server: RunningServer, channel, keys
+) -> None:
+    first = await funded(channel, keys)
+    second = await issue(channel, keys)
+    third = await issue(channel, keys)
+    await replace_by_sql(server.dsn, first, second)
+    second.balance = 5000  # the desk wrote the balance onto the new chip
+    await replace_by_sql(server.dsn, second, third)
+    late_first = ride(first, 200)
+    late_second = ride(second, 100)
+    (reply,) = await Gateway(channel).upload([make_batch("r2", [late_first, late_second])])
+    assert [r.outcome for r in reply.results] == [WITH_EXCEPTION, WITH_EXCEPTION]
+    for res in reply.results:
+        assert upload_pb2.RECORD_EXCEPTION_CARD_BLOCKED in res.exceptions
+        assert upload_pb2.RECORD_EXCEPTION_NEGATIVE_BALANCE not in res.exceptions
+    assert [await balance_of(server.dsn, c) for c in (first, second, third)] == [0, 0, 4700]
+    assert (await postings_of(server.dsn, third))[-2:] == [(4, 200), (4, 100)]
+    detail = await fetch(
+        server.dsn,
+        "SELECT detail FROM finance_exceptions WHERE card_no = $1 AND kind = 2",
+        int(first.card_no),
+    )
+    assert third.card_no in detail[0]["detail"]
+    await assert_acknowledged(server.dsn, [late_first, late_second], [reply])
+    await assert_books_balance(server.dsn)
+
+
+async def test_first_record_of_a_card_is_not_a_counter_gap(
+    server: RunningServer, channel, keys
+) -> None:
+    newcomer = await funded(channel, keys)
+    newcomer.offline_counter = 41  # the chip rode before the ledger saw any purchase of it
+    first = ride(newcomer, 100)
+    commuter = await funded(channel, keys)
+    bus = Terminal(channel, BUS, 700_000)
+    assert (await bus.debit(commuter, 100)).status == common_pb2.TXN_STATUS_APPROVED
+    after_online = ride(commuter, 100)  # counter 2: online purchases count too
+    commuter.offline_counter += 2  # two records still on another bus
+    gap = ride(commuter, 100)
+    newcomer.offline_counter += 1
+    newcomer_gap = ride(newcomer, 100)
+    records = [first, after_online, gap, newcomer_gap]
+    (reply,) = await Gateway(channel).upload([make_batch("c", records)])
+    assert [r.outcome for r in reply.results] == [POSTED, POSTED, WITH_EXCEPTION, WITH_EXCEPTION]
+    assert list(reply.results[2].exceptions) == [upload_pb2.RECORD_EXCEPTION_COUNTER_GAP]
+    assert list(reply.results[3].exceptions) == [upload_pb2.RECORD_EXCEPTION_COUNTER_GAP]
+    counters = await fetch(
+        server.dsn,
+        "SELECT offline_counter FROM cards WHERE card_no = ANY($1::bigint[]) ORDER BY card_no",
+        [int(newcomer.card_no), int(commuter.card_no)],
+    )
+    assert [r["offline_counter"] for r in counters] == [44, 5]
+    await assert_acknowledged(server.dsn, records, [reply])
     await assert_books_balance(server.dsn)
 
 
@@ -274,6 +455,7 @@ async def test_batch_whose_claims_do_not_add_up_is_refused_whole(
         await stub.upload([broken])
     assert "records[0].terminal_id" in (info.value.details() or "")
     assert await balance_of(server.dsn, card) == 4900
+    await assert_acknowledged(server.dsn, list(good.records), [first])
     await assert_books_balance(server.dsn)
 
 
@@ -288,6 +470,8 @@ async def test_oversize_batch_is_refused(server: RunningServer, channel, keys) -
     assert await balance_of(server.dsn, card) == 50_000
     rows = await fetch(server.dsn, "SELECT count(*) AS n FROM terminal_txns WHERE kind = 3")
     assert rows[0]["n"] == 0
+    assert await fetch(server.dsn, "SELECT 1 FROM quarantine") == []
+    await assert_books_balance(server.dsn)
 
 
 async def test_concurrent_streams_lose_and_double_nothing(
@@ -313,4 +497,6 @@ async def test_concurrent_streams_lose_and_double_nothing(
         server.dsn, "SELECT count(*) AS n, sum(amount) AS s FROM postings WHERE kind = 1"
     )
     assert (rows[0]["n"], rows[0]["s"]) == (1600, 1600 * 7)
+    sent = [rec for batches in streams + streams for batch in batches for rec in batch.records]
+    await assert_acknowledged(server.dsn, sent, [b for rep in replies for b in rep])
     await assert_books_balance(server.dsn)
