@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from onecard.clients.loadtest import add_arguments, run
-from onecard.server.app import RunningServer
+from onecard.clients.loadtest import add_arguments, embedded_dsn, run
+from onecard.server.app import EMBEDDED_DATABASE, RunningServer
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -41,3 +41,23 @@ async def test_loadtest_reports_and_checks_the_books(
     assert set(report["latency_ms"]) <= {"debit", "load", "upload"}
     assert all(v["p50"] <= v["p99"] <= v["max"] for v in report["latency_ms"].values())
     assert plot_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_closed_loop_stops_at_the_duration(server: RunningServer, tmp_path: Path) -> None:
+    report_file = tmp_path / "r.json"
+    args = _args(
+        "--target", server.address, "--dsn", server.dsn, "--cards", "200",
+        "--terminals", "4", "--mix", "debit=1", "--count", "20000",
+        "--rate", "0", "--concurrency", "4", "--duration", "0.5", "--json", str(report_file),
+    )  # fmt: skip
+    assert await run(args) == 0
+    report = json.loads(report_file.read_text())
+    assert 0 < report["requests"] < 20_000
+    assert report["check"]["acknowledged"] == report["outcomes"].get("debit APPROVED", 0)
+
+
+def test_embedded_dsn_comes_from_the_postmaster_pid(tmp_path: Path) -> None:
+    assert embedded_dsn(tmp_path) is None
+    (tmp_path / "pg").mkdir()
+    (tmp_path / "pg" / "postmaster.pid").write_text("4242\n/data\n1700000000\n54321\n")
+    assert embedded_dsn(tmp_path) == f"postgresql://postgres@127.0.0.1:54321/{EMBEDDED_DATABASE}"

@@ -56,8 +56,12 @@ async def test_two_workers_share_the_port_and_the_books(db_dsn: str, tmp_path: P
         async with grpc.aio.insecure_channel(address) as chan:
             card = await issue(chan, keys)
             await Terminal(chan, "310400000009").load(card, 10_000)
-        # many connections, so the kernel hands some to each worker
-        channels = [grpc.aio.insecure_channel(address) for _ in range(8)]
+        # many connections, so the kernel hands some to each worker (channels with
+        # equal options would share one connection through gRPC's subchannel pool)
+        channels = [
+            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(8)
+        ]
         buses = [Terminal(ch, "310400000001", 1 + 100 * i) for i, ch in enumerate(channels)]
         replies = await asyncio.gather(*(bus.debit(card, 10) for bus in buses for _ in range(5)))
         for ch in channels:

@@ -7,8 +7,15 @@ moment, not from when it was actually sent: a stalled server cannot hide its
 stall by slowing the generator down (coordinated omission). ``--rate 0`` is
 closed loop: ``--concurrency`` requests in flight, each sent when one returns.
 
-Afterwards, with ``--dsn``, every acknowledged posting is looked up in the
-database (present exactly once) and the trial balance must be zero.
+Requests go over ``--channels`` separate connections: gRPC would otherwise
+share one TCP connection between channels to the same address, and with
+``onecard serve --workers N`` the kernel spreads connections, not requests,
+so one connection would keep every worker but one idle.
+
+Afterwards every acknowledged posting is looked up in the database (present
+exactly once) and the trial balance must be zero. The database is ``--dsn``
+or, for a server started by ``onecard serve`` on its embedded PostgreSQL in
+``--data-dir``, that one.
 """
 
 from __future__ import annotations
@@ -193,17 +200,39 @@ async def _send(
         report.errors.setdefault(key, exc.details() or "")
 
 
+def open_channels(target: str, n: int) -> list[grpc.aio.Channel]:
+    """``n`` channels on ``n`` TCP connections (a local subchannel pool each)."""
+    options = [
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    return [grpc.aio.insecure_channel(target, options=options) for _ in range(n)]
+
+
 async def run_ops(
-    target: str, ops: list[Op], rate: float, concurrency: int, progress: Any = None
+    target: str,
+    ops: list[Op],
+    rate: float,
+    concurrency: int,
+    progress: Any = None,
+    channels: int = 8,
+    duration: float | None = None,
 ) -> Report:
     report = Report()
-    options = [("grpc.max_send_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
-        terminal = terminal_pb2_grpc.TerminalServiceStub(channel)
-        upload = upload_pb2_grpc.UploadServiceStub(channel)
+    chans = open_channels(target, max(1, channels))
+    try:
+        stubs = [
+            (terminal_pb2_grpc.TerminalServiceStub(c), upload_pb2_grpc.UploadServiceStub(c))
+            for c in chans
+        ]
         start = time.perf_counter()
+        deadline = start + duration if duration and rate <= 0 else math.inf
+        sent = 0
 
         async def timed(op: Op, intended: float) -> None:
+            nonlocal sent
+            terminal, upload = stubs[sent % len(stubs)]
+            sent += 1
             await _send(op, terminal, upload, report)
             done = time.perf_counter()
             report.record(op.kind, done - intended, done - start)
@@ -224,11 +253,33 @@ async def run_ops(
 
             async def worker() -> None:
                 for op in it:
-                    await timed(op, time.perf_counter())
+                    now = time.perf_counter()
+                    if now >= deadline:
+                        return
+                    await timed(op, now)
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         report.seconds = time.perf_counter() - start
+    finally:
+        for c in chans:
+            await c.close(None)
     return report
+
+
+def embedded_dsn(data_dir: Path) -> str | None:
+    """The DSN of the embedded PostgreSQL that ``onecard serve`` runs in ``data_dir``.
+
+    Read from PostgreSQL's own ``postmaster.pid`` (its fourth line is the port),
+    so the server needs to publish nothing for the load generator.
+    """
+    from onecard.server.app import EMBEDDED_DATABASE
+
+    try:
+        lines = (data_dir / "pg" / "postmaster.pid").read_text().splitlines()
+        port = int(lines[3])
+    except (OSError, IndexError, ValueError):
+        return None
+    return f"postgresql://postgres@127.0.0.1:{port}/{EMBEDDED_DATABASE}"
 
 
 async def check_database(dsn: str, acknowledged: list[tuple[int, int]]) -> tuple[int, int, int]:
@@ -296,16 +347,27 @@ def parse_mix(text: str) -> dict[str, int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="server address (default: DATA_DIR/server.addr)")
     p.add_argument("--data-dir", type=Path, default=Path(".onecard"))
-    p.add_argument("--dsn", help="database to seed the population in and check afterwards")
+    p.add_argument(
+        "--dsn",
+        help="database to seed the population in and check afterwards "
+        "(default: the embedded PostgreSQL of the server in --data-dir)",
+    )
     p.add_argument("--cards", type=int, default=100_000, help="card population")
     p.add_argument("--terminals", type=int, default=2_000, help="terminals played")
     p.add_argument("--card-balance", type=int, default=20_000, help="opening balance, fen")
     p.add_argument("--mix", type=parse_mix, default=parse_mix("debit=70,load=5,upload=25"))
     p.add_argument("--batch", type=int, default=100, help="records per upload batch")
     p.add_argument("--count", type=int, default=10_000, help="requests (an upload batch is one)")
-    p.add_argument("--duration", type=float, help="seconds; with --rate sets the count")
+    p.add_argument(
+        "--duration",
+        type=float,
+        help="seconds; with --rate sets the count; closed loop stops at it or at --count",
+    )
     p.add_argument("--rate", type=float, default=0.0, help="requests/s, open loop; 0: closed")
     p.add_argument("--concurrency", type=int, default=64, help="in flight, closed loop")
+    p.add_argument(
+        "--channels", type=int, default=8, help="TCP connections (spread over --workers)"
+    )
     p.add_argument("--profile", choices=["steady", "rush"], default="steady")
     p.add_argument("--zipf", type=float, default=1.0, help="card popularity skew")
     p.add_argument("--seed", type=int, default=1)
@@ -320,6 +382,8 @@ async def run(args: argparse.Namespace) -> int:
 
     console = Console()
     target = args.target or (args.data_dir / "server.addr").read_text().strip()
+    if not args.dsn and not args.target:
+        args.dsn = embedded_dsn(args.data_dir)
     keys = MemoryKeyStore(parse_key_document(DEV_KEYS, "dev keys"))
     version = keys.get(DEMO_ISSUER, 2)
     assert version is not None
@@ -354,7 +418,13 @@ async def run(args: argparse.Namespace) -> int:
     ) as progress:  # fmt: skip
         task = progress.add_task("ops", total=len(ops))
         report = await run_ops(
-            target, ops, args.rate, args.concurrency, lambda: progress.advance(task)
+            target,
+            ops,
+            args.rate,
+            args.concurrency,
+            lambda: progress.advance(task),
+            args.channels,
+            args.duration,
         )
     summary = report.summary()
     table = Table(title=f"onecard loadtest: {summary['requests']:,} requests, "
