@@ -425,6 +425,26 @@ async def test_first_record_of_a_card_is_not_a_counter_gap(
     await assert_books_balance(server.dsn)
 
 
+async def test_counter_repeat_is_found_across_uploads_and_a_late_record_is_not_one(
+    server: RunningServer, channel, keys
+) -> None:
+    card = await funded(channel, keys)
+    first, second, third = ride(card, 100), ride(card, 100), ride(card, 100)
+    gateway = Gateway(channel)
+    (a,) = await gateway.upload([make_batch("a", [first, third])])  # second still on a bus
+    assert upload_pb2.RECORD_EXCEPTION_COUNTER_GAP in a.results[1].exceptions
+    (b,) = await gateway.upload([make_batch("b", [second])])  # below the card's highest counter
+    assert upload_pb2.RECORD_EXCEPTION_COUNTER_REPEAT not in b.results[0].exceptions
+    clone = ride(card, 100)
+    clone.offline_counter = first.offline_counter  # another record, a counter already used
+    (c,) = await gateway.upload([make_batch("c", [clone])])
+    assert c.results[0].outcome == WITH_EXCEPTION
+    assert upload_pb2.RECORD_EXCEPTION_COUNTER_REPEAT in c.results[0].exceptions
+    assert await balance_of(server.dsn, card) == card.balance
+    await assert_acknowledged(server.dsn, [first, third, second, clone], [a, b, c])
+    await assert_books_balance(server.dsn)
+
+
 async def test_batch_whose_claims_do_not_add_up_is_refused_whole(
     server: RunningServer, channel, keys
 ) -> None:

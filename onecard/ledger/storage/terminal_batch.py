@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
+import asyncpg
+
 from onecard.ledger.accounts import cash_code, payable_code, purse_account
 from onecard.ledger.crypto.verifier import MAC_OK
 from onecard.ledger.model import (
@@ -121,7 +123,6 @@ INSERT INTO terminal_txns (terminal_id, terminal_seq, card_no, kind, amount, fin
 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::smallint[], $5::bigint[],
                      $6::bytea[], $7::smallint[], $8::bigint[], $9::bytea[], $10::bigint[],
                      $11::timestamp[])
-ON CONFLICT DO NOTHING
 """
 
 _INSERT_POSTINGS = """
@@ -184,9 +185,12 @@ async def apply_terminal_batch(
         results = [_decide(p, seen, cards, ref, writes) for p in items]
 
         if writes.txns[0]:
-            status = await conn.execute(_INSERT_TXNS, *writes.txns)
-            if int(status.rsplit(" ", 1)[1]) != len(writes.txns[0]):
-                raise BatchRaced()
+            try:
+                await conn.execute(_INSERT_TXNS, *writes.txns)
+            except asyncpg.UniqueViolationError:
+                # Another writer committed one of our keys since _EXISTING
+                # looked; the batch runs again and answers it as a duplicate.
+                raise BatchRaced() from None
         if writes.postings[0]:
             await conn.execute(_INSERT_POSTINGS, *writes.postings)
         touched = [(no, c) for no, c in cards.items() if c.touched]

@@ -1,0 +1,129 @@
+"""Two writers claim the same (terminal, seq) between one batch's look-up and its insert.
+
+Several server processes share one database, each with its own batchers, so a
+gateway retry can reach another process while the first attempt is still in
+flight. The batch that loses the race must roll back whole and run again,
+answering the record as a duplicate of the winner: posted once, never twice,
+never lost. The window is opened deterministically here by committing the
+rival batch from inside the first batch's transaction, right after its
+look-up of earlier outcomes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from onecard.clients.population import BASE_CARD, seed_cards
+from onecard.ledger.crypto.verifier import MAC_OK
+from onecard.ledger.devdata import seed_demo_data
+from onecard.ledger.engine import fingerprint
+from onecard.ledger.model import Debit, OfflineRecord, RecordOutcome, TxnKind, TxnStatus
+from onecard.ledger.refdata import ReferenceData
+from onecard.ledger.storage.offline_batch import PreparedRecord, apply_offline_batch
+from onecard.ledger.storage.terminal_batch import BatchRaced, Prepared, apply_terminal_batch
+from tests.support import assert_books_balance, fetch
+
+BUS = "310400000001"
+WHEN = "20261123073000"
+CARD = str(BASE_CARD + 1)
+
+
+class RivalFirst:
+    """A connection that lets a rival commit right after the batch looks up its keys."""
+
+    def __init__(self, conn: asyncpg.Connection, rival: Callable[[], Awaitable[object]]) -> None:
+        self._conn = conn
+        self._rival: Callable[[], Awaitable[object]] | None = rival
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        rows = await self._conn.fetch(query, *args)
+        if "FROM unnest($1::bigint[], $2::bigint[]) AS k(terminal_id, terminal_seq)" in query:
+            rival, self._rival = self._rival, None
+            if rival is not None:
+                await rival()
+        return rows
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+@pytest.fixture
+async def conns(db_dsn: str):  # type: ignore[no-untyped-def]
+    first = await asyncpg.connect(db_dsn)
+    rival = await asyncpg.connect(db_dsn)
+    await seed_demo_data(first)
+    await seed_cards(first, 2, 10_000, 2)
+    try:
+        yield first, rival, await ReferenceData.load(first)
+    finally:
+        await first.close()
+        await rival.close()
+
+
+def _offline(seq: int) -> PreparedRecord:
+    record = OfflineRecord(CARD, 300, 9, BUS, seq, WHEN, 2, b"\x01\x02\x03\x04", 1, 10_000)
+    return PreparedRecord(
+        record, int(CARD), int(BUS), fingerprint(record), MAC_OK, dt.datetime(2026, 11, 23, 7, 30)
+    )
+
+
+def _debit(seq: int) -> Prepared:
+    debit = Debit(CARD, 300, 6, BUS, seq, WHEN, 2, b"\x01\x02\x03\x04")
+    return Prepared(
+        debit,
+        TxnKind.DEBIT,
+        int(CARD),
+        int(BUS),
+        fingerprint(debit),
+        MAC_OK,
+        b"",
+        dt.datetime(2026, 11, 23, 7, 30),
+    )
+
+
+async def _purchases(dsn: str) -> list[tuple[int, int]]:
+    rows = await fetch(dsn, "SELECT terminal_seq, amount FROM postings WHERE kind = 1")
+    return [(r["terminal_seq"], r["amount"]) for r in rows]
+
+
+async def test_offline_batch_that_loses_the_race_runs_again_as_duplicate(
+    conns, db_dsn: str
+) -> None:
+    first, rival, ref = conns
+    item = _offline(700)
+
+    async def rival_upload() -> None:
+        (won,) = await apply_offline_batch(rival, ref, [_offline(700)])
+        assert won.outcome is RecordOutcome.POSTED
+
+    with pytest.raises(BatchRaced):
+        await apply_offline_batch(RivalFirst(first, rival_upload), ref, [item])  # type: ignore[arg-type]
+    (again,) = await apply_offline_batch(first, ref, [item])
+    assert again.outcome is RecordOutcome.DUPLICATE
+    assert again.original_outcome is RecordOutcome.POSTED
+    assert again.balance_after == 9_700
+    assert await _purchases(db_dsn) == [(700, 300)]
+    await assert_books_balance(db_dsn)
+
+
+async def test_online_batch_that_loses_the_race_runs_again_as_duplicate(conns, db_dsn: str) -> None:
+    first, rival, ref = conns
+    item = _debit(800)
+
+    async def rival_debit() -> None:
+        (won,) = await apply_terminal_batch(rival, ref, [_debit(800)])
+        assert won.status is TxnStatus.APPROVED
+
+    with pytest.raises(BatchRaced):
+        await apply_terminal_batch(RivalFirst(first, rival_debit), ref, [item])  # type: ignore[arg-type]
+    (again,) = await apply_terminal_batch(first, ref, [item])
+    assert again.status is TxnStatus.DUPLICATE
+    assert again.original_status is TxnStatus.APPROVED
+    assert again.balance_after == 9_700
+    assert await _purchases(db_dsn) == [(800, 300)]
+    await assert_books_balance(db_dsn)
