@@ -403,3 +403,15 @@ async def test_database_outage_is_unavailable_and_recovers(tmp_path: Path) -> No
         await assert_books_balance(dsn)
     finally:
         await asyncio.to_thread(pg.stop)
+
+
+@pytest.mark.parametrize("flag", ["--upload-flushers", "--pool-size", "--max-batch", "--workers"])
+def test_a_count_below_one_is_refused_naming_the_option(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from onecard.server.cli import main
+
+    assert main(["serve", "--data-dir", str(tmp_path), flag, "0"]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "must be at least 1, got 0" in err
+    assert not (tmp_path / "pg").exists()  # refused before anything started

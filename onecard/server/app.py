@@ -9,6 +9,7 @@ down cleanly, so the next start finds every posting where it was.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from dataclasses import dataclass, replace
 
@@ -41,6 +42,15 @@ from onecard.v1 import (
 log = logging.getLogger("onecard.server")
 
 EMBEDDED_DATABASE = "onecard"
+#: Set on every ledger connection, whatever the database's own defaults.
+#: PostgreSQL's default random_page_cost (4, for spinning disks) made the
+#: planner update a batch's cards through a hash join over a seq scan of the
+#: whole cards table: 7.3 us a card at 100,000 cards, against 4.9 us through
+#: the primary key (4,000-card batches, same run). A ledger's working set is
+#: in memory or on SSD, where 1.1 is the usual figure.
+SESSION_SETTINGS = {"random_page_cost": "1.1"}
+#: Allocations between young-generation collections (CPython's default: 700).
+GC_THRESHOLD = 50_000
 SERVICE_NAMES = (
     terminal_pb2.DESCRIPTOR.services_by_name["TerminalService"].full_name,
     desk_pb2.DESCRIPTOR.services_by_name["DeskService"].full_name,
@@ -122,6 +132,20 @@ class RunningServer:
                 log.error("key reload refused, old keys stay in force: %s", exc)
 
 
+def tune_gc() -> None:
+    """Collect garbage less often: a flush allocates thousands of short-lived objects.
+
+    With the default threshold (700 allocations) the cyclic collector ran
+    about ten times per upload flush and took 8.6% of a worker's time
+    (py-spy, benchmarks.throughput). The ledger's per-request objects hold no
+    cycles, so reference counting frees them; the collector only needs to run
+    for the rare cycle. What start-up built (modules, protobuf descriptors,
+    the pool) is frozen out of every later collection.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 100)
+
+
 async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) -> RunningServer:
     """Start everything; ``keys`` overrides the configured key source (tests)."""
     dev_keys = False
@@ -133,7 +157,9 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
     if not dsn:
         embedded, dsn = await start_embedded_postgres(cfg)
     try:
-        pool = await asyncpg.create_pool(dsn, min_size=2, max_size=cfg.pool_size)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=2, max_size=cfg.pool_size, server_settings=SESSION_SETTINGS
+        )
         async with pool.acquire() as conn:
             applied = await apply_migrations(conn)
             if applied:
@@ -174,4 +200,5 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
             await asyncio.to_thread(embedded.stop)
         raise
     log.info("card crypto: %s", verifier.name)
+    tune_gc()
     return RunningServer(cfg, server, port, ledger, pool, keys, health_servicer, embedded, dsn)

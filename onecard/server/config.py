@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onecard.ledger.crypto.encoding import FieldError
 from onecard.ledger.engine import BatchSettings
 from onecard.ledger.lifecycle import DeskSettings
 from onecard.ledger.validation import Limits
@@ -139,6 +140,13 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     )
     add_option(
         p,
+        "--upload-flushers",
+        type=int,
+        default=d.batching.upload_flushers,
+        help="upload transactions in flight at once per process",
+    )
+    add_option(
+        p,
         "--refund-hold",
         type=float,
         default=d.desk.refund_hold,
@@ -173,7 +181,22 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: Options that count something the server cannot run with none of.
+_COUNTS = (
+    "--pool-size",
+    "--max-batch",
+    "--max-queue",
+    "--upload-flushers",
+    "--max-upload-batch",
+    "--max-upload-queue",
+)
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    for flag in _COUNTS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < 1:
+            raise FieldError(flag, f"must be at least 1, got {value}")
     return ServerConfig(
         listen=args.listen,
         dsn=args.dsn or None,
@@ -188,8 +211,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_batch=args.max_batch,
             max_queue=args.max_queue,
             linger=args.linger_ms / 1000,
-            upload_max_batch=max(args.max_upload_batch, 1),
+            upload_max_batch=args.max_upload_batch,
             upload_max_queue=args.max_upload_queue,
+            upload_flushers=args.upload_flushers,
         ),
         desk=DeskSettings(
             refund_hold=args.refund_hold,
