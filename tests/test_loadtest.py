@@ -53,7 +53,9 @@ async def test_closed_loop_stops_at_the_duration(server: RunningServer, tmp_path
     assert await run(args) == 0
     report = json.loads(report_file.read_text())
     assert 0 < report["requests"] < 20_000
-    assert report["check"]["acknowledged"] == report["outcomes"].get("debit APPROVED", 0)
+    # an emptied card tops up instead of riding, so loads are acknowledged too
+    approved = sum(n for k, n in report["outcomes"].items() if k.endswith(" APPROVED"))
+    assert report["check"]["acknowledged"] == approved > 0
 
 
 def test_embedded_dsn_comes_from_the_postmaster_pid(tmp_path: Path) -> None:
