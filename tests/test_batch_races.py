@@ -31,6 +31,7 @@ from tests.support import assert_books_balance, fetch
 BUS = "310400000001"
 WHEN = "20261123073000"
 CARD = str(BASE_CARD + 1)
+OTHER_CARD = str(BASE_CARD + 0)
 
 
 class RivalFirst:
@@ -72,12 +73,12 @@ def _offline(seq: int) -> PreparedRecord:
     )
 
 
-def _debit(seq: int) -> Prepared:
-    debit = Debit(CARD, 300, 6, BUS, seq, WHEN, 2, b"\x01\x02\x03\x04")
+def _debit(seq: int, card: str = CARD) -> Prepared:
+    debit = Debit(card, 300, 6, BUS, seq, WHEN, 2, b"\x01\x02\x03\x04")
     return Prepared(
         debit,
         TxnKind.DEBIT,
-        int(CARD),
+        int(card),
         int(BUS),
         fingerprint(debit),
         MAC_OK,
@@ -111,19 +112,26 @@ async def test_offline_batch_that_loses_the_race_runs_again_as_duplicate(
     await assert_books_balance(db_dsn)
 
 
-async def test_online_batch_that_loses_the_race_runs_again_as_duplicate(conns, db_dsn: str) -> None:
+async def test_online_batch_that_loses_the_race_to_another_card_runs_again_as_conflict(
+    conns, db_dsn: str
+) -> None:
+    # The online batch locks its cards in the same statement that looks its
+    # keys up, so a rival can only slip in with another card under the same
+    # (terminal, seq): a terminal that reused a sequence number.
     first, rival, ref = conns
     item = _debit(800)
 
     async def rival_debit() -> None:
-        (won,) = await apply_terminal_batch(rival, ref, [_debit(800)])
+        (won,) = await apply_terminal_batch(rival, ref, [_debit(800, OTHER_CARD)])
         assert won.status is TxnStatus.APPROVED
 
     with pytest.raises(BatchRaced):
         await apply_terminal_batch(RivalFirst(first, rival_debit), ref, [item])  # type: ignore[arg-type]
     (again,) = await apply_terminal_batch(first, ref, [item])
-    assert again.status is TxnStatus.DUPLICATE
-    assert again.original_status is TxnStatus.APPROVED
-    assert again.balance_after == 9_700
+    assert again.status is TxnStatus.CONFLICT
     assert await _purchases(db_dsn) == [(800, 300)]
+    rows = await fetch(db_dsn, "SELECT card_no FROM postings WHERE kind = 1")
+    assert [r["card_no"] for r in rows] == [int(OTHER_CARD)]
+    balances = await fetch(db_dsn, "SELECT purse_balance FROM cards ORDER BY card_no")
+    assert [r["purse_balance"] for r in balances] == [9_700, 10_000]
     await assert_books_balance(db_dsn)

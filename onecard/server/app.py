@@ -25,6 +25,7 @@ from onecard.ledger.engine import Ledger
 from onecard.ledger.keys import FileKeyStore, KeyStoreError, MemoryKeyStore, key_store_from_env
 from onecard.ledger.pii import load_or_create_key, read_key_file
 from onecard.ledger.storage.migrate import apply_migrations
+from onecard.ledger.storage.pool import create_ledger_pool
 from onecard.server.config import ServerConfig
 from onecard.server.desk_service import DeskServicer
 from onecard.server.embedded_pg import EmbeddedPostgres
@@ -42,13 +43,6 @@ from onecard.v1 import (
 log = logging.getLogger("onecard.server")
 
 EMBEDDED_DATABASE = "onecard"
-#: Set on every ledger connection, whatever the database's own defaults.
-#: PostgreSQL's default random_page_cost (4, for spinning disks) made the
-#: planner update a batch's cards through a hash join over a seq scan of the
-#: whole cards table: 7.3 us a card at 100,000 cards, against 4.9 us through
-#: the primary key (4,000-card batches, same run). A ledger's working set is
-#: in memory or on SSD, where 1.1 is the usual figure.
-SESSION_SETTINGS = {"random_page_cost": "1.1"}
 #: Allocations between young-generation collections (CPython's default: 700).
 GC_THRESHOLD = 50_000
 SERVICE_NAMES = (
@@ -157,9 +151,7 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
     if not dsn:
         embedded, dsn = await start_embedded_postgres(cfg)
     try:
-        pool = await asyncpg.create_pool(
-            dsn, min_size=2, max_size=cfg.pool_size, server_settings=SESSION_SETTINGS
-        )
+        pool = await create_ledger_pool(dsn, cfg.pool_size)
         async with pool.acquire() as conn:
             applied = await apply_migrations(conn)
             if applied:
