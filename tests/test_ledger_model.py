@@ -47,7 +47,7 @@ class _Model:
     def debit(self, card: int, amount: int, forged: bool) -> tuple[TxnStatus, int]:
         bal = self.balances[card]
         if forged:
-            return TxnStatus.MAC_INVALID, bal
+            return TxnStatus.MAC_INVALID, 0  # told no balance, claims no identity
         if amount > TXN_MAX:
             return TxnStatus.OVER_LIMIT, bal
         if amount > bal:
@@ -123,13 +123,29 @@ async def test_ledger_matches_the_model(
                 continue
             earlier = originals[a % len(originals)]
             first = model.outcomes[(earlier.terminal_id, earlier.terminal_seq)]
-            if kind == "retry":
+            if first[0] is TxnStatus.MAC_INVALID:
+                # A forged request took no identity: sent again, or changed
+                # (its TAC still does not cover it), it is refused afresh.
+                changed = earlier if kind == "retry" else _with_amount(earlier, earlier.amount + 1)
+                requests.append(changed)
+                expected.append((TxnStatus.MAC_INVALID, 0, None))
+            elif kind == "retry":
                 requests.append(earlier)
                 expected.append((TxnStatus.DUPLICATE, first[1], first[0]))
-            else:
-                changed = _with_amount(earlier, earlier.amount + 1)
-                requests.append(changed)
+            elif isinstance(earlier, Debit):
+                # A terminal reusing a sequence number for another purchase the
+                # card really signed: authentic, but the identity is taken.
+                card = next(c for c in cards if c.card_no == earlier.card_no)
+                amount = earlier.amount + 1
+                tac = card.sign_purchase(amount, BUS, earlier.terminal_seq, WHEN)
+                requests.append(
+                    Debit(card.card_no, amount, 0x06, BUS, earlier.terminal_seq, WHEN, 1, tac)
+                )
                 expected.append((TxnStatus.CONFLICT, 0, None))
+            else:
+                # A load changed on its way: MAC1 no longer covers it.
+                requests.append(_with_amount(earlier, earlier.amount + 1))
+                expected.append((TxnStatus.MAC_INVALID, 0, None))
             continue
         card = cards[a]
         if kind == "load":

@@ -112,24 +112,34 @@ async def test_card_not_active(server: RunningServer, channel, keys) -> None:
     await assert_books_balance(server.dsn)
 
 
-async def test_bad_tac_is_refused_and_recorded(server: RunningServer, channel, keys) -> None:
+async def test_bad_tac_is_refused_and_the_genuine_request_still_posts(
+    server: RunningServer, channel, keys, caplog: pytest.LogCaptureFixture
+) -> None:
     card = await funded(channel, keys)
     bus = Terminal(channel, "310400000001", 1)
-    req = bus.debit_request(card, 100)
-    req.tac = bytes([req.tac[0] ^ 1]) + req.tac[1:]
-    reply = await bus.stub.Debit(req)
+    genuine = bus.debit_request(card, 100)
+    damaged = terminal_pb2.DebitRequest()
+    damaged.CopyFrom(genuine)
+    damaged.tac = bytes([genuine.tac[0] ^ 1]) + genuine.tac[1:]  # one bit flipped on the way
+    reply = await bus.stub.Debit(damaged)
     assert reply.status == common_pb2.TXN_STATUS_MAC_INVALID
+    assert reply.balance_after == 0  # an unauthenticated request learns no balance
     rows = await fetch(
         server.dsn, "SELECT purse_balance FROM cards WHERE card_no = $1", int(card.card_no)
     )
     assert rows[0]["purse_balance"] == 5000
-    txn = await fetch(
+    claimed = await fetch(
         server.dsn,
         "SELECT status FROM terminal_txns WHERE terminal_id = $1 AND terminal_seq = $2",
         310400000001,
-        req.terminal_seq,
+        genuine.terminal_seq,
     )
-    assert txn[0]["status"] == common_pb2.TXN_STATUS_MAC_INVALID
+    assert claimed == []  # the damaged copy did not take the (terminal, seq)
+    assert "TAC does not verify" in caplog.text
+    again = await bus.stub.Debit(genuine)  # the terminal sends it again, intact
+    assert again.status == common_pb2.TXN_STATUS_APPROVED
+    assert again.balance_after == 4900
+    await assert_books_balance(server.dsn)
 
 
 async def test_tampered_amount_fails_tac(server: RunningServer, channel, keys) -> None:

@@ -34,6 +34,7 @@ from onecard.ledger.model import (
     OfflineResult,
     TxnKind,
     TxnResult,
+    TxnStatus,
 )
 from onecard.ledger.refdata import ReferenceData
 from onecard.ledger.storage import Conn
@@ -243,7 +244,21 @@ class Ledger:
 
     async def _create_terminal_txns(self, items: list[Debit | Load]) -> list[TxnResult]:
         prepared = self._prepare(items)
-        return await self._apply(apply_terminal_batch, prepared, {p.terminal_id for p in prepared})
+        results = await self._apply(
+            apply_terminal_batch, prepared, {p.terminal_id for p in prepared}
+        )
+        for p, r in zip(prepared, results, strict=True):
+            if r.status is TxnStatus.MAC_INVALID:
+                # Recorded nowhere else (it claims no identity): operations
+                # watch this line for a faulty or hostile terminal.
+                log.warning(
+                    "terminal %012d seq %d card %s: %s, refused",
+                    p.terminal_id,
+                    p.request.terminal_seq,
+                    p.request.card_no,
+                    r.detail,
+                )
+        return results
 
     async def _apply(
         self,

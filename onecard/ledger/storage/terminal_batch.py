@@ -236,6 +236,14 @@ def _decide(
     writes: _Writes,
 ) -> TxnResult:
     req = p.request
+    if p.mac_code != MAC_OK:
+        # Content nobody vouches for claims no (terminal, seq) identity and is
+        # told nothing about the card: a request damaged on its way must not
+        # turn the genuine one sent again into a CONFLICT (the chip has paid
+        # already), nor can forged requests use up a terminal's sequence
+        # numbers or read balances. Nothing is written; the engine logs it.
+        what = "TAC" if p.kind is TxnKind.DEBIT else "MAC1"
+        return TxnResult(TxnStatus.MAC_INVALID, detail=f"{what} does not verify")
     key = (p.terminal_id, req.terminal_seq)
     earlier = seen.get(key)
     if earlier is not None:
@@ -267,9 +275,6 @@ def _decide_new(
     if card is None:
         return TxnResult(TxnStatus.UNKNOWN_CARD, detail=f"card {req.card_no} is not issued")
     balance = card.balance
-    if p.mac_code != MAC_OK:
-        what = "TAC" if p.kind is TxnKind.DEBIT else "MAC1"
-        return TxnResult(TxnStatus.MAC_INVALID, balance, detail=f"{what} does not verify")
     if card.status != CardStatus.ACTIVE:
         return TxnResult(
             TxnStatus.CARD_NOT_ACTIVE,
