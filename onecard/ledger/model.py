@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class TxnStatus(enum.IntEnum):
@@ -258,9 +259,13 @@ def exceptions_of(bits: int) -> tuple[RecordException, ...]:
     return tuple(e for e in RecordException if bits & (1 << int(e)))
 
 
-@dataclass(frozen=True, slots=True)
-class OfflineRecord:
-    """A purchase the card made while the terminal was offline, already validated."""
+class OfflineRecord(NamedTuple):
+    """A purchase the card made while the terminal was offline, already validated.
+
+    A named tuple rather than a frozen dataclass, like OfflineResult: an
+    upload makes one per record, and a frozen dataclass's ``__init__`` (one
+    ``object.__setattr__`` per field) cost 0.8 us a record against 0.2.
+    """
 
     card_no: str
     amount: int
@@ -274,8 +279,7 @@ class OfflineRecord:
     card_balance_before: int
 
 
-@dataclass(frozen=True, slots=True)
-class OfflineResult:
+class OfflineResult(NamedTuple):
     """Outcome of one offline record, aligned with it in its upload batch."""
 
     outcome: RecordOutcome

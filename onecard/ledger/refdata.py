@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from onecard.ledger.accounts import payable_code
 from onecard.ledger.model import Product
 from onecard.ledger.storage import Conn
 
@@ -19,6 +20,9 @@ class ReferenceData:
     products: dict[str, Product] = field(default_factory=dict)
     terminal_operator: dict[int, str] = field(default_factory=dict)
     account_ids: dict[str, int] = field(default_factory=dict)
+    #: Each terminal's operator's payable account id: looked up per record of
+    #: an upload, where building the account code each time showed in profiles.
+    terminal_payable: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     async def load(cls, conn: Conn) -> ReferenceData:
@@ -44,6 +48,16 @@ class ReferenceData:
             r["code"]: r["account_id"]
             for r in await conn.fetch("SELECT account_id, code FROM accounts")
         }
+        self.terminal_payable = {
+            terminal: self.account_ids[code]
+            for terminal, operator in self.terminal_operator.items()
+            if (code := payable_code(operator)) in self.account_ids
+        }
+
+    def payable_of(self, terminal_id: int, operator: str) -> int:
+        """The payable account of the terminal's operator (LookupError if it has none)."""
+        account = self.terminal_payable.get(terminal_id)
+        return account if account is not None else self.account_id(payable_code(operator))
 
     def account_id(self, code: str) -> int:
         try:

@@ -39,12 +39,18 @@ def _records(batch: upload_pb2.UploadBatch) -> list[OfflineRecord]:
     ]
 
 
+_POSTED = int(RecordOutcome.POSTED)
+
+
 def _reply(batch_id: str, results: list[OfflineResult]) -> upload_pb2.UploadBatchReply:
     reply = upload_pb2.UploadBatchReply(batch_id=batch_id)
     counts = dict.fromkeys(RecordOutcome, 0)
     add = reply.results.add
     for res in results:
         counts[res.outcome] += 1
+        if res.outcome is RecordOutcome.POSTED:  # most records: only two fields to set
+            add(outcome=_POSTED, balance_after=res.balance_after)
+            continue
         add(
             outcome=int(res.outcome),
             balance_after=res.balance_after,

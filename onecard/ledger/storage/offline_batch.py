@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from onecard.ledger.accounts import payable_code, purse_account
+from onecard.ledger.accounts import purse_account
 from onecard.ledger.crypto.verifier import KEY_UNKNOWN, MAC_OK
 from onecard.ledger.model import (
     CardStatus,
@@ -34,6 +34,7 @@ from onecard.ledger.refdata import ReferenceData
 from onecard.ledger.storage import Conn
 from onecard.ledger.storage.terminal_batch import LOCK_ACCOUNTS, UPDATE_ACCOUNTS, BatchRaced
 
+_ACTIVE = int(CardStatus.ACTIVE)
 #: Terminals stamp local time; PROTOCOL.md fixes it at UTC+8.
 TERMINAL_TZ = dt.timezone(dt.timedelta(hours=8))
 
@@ -108,12 +109,14 @@ class _Writes:
         self.accounts[debit] = self.accounts.get(debit, 0) - amount
         self.accounts[credit] = self.accounts.get(credit, 0) + amount
 
-    def purchase(self, p: PreparedRecord, debit: int, credit: int) -> None:
-        """A purchase posting; its row is derived in SQL from the inserted record."""
-        amount = p.record.amount
+    def purchase(self, amount: int, payable: int) -> None:
+        """A purchase posting; its row is derived in SQL from the inserted record.
+
+        The purse's side is summed on the card row (``_Card.delta``); only
+        system accounts are applied from ``accounts``.
+        """
         self.purchases += 1
-        self.accounts[debit] = self.accounts.get(debit, 0) - amount
-        self.accounts[credit] = self.accounts.get(credit, 0) + amount
+        self.accounts[payable] = self.accounts.get(payable, 0) + amount
 
     def quarantined(self, p: PreparedRecord, reason: QuarantineReason) -> None:
         r = p.record
@@ -449,19 +452,22 @@ def _decide(
     assert operator is not None
 
     found: list[tuple[RecordException, str]] = []
-    if card.status == CardStatus.LOST:
-        lost = card.lost_at.astimezone(TERMINAL_TZ).replace(tzinfo=None) if card.lost_at else None
-        if lost is None or p.txn_time >= lost:
-            found.append((RecordException.CARD_LOST, f"used at {p.txn_time}, lost at {lost}"))
-    elif card.status in (CardStatus.BLOCKED, CardStatus.CLOSED):
-        what = CardStatus(card.status).name.lower()
-        if card.replaced_by is not None:
-            what += f", replaced by {card.replaced_by:016d}"
-            holder = _holder(card, cards)
-            if holder != card.replaced_by:
-                what += f" and in turn by {holder:016d}"
-            what += ": the amount follows to it"
-        found.append((RecordException.CARD_BLOCKED, f"card is {what}"))
+    if card.status != _ACTIVE:
+        if card.status == CardStatus.LOST:
+            lost = (
+                card.lost_at.astimezone(TERMINAL_TZ).replace(tzinfo=None) if card.lost_at else None
+            )
+            if lost is None or p.txn_time >= lost:
+                found.append((RecordException.CARD_LOST, f"used at {p.txn_time}, lost at {lost}"))
+        elif card.status in (CardStatus.BLOCKED, CardStatus.CLOSED):
+            what = CardStatus(card.status).name.lower()
+            if card.replaced_by is not None:
+                what += f", replaced by {card.replaced_by:016d}"
+                holder = _holder(card, cards)
+                if holder != card.replaced_by:
+                    what += f" and in turn by {holder:016d}"
+                what += ": the amount follows to it"
+            found.append((RecordException.CARD_BLOCKED, f"card is {what}"))
     if r.card_balance_before != card.balance:
         found.append(
             (
@@ -469,26 +475,28 @@ def _decide(
                 f"card reported {r.card_balance_before} fen before, ledger held {card.balance}",
             )
         )
-    counter_key = (p.card_no, r.offline_counter)
+    counter = r.offline_counter
+    counter_key = (p.card_no, counter)
     if counter_key in used_counters:
-        found.append((RecordException.COUNTER_REPEAT, f"counter {r.offline_counter} seen before"))
-    elif card.counter and r.offline_counter > card.counter + 1:
+        found.append((RecordException.COUNTER_REPEAT, f"counter {counter} seen before"))
+    elif card.counter and counter > card.counter + 1:
         # A counter of 0 means no purchase of this card was seen yet, online
         # or offline: its first record has nothing to be measured against.
         found.append(
             (
                 RecordException.COUNTER_GAP,
-                f"counter {r.offline_counter} after {card.counter}: "
-                f"{r.offline_counter - card.counter - 1} missing so far",
+                f"counter {counter} after {card.counter}: "
+                f"{counter - card.counter - 1} missing so far",
             )
         )
     used_counters.add(counter_key)
 
-    payable = ref.account_id(payable_code(operator))
-    writes.purchase(p, purse_account(p.card_no), payable)
-    card.balance -= r.amount
-    card.delta -= r.amount
-    card.counter = max(card.counter, r.offline_counter)
+    amount = r.amount
+    writes.purchase(amount, ref.payable_of(p.terminal_id, operator))
+    card.balance -= amount
+    card.delta -= amount
+    if counter > card.counter:
+        card.counter = counter
     card.touched = True
     bearer = card
     if card.replaced_by is not None:
@@ -501,10 +509,10 @@ def _decide(
             PostingKind.REPLACED_CARD_FOLLOW,
             holder,
         )
-        card.balance += r.amount
-        card.delta += r.amount
-        successor.balance -= r.amount
-        successor.delta -= r.amount
+        card.balance += amount
+        card.delta += amount
+        successor.balance -= amount
+        successor.delta -= amount
         successor.touched = True
         bearer = successor
     if bearer.balance < 0:
@@ -512,11 +520,14 @@ def _decide(
             (RecordException.NEGATIVE_BALANCE, f"purse at {bearer.balance} fen after the record")
         )
 
+    if not found:  # the usual record: nothing for finance
+        writes.txn(p, TxnStatus.APPROVED, card.balance, 0)
+        seen[key] = (p.fingerprint, TxnStatus.APPROVED, card.balance, 0)
+        return OfflineResult(RecordOutcome.POSTED, card.balance)
     exceptions = tuple(kind for kind, _ in found)
     bits = exception_bits(exceptions)
     for kind, detail in found:
         writes.exception(p, kind, detail)
     writes.txn(p, TxnStatus.APPROVED, card.balance, bits)
     seen[key] = (p.fingerprint, TxnStatus.APPROVED, card.balance, bits)
-    outcome = RecordOutcome.POSTED_WITH_EXCEPTION if exceptions else RecordOutcome.POSTED
-    return OfflineResult(outcome, card.balance, exceptions=exceptions)
+    return OfflineResult(RecordOutcome.POSTED_WITH_EXCEPTION, card.balance, exceptions=exceptions)
