@@ -72,6 +72,11 @@ PG_SETTINGS = {
     # Where the database's time goes, printed after the upload run.
     "shared_preload_libraries": "pg_stat_statements",
 }
+# BENCH_PG="name=value,..." adds or overrides settings, to compare one in a run.
+PG_SETTINGS.update(
+    (k, v)
+    for k, _, v in (kv.partition("=") for kv in os.environ.get("BENCH_PG", "").split(",") if kv)
+)
 
 
 @dataclass
@@ -342,18 +347,24 @@ async def show_statements(dsn: str, seconds: float) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            "SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g') AS q"
+            "SELECT calls, total_exec_time, rows, wal_bytes, wal_fpi,"
+            " regexp_replace(query, '\\s+', ' ', 'g') AS q"
             " FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database"
             " WHERE datname = current_database()) ORDER BY total_exec_time DESC LIMIT 8"
         )
     finally:
         await conn.close()
-    print(f"    {'calls':>7}{'ms total':>10}{'% of run':>9}{'rows':>9}  statement")
+    # WAL per statement: full-page images (the first change to a page after a
+    # checkpoint) are what a large card population costs.
+    print(
+        f"    {'calls':>7}{'ms total':>10}{'% of run':>9}{'rows':>9}{'WAL MB':>8}{'FPIs':>8}"
+        "  statement"
+    )
     for r in rows:
         share = r["total_exec_time"] / 1e3 / seconds * 100
         print(
             f"    {r['calls']:>7}{r['total_exec_time']:>10.0f}{share:>8.0f}%{r['rows']:>9}"
-            f"  {r['q'][:70]}"
+            f"{int(r['wal_bytes']) / 1e6:>8.1f}{r['wal_fpi']:>8}  {r['q'][:60]}"
         )
 
 
