@@ -32,7 +32,7 @@ from onecard.ledger.model import (
 )
 from onecard.ledger.refdata import ReferenceData
 from onecard.ledger.storage import Conn
-from onecard.ledger.storage.terminal_batch import LOCK_ACCOUNTS, UPDATE_ACCOUNTS, BatchRaced
+from onecard.ledger.storage.terminal_batch import BatchRaced, hot_accounts
 
 _ACTIVE = int(CardStatus.ACTIVE)
 #: Terminals stamp local time; PROTOCOL.md fixes it at UTC+8.
@@ -251,13 +251,19 @@ SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5:
                      $6::bigint[], $7::bigint[])
 """
 
-_UPDATE_CARDS = """
-UPDATE cards AS c
-SET purse_balance = c.purse_balance + d.delta,
-    offline_counter = greatest(c.offline_counter, d.counter),
-    last_used_at = now()
-FROM unnest($1::bigint[], $2::bigint[], $3::integer[]) AS d(card_no, delta, counter)
-WHERE c.card_no = d.card_no
+# The purses, and in the same statement the hot system accounts: the last
+# statement before COMMIT, so the account rows every batch shares are held
+# for the COMMIT only.
+_UPDATE_BALANCES = f"""
+WITH purses AS (
+    UPDATE cards AS c
+    SET purse_balance = c.purse_balance + d.delta,
+        offline_counter = greatest(c.offline_counter, d.counter),
+        last_used_at = now()
+    FROM unnest($1::bigint[], $2::bigint[], $3::integer[]) AS d(card_no, delta, counter)
+    WHERE c.card_no = d.card_no
+), {hot_accounts(4)}
+SELECT 1
 """
 
 _INSERT_QUARANTINE = """
@@ -364,22 +370,21 @@ async def apply_offline_batch(
                 )
         if writes.postings[0]:
             await conn.execute(_INSERT_POSTINGS, *writes.postings)
-        touched = [(no, c) for no, c in cards.items() if c.touched]
-        if touched:
-            await conn.execute(
-                _UPDATE_CARDS,
-                [no for no, _ in touched],
-                [c.delta for _, c in touched],
-                [c.counter for _, c in touched],
-            )
         if writes.quarantine[0]:
             await conn.execute(_INSERT_QUARANTINE, *writes.quarantine)
         if writes.exceptions[0]:
             await conn.execute(_INSERT_EXCEPTIONS, *writes.exceptions)
-        system = sorted(a for a in writes.accounts if a < purse_account(0))
-        if system:
-            await conn.execute(LOCK_ACCOUNTS, system)
-            await conn.execute(UPDATE_ACCOUNTS, system, [writes.accounts[a] for a in system])
+        touched = [(no, c) for no, c in cards.items() if c.touched]
+        if touched:
+            system = sorted(a for a in writes.accounts if a < purse_account(0))
+            await conn.execute(
+                _UPDATE_BALANCES,
+                [no for no, _ in touched],
+                [c.delta for _, c in touched],
+                [c.counter for _, c in touched],
+                system,
+                [writes.accounts[a] for a in system],
+            )
     return results
 
 

@@ -104,6 +104,25 @@ class _Writes:
         self.accounts[credit] = self.accounts.get(credit, 0) + p.request.amount
 
 
+def hot_accounts(first: int) -> str:
+    """Two CTEs that add summed deltas to the hot system accounts, locked in id order.
+
+    Parameters ``$first`` (account ids, ascending) and ``$first+1`` (deltas).
+    Every writer of a batch ends with them, in the statement just before
+    COMMIT: the rows every batch shares are then held for the COMMIT only.
+    """
+    ids, deltas = f"${first}::bigint[]", f"${first + 1}::bigint[]"
+    return f"""hot AS (
+    SELECT account_id FROM accounts WHERE account_id = ANY({ids})
+    ORDER BY account_id FOR UPDATE
+), accounts_moved AS (
+    UPDATE accounts AS a SET balance = a.balance + d.delta
+    FROM unnest({ids}, {deltas}) AS d(account_id, delta)
+    JOIN hot USING (account_id)
+    WHERE a.account_id = d.account_id
+)"""
+
+
 # A flush is BEGIN, one read, the decisions in Python, one write, COMMIT: every
 # round trip to PostgreSQL is a wake-up of its backend on a busy machine, and
 # an online flush of a few debits is mostly round trips (it was nine).
@@ -135,7 +154,7 @@ FROM locked
 # order like the cards. No ON CONFLICT on terminal_txns: the batch looked its
 # keys up already, so a clash means another writer committed one meanwhile,
 # and the batch runs again (BatchRaced).
-_WRITE = """
+_WRITE = f"""
 WITH txns AS (
     INSERT INTO terminal_txns (terminal_id, terminal_seq, card_no, kind, amount, fingerprint,
                                status, balance_after, mac2, card_balance, txn_time)
@@ -156,27 +175,8 @@ WITH txns AS (
     FROM unnest($19::bigint[], $20::bigint[], $21::integer[], $22::integer[])
          AS d(card_no, delta, online_counter, purchases)
     WHERE c.card_no = d.card_no
-), hot AS (
-    SELECT account_id FROM accounts WHERE account_id = ANY($23::bigint[])
-    ORDER BY account_id FOR UPDATE
-), accounts_moved AS (
-    UPDATE accounts AS a SET balance = a.balance + d.delta
-    FROM unnest($23::bigint[], $24::bigint[]) AS d(account_id, delta)
-    JOIN hot USING (account_id)
-    WHERE a.account_id = d.account_id
-)
+), {hot_accounts(23)}
 SELECT 1
-"""
-
-LOCK_ACCOUNTS = """
-SELECT account_id FROM accounts WHERE account_id = ANY($1::bigint[])
-ORDER BY account_id FOR UPDATE
-"""
-
-UPDATE_ACCOUNTS = """
-UPDATE accounts AS a SET balance = a.balance + d.delta
-FROM unnest($1::bigint[], $2::bigint[]) AS d(account_id, delta)
-WHERE a.account_id = d.account_id
 """
 
 
