@@ -357,7 +357,7 @@ async def test_cancel_readable_card_refunds_balance_and_deposit(
         0,
     )
     cash = await fetch(
-        server.dsn, "SELECT balance FROM accounts WHERE code = 'cash:3104:wechat_pay'"
+        server.dsn, "SELECT balance FROM account_balances WHERE code = 'cash:3104:wechat_pay'"
     )
     assert cash[0]["balance"] == 4500  # paid out: the issuer holds 4500 fen less
     again = await cancel(channel, card.card_no, readable=True, card_balance=0)
@@ -589,7 +589,9 @@ async def test_reverse_a_load(server: RunningServer, channel, keys) -> None:
     stub = terminal_stub(channel)
     reply = await stub.Reverse(_reverse_request(card.card_no, 2000, 6, 5, TOPUP))
     assert reply.status == APPROVED and reply.balance_after == 0
-    cash = await fetch(server.dsn, "SELECT balance FROM accounts WHERE code = 'cash:3104:cash'")
+    cash = await fetch(
+        server.dsn, "SELECT balance FROM account_balances WHERE code = 'cash:3104:cash'"
+    )
     assert cash[0]["balance"] == -2000  # the deposit only
     await assert_books_balance(server.dsn)
 

@@ -16,7 +16,8 @@ async def trial_balance(conn: Conn) -> int:
     """Sum of every account's balance; zero in a sound ledger."""
     total: int = await conn.fetchval(
         """SELECT coalesce((SELECT sum(purse_balance + deposit_balance) FROM cards), 0)
-                + coalesce((SELECT sum(balance) FROM accounts), 0)"""
+                + coalesce((SELECT sum(balance) FROM accounts), 0)
+                + coalesce((SELECT sum(balance) FROM account_slots), 0)"""
     )
     return total
 
@@ -39,7 +40,7 @@ async def balance_discrepancies(conn: Conn) -> list[Discrepancy]:
         ), from_postings AS (
             SELECT account, sum(amount) AS total FROM movements GROUP BY account
         ), stored AS (
-            SELECT account_id AS account, balance FROM accounts
+            SELECT account_id AS account, balance FROM account_balances
             UNION ALL SELECT $1 + card_no, purse_balance FROM cards
             UNION ALL SELECT $2 + card_no, deposit_balance FROM cards
         )

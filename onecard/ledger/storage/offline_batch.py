@@ -251,9 +251,8 @@ SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5:
                      $6::bigint[], $7::bigint[])
 """
 
-# The purses, and in the same statement the hot system accounts: the last
-# statement before COMMIT, so the account rows every batch shares are held
-# for the COMMIT only.
+# The purses, and in the same statement the hot system accounts' deltas
+# (to this session's slot rows, see hot_accounts).
 _UPDATE_BALANCES = f"""
 WITH purses AS (
     UPDATE cards AS c

@@ -104,22 +104,27 @@ class _Writes:
         self.accounts[credit] = self.accounts.get(credit, 0) + p.request.amount
 
 
-def hot_accounts(first: int) -> str:
-    """Two CTEs that add summed deltas to the hot system accounts, locked in id order.
+#: Slot rows per hot account (migration 0007): enough that the few sessions
+#: writing at once (workers x flushers) rarely pick the same one.
+ACCOUNT_SLOTS = 64
 
-    Parameters ``$first`` (account ids, ascending) and ``$first+1`` (deltas).
-    Every writer of a batch ends with them, in the statement just before
-    COMMIT: the rows every batch shares are then held for the COMMIT only.
+
+def hot_accounts(first: int) -> str:
+    """A CTE that adds summed deltas to the hot system accounts.
+
+    Parameters ``$first`` (account ids) and ``$first+1`` (deltas). The deltas
+    go to the session's own slot row of each account (migration 0007), in
+    account order, so concurrent batches neither wait for each other's COMMIT
+    nor deadlock when two sessions share a slot.
     """
     ids, deltas = f"${first}::bigint[]", f"${first + 1}::bigint[]"
-    return f"""hot AS (
-    SELECT account_id FROM accounts WHERE account_id = ANY({ids})
-    ORDER BY account_id FOR UPDATE
-), accounts_moved AS (
-    UPDATE accounts AS a SET balance = a.balance + d.delta
+    return f"""accounts_moved AS (
+    INSERT INTO account_slots (account_id, slot, balance)
+    SELECT account_id, pg_backend_pid() % {ACCOUNT_SLOTS}, delta
     FROM unnest({ids}, {deltas}) AS d(account_id, delta)
-    JOIN hot USING (account_id)
-    WHERE a.account_id = d.account_id
+    ORDER BY account_id
+    ON CONFLICT (account_id, slot)
+    DO UPDATE SET balance = account_slots.balance + excluded.balance
 )"""
 
 
@@ -150,10 +155,9 @@ FROM locked
 """
 
 # Every write of the batch in one statement: outcomes, postings, card balances
-# and the summed deltas of the hot system accounts, those locked in account
-# order like the cards. No ON CONFLICT on terminal_txns: the batch looked its
-# keys up already, so a clash means another writer committed one meanwhile,
-# and the batch runs again (BatchRaced).
+# and the summed deltas of the hot system accounts. No ON CONFLICT on
+# terminal_txns: the batch looked its keys up already, so a clash means another
+# writer committed one meanwhile, and the batch runs again (BatchRaced).
 _WRITE = f"""
 WITH txns AS (
     INSERT INTO terminal_txns (terminal_id, terminal_seq, card_no, kind, amount, fingerprint,
