@@ -1,4 +1,4 @@
--- The offline upload's write path, measured (benchmarks/FINDINGS.md, README
+-- The offline upload's write path, measured (README
 -- Performance): every uploaded record inserts into terminal_txns and postings,
 -- and the B-tree insertions at random keys cost more than the rows themselves.
 
