@@ -60,7 +60,8 @@ async def test_rows_survive_stop_and_restart_on_the_same_data_dir(tmp_path: Path
     pg.start()
     try:
         assert pg.port != 5432
-        assert pg.dsn() == f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
+        assert pg.tcp_dsn() == f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
+        assert pg.dsn().startswith("postgresql://postgres@/postgres?host=/")
         conn = await asyncpg.connect(pg.dsn())
         try:
             shown = {

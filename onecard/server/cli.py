@@ -20,18 +20,24 @@ from onecard.server.logs import setup_logging
 
 def _describe_dsn(dsn: str) -> str:
     """Where we are connected, without a password."""
-    from urllib.parse import urlsplit
+    from urllib.parse import parse_qs, urlsplit
 
     parts = urlsplit(dsn)
-    return f"{parts.hostname}:{parts.port}{parts.path}"
+    query = parse_qs(parts.query)
+    host = parts.hostname or query.get("host", ["?"])[0]
+    port = parts.port or query.get("port", ["5432"])[0]
+    return f"{host}:{port}{parts.path}"
 
 
 async def _serve(cfg: ServerConfig) -> None:
-    from onecard.server.app import start_server
+    from onecard.server.app import EMBEDDED_DATABASE, start_server
 
     running = await start_server(cfg)
+    # The server talks to its embedded database over the Unix socket; people
+    # (psql -h 127.0.0.1 -p PORT) and tools are shown its TCP address.
     db = (
-        f"embedded PostgreSQL in {cfg.data_dir / 'pg'} ({_describe_dsn(running.dsn)})"
+        f"embedded PostgreSQL in {cfg.data_dir / 'pg'} "
+        f"({_describe_dsn(running.embedded.tcp_dsn(EMBEDDED_DATABASE))})"
         if running.embedded
         else f"PostgreSQL at {_describe_dsn(running.dsn)}"
     )
