@@ -415,3 +415,12 @@ def test_a_count_below_one_is_refused_naming_the_option(
     err = capsys.readouterr().err
     assert flag in err and "must be at least 1, got 0" in err
     assert not (tmp_path / "pg").exists()  # refused before anything started
+
+
+def test_a_negative_linger_is_refused_naming_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from onecard.server.cli import main
+
+    assert main(["serve", "--data-dir", str(tmp_path), "--linger-ms", "-1"]) == 2
+    assert "--linger-ms: must be between 0 and 1000, got -1.0" in capsys.readouterr().err

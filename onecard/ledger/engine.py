@@ -56,7 +56,13 @@ R = TypeVar("R")
 class BatchSettings:
     max_batch: int = 1000
     max_queue: int = 10_000
-    linger: float = 0.0
+    #: How long a flusher waits for company after the previous batch
+    #: committed. Measured with 128 debits in flight on two workers: 0 ms gave
+    #: 4,500 debits/s (PostgreSQL 75 us and a worker 250 us of CPU per
+    #: debit, most of it per-flush overhead of batches of a few debits);
+    #: 2 ms gave 5,450/s (50 and 204 us). Open loop it costs 2-3 ms of p50 at
+    #: 1,000 debits/s and lowered p99 at 3,000/s (166 -> 117 ms).
+    linger: float = 0.002
     #: Offline uploads have their own committer: a 5,000-record upload must
     #: not sit in front of online debits a passenger is waiting for.
     upload_max_batch: int = 5000

@@ -197,6 +197,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value < 1:
             raise FieldError(flag, f"must be at least 1, got {value}")
+    if not 0 <= args.linger_ms <= 1000:
+        raise FieldError("--linger-ms", f"must be between 0 and 1000, got {args.linger_ms}")
     return ServerConfig(
         listen=args.listen,
         dsn=args.dsn or None,
