@@ -23,7 +23,8 @@ between channels to the same address, and the kernel's SO_REUSEPORT spreads
 connections, not calls, so all load would reach one worker.
 
 The online throughput and its ratio are closed loop (``--concurrency`` calls
-in flight, what the server sustains); the online p99 comes from a second,
+in flight, what the server sustains), the no-op and the ledger measured in
+``--rounds`` alternating rounds; the online p99 comes from a second,
 open-loop run at ``--p99-load`` of that rate, latency counted from each call's
 intended send time (coordinated omission corrected), because latency at
 saturation only measures the queue the client builds.
@@ -88,6 +89,14 @@ class Rate:
     @property
     def per_second(self) -> float:
         return self.count / self.seconds
+
+    @staticmethod
+    def merge(rates: Sequence[Rate]) -> Rate:
+        return Rate(
+            sum(r.count for r in rates),
+            sum(r.seconds for r in rates),
+            [x for r in rates for x in r.latencies],
+        )
 
     def percentile(self, q: float) -> float:
         if not self.latencies:
@@ -425,14 +434,10 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         print("online debits")
         pop = Population(version, args.small, OPENING_BALANCE)
         n = args.debits
+        # The no-op and the ledger are measured in alternating rounds, both
+        # servers up (an idle one costs nothing), so that the machine's drift
+        # (a shared 2-core VM moves by a fifth within minutes) hits both alike.
         noop = ServerProcess(["-m", "benchmarks.throughput", "--noop-server"])
-        try:
-            base = await run_online(
-                noop.address, debit_requests(pop, n, 0, rng), args.concurrency, args.channels
-            )
-        finally:
-            noop.stop()
-        describe("no-op servicer", base, "debits")
         server = ledger_server(small, key_file, tmp / "srv-online")
         try:
             await run_online(
@@ -441,12 +446,26 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 args.concurrency,
                 args.channels,
             )
-            online = await run_online(
-                server.address,
-                debit_requests(pop, n, 60_000_000, rng),
-                args.concurrency,
-                args.channels,
-            )
+            bases, onlines = [], []
+            per_round = n // args.rounds
+            for r in range(args.rounds):
+                bases.append(
+                    await run_online(
+                        noop.address,
+                        debit_requests(pop, per_round, r * per_round, rng),
+                        args.concurrency,
+                        args.channels,
+                    )
+                )
+                onlines.append(
+                    await run_online(
+                        server.address,
+                        debit_requests(pop, per_round, 60_000_000 + r * per_round, rng),
+                        args.concurrency,
+                        args.channels,
+                    )
+                )
+            base, online = Rate.merge(bases), Rate.merge(onlines)
             open_rate = online.per_second * args.p99_load
             p99, achieved, refused = await run_online_open(
                 server.address,
@@ -458,6 +477,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 raise RuntimeError(f"{refused} open-loop debits were not approved or failed")
         finally:
             server.stop()
+            noop.stop()
+        describe("no-op servicer", base, "debits")
         describe("group commit", online, "debits")
         print(
             f"  {'open loop':<28}{open_rate:>9,.0f}/s offered, {achieved:,.0f}/s done"
@@ -505,6 +526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=8, help="concurrent upload streams")
     parser.add_argument("--debits", type=int, default=20_000, help="online debits per run")
     parser.add_argument("--concurrency", type=int, default=128, help="debits in flight")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating no-op/ledger rounds (online)"
+    )
     parser.add_argument("--channels", type=int, default=8, help="client TCP connections")
     parser.add_argument(
         "--p99-load", type=float, default=0.8, help="open-loop rate for the p99, x closed loop"
