@@ -77,6 +77,17 @@ def _txn_time(s: str) -> dt.datetime:
     return parse_datetime(s)  # validated already; cached
 
 
+# One BLAKE2b-128 state copied per fingerprint: constructing a hasher with
+# digest_size (keyword parsing) cost 0.46 us a record, a copy 0.34.
+_FINGERPRINT = _blake2b(digest_size=16)
+
+
+def _digest(text: str) -> bytes:
+    h = _FINGERPRINT.copy()
+    h.update(text.encode())
+    return h.digest()
+
+
 def fingerprint(req: Debit | Load | OfflineRecord) -> bytes:
     """What makes a retry "the same request": every field the terminal sent.
 
@@ -84,14 +95,9 @@ def fingerprint(req: Debit | Load | OfflineRecord) -> bytes:
     covers), so an offline copy of an approved online debit is a duplicate.
     """
     if isinstance(req, Debit | OfflineRecord):
-        # Exactly repr() of the tuple ("D", card_no, amount, txn_type,
-        # date_time, key_version, tac hex), the form stored fingerprints were
-        # made with (tests pin it), written out: 1.7 -> 1.1 us a record.
-        text = (
-            f"('D', {req.card_no!r}, {req.amount!r}, {req.txn_type!r}, {req.date_time!r}, "
-            f"{req.key_version!r}, '{req.tac.hex()}')"
+        return purchase_fingerprint(
+            req.card_no, req.amount, req.txn_type, req.date_time, req.key_version, req.tac
         )
-        return _blake2b(text.encode(), digest_size=16).digest()
     parts = (
         "L",
         req.card_no,
@@ -105,7 +111,21 @@ def fingerprint(req: Debit | Load | OfflineRecord) -> bytes:
         req.mac1.hex(),
         int(req.channel),
     )
-    return _blake2b(repr(parts).encode(), digest_size=16).digest()
+    return _digest(repr(parts))
+
+
+def purchase_fingerprint(
+    card_no: str, amount: int, txn_type: int, date_time: str, key_version: int, tac: bytes
+) -> bytes:
+    """A purchase's fingerprint from its fields (uploads call it per record).
+
+    Exactly repr() of the tuple ("D", card_no, amount, txn_type, date_time,
+    key_version, tac hex), the form stored fingerprints were made with (tests
+    pin it), written out: an int's repr is its str.
+    """
+    return _digest(
+        f"('D', {card_no!r}, {amount}, {txn_type}, {date_time!r}, {key_version}, '{tac.hex()}')"
+    )
 
 
 class Ledger:
@@ -295,30 +315,24 @@ class Ledger:
         return await self._create_offline_records(list(records))
 
     def _prepare_records(self, items: list[OfflineRecord]) -> list[PreparedRecord]:
+        # Positional construction and tuple unpacking throughout: this runs
+        # once per uploaded record (keywords cost 0.3 us a record here).
         codes = self.verifier.verify_purchases(
             [
-                PurchaseCheck(
-                    issuer_of(r.card_no),
-                    r.key_version,
-                    r.card_no,
-                    r.amount,
-                    r.txn_type,
-                    r.terminal_id,
-                    r.terminal_seq,
-                    r.date_time,
-                    r.tac,
-                )
-                for r in items
+                PurchaseCheck(issuer_of(card_no), kv, card_no, amount, ttype, term, seq, when, tac)
+                for card_no, amount, ttype, term, seq, when, kv, tac, _, _ in items
             ]
         )
         return [
             PreparedRecord(
-                record=r,
-                card_no=int(r.card_no),
-                terminal_id=int(r.terminal_id),
-                fingerprint=fingerprint(r),
-                mac_code=code,
-                txn_time=_txn_time(r.date_time),
+                r,
+                int(r.card_no),
+                int(r.terminal_id),
+                purchase_fingerprint(
+                    r.card_no, r.amount, r.txn_type, r.date_time, r.key_version, r.tac
+                ),
+                code,
+                _txn_time(r.date_time),
             )
             for r, code in zip(items, codes, strict=True)
         ]

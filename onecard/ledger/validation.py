@@ -8,8 +8,9 @@ that fails here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn
 
-from onecard.ledger.crypto.encoding import FieldError, parse_datetime
+from onecard.ledger.crypto.encoding import FieldError, is_datetime, parse_datetime
 from onecard.ledger.crypto.suites import PURCHASE_TYPES, TYPE_LOAD, Suite
 from onecard.ledger.keys import KeyStore
 from onecard.ledger.model import CardIssue, Debit, Load, OfflineRecord, PaymentChannel
@@ -144,7 +145,37 @@ def check_upload_batch(
         raise FieldError(
             "claimed_count", f"claims {claimed_count} records, the batch holds {len(records)}"
         )
+    # One pass of inline tests over every record; only a batch that fails
+    # one goes through _refuse_record, which names the first bad field.
+    # (Calling the per-field checks for every record cost 0.78 us a record.)
     total = 0
+    max_amount = limits.max_amount
+    for card_no, amount, ttype, terminal_id, _, when, kv, tac, counter, before in records:
+        if not (
+            len(card_no) == 16
+            and card_no.isascii()
+            and card_no.isdigit()
+            and 0 < amount <= max_amount
+            and len(terminal_id) == 12
+            and terminal_id.isascii()
+            and terminal_id.isdigit()
+            and is_datetime(when)
+            and ttype in PURCHASE_TYPES
+            and len(tac) in (4, 8)
+            and 0 <= counter <= 0xFFFF
+            and 0 <= kv <= 255
+            and -(2**31) <= before < 2**31
+        ):
+            _refuse_record(records, limits)
+        total += amount
+    if claimed_total != total:
+        raise FieldError(
+            "claimed_total", f"claims {claimed_total} fen, the records add up to {total} fen"
+        )
+
+
+def _refuse_record(records: list[OfflineRecord], limits: Limits) -> NoReturn:
+    """Raise the FieldError of the batch's first bad record, named by its index."""
     for i, r in enumerate(records):
         where = f"records[{i}]"
         try:
@@ -168,8 +199,4 @@ def check_upload_batch(
             raise FieldError(
                 f"{where}.card_balance_before", f"must fit 32 bits, got {r.card_balance_before}"
             )
-        total += r.amount
-    if claimed_total != total:
-        raise FieldError(
-            "claimed_total", f"claims {claimed_total} fen, the records add up to {total} fen"
-        )
+    raise AssertionError("a record failed the batch check but no field rule names it")

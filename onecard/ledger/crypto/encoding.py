@@ -44,6 +44,11 @@ def parse_datetime(value: str, field: str = "date_time") -> _dt.datetime:
     return moment
 
 
+def is_datetime(value: str) -> bool:
+    """Whether parse_datetime would take ``value`` (no exception to build when it would not)."""
+    return _moment(value) is not None
+
+
 @functools.lru_cache(maxsize=65_536)
 def _moment(value: str) -> _dt.datetime | None:
     """Cached: the records of one upload share a handful of minutes, and
