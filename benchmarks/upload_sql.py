@@ -35,6 +35,7 @@ import asyncpg
 
 from onecard.ledger.devdata import seed_demo_data
 from onecard.ledger.model import TxnKind, TxnStatus
+from onecard.ledger.refdata import ReferenceData
 from onecard.ledger.storage.migrate import apply_migrations
 from onecard.ledger.storage.offline_batch import (
     CREATE_STAGE,
@@ -63,8 +64,7 @@ WITH t AS (
     SELECT t.card_no, 10000000000000000 + t.card_no, a.account_id, t.amount, 1,
            t.terminal_id, t.terminal_seq
     FROM t
-    JOIN terminals USING (terminal_id)
-    JOIN accounts a ON a.code = 'payable:' || terminals.operator_id
+    JOIN unnest($13::bigint[], $14::bigint[]) AS a(terminal_id, account_id) USING (terminal_id)
     WHERE t.status = 1
     RETURNING 1
 )
@@ -100,22 +100,24 @@ def rows(n: int) -> list[tuple[object, ...]]:
     return out
 
 
-async def by_unnest(conn: asyncpg.Connection, batch: list[tuple[object, ...]]) -> float:
+async def by_unnest(
+    conn: asyncpg.Connection, batch: list[tuple[object, ...]], payable: int
+) -> float:
     began = time.perf_counter()
     async with conn.transaction():
         columns = (list(col) for col in zip(*batch, strict=True))
-        counts = await conn.fetchrow(_INSERT_TXNS_UNNEST, *columns)
+        counts = await conn.fetchrow(_INSERT_TXNS_UNNEST, *columns, [TERMINAL], [payable])
     elapsed = time.perf_counter() - began
     assert counts is not None and counts["postings"] == len(batch)
     return elapsed
 
 
-async def by_copy(conn: asyncpg.Connection, batch: list[tuple[object, ...]]) -> float:
+async def by_copy(conn: asyncpg.Connection, batch: list[tuple[object, ...]], payable: int) -> float:
     began = time.perf_counter()
     async with conn.transaction():
         await conn.execute(CREATE_STAGE)  # as each flush does; a no-op after the first
         await conn.copy_records_to_table(STAGE_TABLE, records=batch, columns=STAGE_COLUMNS)
-        counts = await conn.fetchrow(INSERT_STAGED_TXNS)
+        counts = await conn.fetchrow(INSERT_STAGED_TXNS, [TERMINAL], [payable])
     elapsed = time.perf_counter() - began
     assert counts is not None and counts["postings"] == len(batch)
     return elapsed
@@ -130,15 +132,17 @@ async def run(sizes: Sequence[int], repeat: int) -> None:
         try:
             await apply_migrations(conn)
             await seed_demo_data(conn)
+            # The terminal's payable, as the ledger's reference data maps it.
+            payable = (await ReferenceData.load(conn)).terminal_payable[TERMINAL]
             for size in sizes:
                 for _ in range(3):  # warm caches, plans and the staging table
-                    await by_unnest(conn, rows(size))
-                    await by_copy(conn, rows(size))
+                    await by_unnest(conn, rows(size), payable)
+                    await by_copy(conn, rows(size), payable)
                 unnest: list[float] = []
                 copy: list[float] = []
                 for _ in range(repeat):
-                    unnest.append(await by_unnest(conn, rows(size)))
-                    copy.append(await by_copy(conn, rows(size)))
+                    unnest.append(await by_unnest(conn, rows(size), payable))
+                    copy.append(await by_copy(conn, rows(size), payable))
                 a, b = statistics.median(unnest) * 1e3, statistics.median(copy) * 1e3
                 print(
                     f"upload sql {size} records: unnest {a:.1f} ms, copy {b:.1f} ms, "

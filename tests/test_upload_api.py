@@ -117,6 +117,34 @@ async def test_records_post_in_order_and_reupload_is_duplicate(
     await assert_books_balance(server.dsn)
 
 
+async def test_one_batch_pays_each_terminals_operator(server: RunningServer, channel, keys) -> None:
+    """A gateway's batch can hold a bus's and a metro gate's records: each operator is paid."""
+    card = await funded(channel, keys)
+    payables = await fetch(
+        server.dsn, "SELECT account_id, code FROM accounts WHERE code LIKE 'payable:%'"
+    )
+    account = {r["code"]: r["account_id"] for r in payables}
+    records = [
+        ride(card, 200),
+        offline_record(card, 300, "310400000004", next(_seqs), now_bcd_text()),
+        ride(card, 100),
+    ]
+    (reply,) = await Gateway(channel).upload([make_batch("mixed", records)])
+    assert [r.outcome for r in reply.results] == [POSTED] * 3
+    rows = await fetch(
+        server.dsn,
+        "SELECT credit_account, sum(amount) AS paid FROM postings"
+        " WHERE card_no = $1 AND kind = 1 GROUP BY credit_account",
+        int(card.card_no),
+    )
+    assert {r["credit_account"]: r["paid"] for r in rows} == {
+        account["payable:SZBUS"]: 300,
+        account["payable:SZMETRO"]: 300,
+    }
+    await assert_acknowledged(server.dsn, records, [reply])
+    await assert_books_balance(server.dsn)
+
+
 async def test_offline_copy_of_an_online_debit_is_a_duplicate(
     server: RunningServer, channel, keys
 ) -> None:

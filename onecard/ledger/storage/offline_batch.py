@@ -79,6 +79,8 @@ class _Writes:
     quarantine: list[list[object]] = field(default_factory=lambda: [[] for _ in range(12)])
     exceptions: list[list[object]] = field(default_factory=lambda: [[] for _ in range(5)])
     purchases: int = 0
+    #: The payable account each purchase's terminal posts to (INSERT_STAGED_TXNS).
+    payables: dict[int, int] = field(default_factory=dict)
 
     def txn(self, p: PreparedRecord, status: TxnStatus, balance: int, bits: int) -> None:
         r = p.record
@@ -109,7 +111,7 @@ class _Writes:
         self.accounts[debit] = self.accounts.get(debit, 0) - amount
         self.accounts[credit] = self.accounts.get(credit, 0) + amount
 
-    def purchase(self, amount: int, payable: int) -> None:
+    def purchase(self, amount: int, terminal_id: int, payable: int) -> None:
         """A purchase posting; its row is derived in SQL from the inserted record.
 
         The purse's side is summed on the card row (``_Card.delta``); only
@@ -117,6 +119,7 @@ class _Writes:
         """
         self.purchases += 1
         self.accounts[payable] = self.accounts.get(payable, 0) + amount
+        self.payables[terminal_id] = payable
 
     def quarantined(self, p: PreparedRecord, reason: QuarantineReason) -> None:
         r = p.record
@@ -225,6 +228,11 @@ CREATE TEMP TABLE IF NOT EXISTS {STAGE_TABLE} (
 # batch looked for its keys already, so a clash means another writer committed
 # one meanwhile, and the whole batch runs again (BatchRaced); the speculative
 # insertion ON CONFLICT needs cost 2 us of the statement's 14 per record.
+# The payable of each terminal comes with the statement ($1 terminals, $2
+# their accounts), the same the batch's deltas to hot accounts were summed
+# with, so postings and balances cannot disagree if a terminal changes
+# operator meanwhile; joining terminals and accounts.code per record instead
+# took 1.6 of the statement's 12 us a record (a hash join on these: 0.9).
 INSERT_STAGED_TXNS = f"""
 WITH t AS (
     INSERT INTO terminal_txns ({", ".join(STAGE_COLUMNS)})
@@ -236,8 +244,7 @@ WITH t AS (
     SELECT t.card_no, 10000000000000000 + t.card_no, a.account_id, t.amount, 1,
            t.terminal_id, t.terminal_seq
     FROM t
-    JOIN terminals USING (terminal_id)
-    JOIN accounts a ON a.code = 'payable:' || terminals.operator_id
+    JOIN unnest($1::bigint[], $2::bigint[]) AS a(terminal_id, account_id) USING (terminal_id)
     WHERE t.status = 1
     RETURNING 1
 )
@@ -356,7 +363,9 @@ async def apply_offline_batch(
                 STAGE_TABLE, records=writes.txns, columns=STAGE_COLUMNS
             )
             try:
-                counts = await conn.fetchrow(INSERT_STAGED_TXNS)
+                counts = await conn.fetchrow(
+                    INSERT_STAGED_TXNS, list(writes.payables), list(writes.payables.values())
+                )
             except asyncpg.UniqueViolationError:
                 raise BatchRaced() from None
             assert counts is not None
@@ -438,6 +447,7 @@ def _decide(
         writes.purchases += 1
         accounts = writes.accounts
         accounts[payable] = accounts.get(payable, 0) + amount
+        writes.payables[p.terminal_id] = payable
         balance = card.balance = card.balance - amount
         card.delta -= amount
         card.counter = counter
@@ -541,7 +551,7 @@ def _decide_in_full(
     used_counters.add(counter_key)
 
     amount = r.amount
-    writes.purchase(amount, ref.payable_of(p.terminal_id, operator))
+    writes.purchase(amount, p.terminal_id, ref.payable_of(p.terminal_id, operator))
     card.balance -= amount
     card.delta -= amount
     if counter > card.counter:
