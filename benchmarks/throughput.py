@@ -50,7 +50,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 
-from onecard.clients.loadtest import Op, open_channels, run_ops
+from onecard.clients.loadtest import Op, collector_quiet, open_channels, run_ops
 from onecard.clients.population import BUS_TERMINALS, METRO_TERMINALS, Population, Zipf, seed_cards
 from onecard.ledger.audit import trial_balance
 from onecard.ledger.devdata import DEMO_ISSUER, DEV_KEYS, seed_demo_data
@@ -262,9 +262,10 @@ async def run_upload(address: str, streams: list[list[upload_pb2.UploadBatch]]) 
                     raise RuntimeError(f"unexpected outcome in {reply.batch_id}: {bad[0]}")
                 counted += len(reply.results)
 
-        began = time.perf_counter()
-        await asyncio.gather(*(one(s, c) for s, c in zip(streams, channels, strict=True)))
-        return Rate(counted, time.perf_counter() - began, latencies)
+        with collector_quiet():
+            began = time.perf_counter()
+            await asyncio.gather(*(one(s, c) for s, c in zip(streams, channels, strict=True)))
+            return Rate(counted, time.perf_counter() - began, latencies)
     finally:
         for c in channels:
             await c.close(None)
@@ -300,9 +301,10 @@ async def run_online(
                 if reply.status != common_pb2.TXN_STATUS_APPROVED:
                     refused += 1
 
-        began = time.perf_counter()
-        await asyncio.gather(*(worker(stubs[i % len(stubs)]) for i in range(concurrency)))
-        elapsed = time.perf_counter() - began
+        with collector_quiet():
+            began = time.perf_counter()
+            await asyncio.gather(*(worker(stubs[i % len(stubs)]) for i in range(concurrency)))
+            elapsed = time.perf_counter() - began
         if refused:
             raise RuntimeError(f"{refused} debits were not approved")
         return Rate(len(latencies), elapsed, latencies)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from pathlib import Path
 
 import pytest
 
-from onecard.clients.loadtest import add_arguments, embedded_dsn, run
+from onecard.clients import loadtest
+from onecard.clients.loadtest import add_arguments, collector_quiet, embedded_dsn, run
 from onecard.server.app import EMBEDDED_DATABASE, RunningServer
 
 
@@ -63,3 +65,31 @@ def test_embedded_dsn_comes_from_the_postmaster_pid(tmp_path: Path) -> None:
     (tmp_path / "pg").mkdir()
     (tmp_path / "pg" / "postmaster.pid").write_text("4242\n/data\n1700000000\n54321\n")
     assert embedded_dsn(tmp_path) == f"postgresql://postgres@127.0.0.1:54321/{EMBEDDED_DATABASE}"
+
+
+async def test_the_generator_collects_no_garbage_while_it_times_calls(
+    server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its own collector pauses would be counted as the server's latency (a bug, measured)."""
+    during: list[bool] = []
+    send = loadtest._send
+
+    async def watched(*args: object) -> None:
+        during.append(gc.isenabled())
+        await send(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loadtest, "_send", watched)
+    args = _args(
+        "--target", server.address, "--dsn", server.dsn, "--cards", "100",
+        "--terminals", "4", "--mix", "debit=1", "--count", "50", "--rate", "200",
+    )  # fmt: skip
+    assert await run(args) == 0
+    assert during and not any(during)
+    assert gc.isenabled()
+
+
+def test_the_collector_comes_back_even_when_a_run_fails() -> None:
+    with pytest.raises(RuntimeError), collector_quiet():
+        assert not gc.isenabled()
+        raise RuntimeError("the run broke")
+    assert gc.isenabled()
