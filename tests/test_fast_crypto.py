@@ -13,7 +13,6 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -34,86 +33,21 @@ from onecard.ledger.crypto.verifier import (
     ReferenceVerifier,
 )
 from onecard.ledger.keys import KeyVersion, MasterKey, MemoryKeyStore
-
-h = bytes.fromhex
+from tests.vectors import (
+    BY_SUITE,
+    CARD,
+    KV,
+    LOAD,
+    PURCHASE,
+    RFC4493_KEY,
+    VECTORS,
+    Vector,
+    h,
+)
 
 # --------------------------------------------------------------------------
 # PROTOCOL.md "Test vectors"
 
-CARD = "3104123456789012"
-KV = 1
-PURCHASE: dict[str, Any] = {
-    "amount": 200,
-    "txn_type": 0x06,
-    "terminal_id": "310400000001",
-    "terminal_seq": 42,
-    "date_time": "20261122083015",
-}
-LOAD: dict[str, Any] = {
-    "random": h("A1B2C3D4"),
-    "online_counter": 7,
-    "old_balance": 1500,
-    "amount": 5000,
-    "txn_type": 0x02,
-    "terminal_id": "310400000009",
-    "date_time": "20261122090000",
-}
-
-
-@dataclass(frozen=True)
-class Vector:
-    suite: Suite
-    mtk: str
-    mlk: str
-    card_tac_key: str
-    card_load_key: str
-    tac: str
-    seslk: str
-    mac1: str
-    mac2: str
-
-    def version(self, issuer: str = "3104", kv: int = KV) -> KeyVersion:
-        return KeyVersion(
-            issuer, kv, self.suite, MasterKey(h(self.mtk), "MTK"), MasterKey(h(self.mlk), "MLK")
-        )
-
-
-VECTORS = [
-    Vector(
-        Suite.PBOC_3DES,
-        mtk="00112233445566778899AABBCCDDEEFF",
-        mlk="11223344556677888877665544332211",
-        card_tac_key="FD6ACB8F384CA7262D12E2FCD70DB7C9",
-        card_load_key="BF9E408EF9508C00F4FEF9C18C475B97",
-        tac="0C838596",
-        seslk="0C51D33B11B96520",
-        mac1="53751874",
-        mac2="D4F9670A",
-    ),
-    Vector(
-        Suite.SM4,
-        mtk="0123456789ABCDEFFEDCBA9876543210",
-        mlk="FEDCBA98765432100123456789ABCDEF",
-        card_tac_key="3D76CF48A69DE7F78F30C6F35F0E7444",
-        card_load_key="E1CDC1C1DCA98982B6099655F0977936",
-        tac="F727B89F",
-        seslk="6C1D127E53D6842A5E72C2D9CDCE7444",
-        mac1="0912BCDE",
-        mac2="9E8C5C57",
-    ),
-    Vector(
-        Suite.AES,
-        mtk="2B7E151628AED2A6ABF7158809CF4F3C",
-        mlk="000102030405060708090A0B0C0D0E0F",
-        card_tac_key="FD56B8ECE126300B46FCB49FC4CDF28B",
-        card_load_key="170D5F4F4AF9F61CA8F5CC7A0019F6C6",
-        tac="B38D6FA2FC98874C",
-        seslk="6A746DF829F18213AE962D8AF4699ED4",
-        mac1="663E24B38E3C32CA",
-        mac2="250A892C6DFDDB3D",
-    ),
-]
-BY_SUITE = {v.suite: v for v in VECTORS}
 ids = [v.suite.label for v in VECTORS]
 
 
@@ -209,7 +143,6 @@ def test_pboc_published_tac() -> None:
     assert _fast.mac(1, key, data) == h("B3A0D49C")
 
 
-RFC4493_KEY = h("2B7E151628AED2A6ABF7158809CF4F3C")
 RFC4493 = [
     ("", "BB1D6929E95937287FA37D129B756746"),
     ("6BC1BEE22E409F96E93D7E117393172A", "070A16B46B4D4144F79BDD9DD04A287C"),

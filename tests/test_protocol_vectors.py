@@ -5,14 +5,12 @@ The vectors are normative: if one of these fails, the bug is in the code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from onecard.ledger.crypto import primitives as p
 from onecard.ledger.crypto import reference as ref
 from onecard.ledger.crypto.encoding import FieldError
-from onecard.ledger.crypto.suites import TYPE_LOAD, TYPE_PURCHASE, Suite
+from onecard.ledger.crypto.suites import Suite
 from onecard.ledger.crypto.verifier import (
     KEY_UNKNOWN,
     MAC_BAD,
@@ -22,79 +20,29 @@ from onecard.ledger.crypto.verifier import (
     PurchaseCheck,
     ReferenceVerifier,
 )
-from onecard.ledger.keys import KeyVersion, MasterKey, MemoryKeyStore
-
-h = bytes.fromhex
-
-# --------------------------------------------------------------------------- common parameters
-
-CARD = "3104123456789012"
-KV = 1
-
-P_AMOUNT = 200
-P_TYPE = TYPE_PURCHASE
-P_TERMINAL = "310400000001"
-P_SEQ = 42
-P_TIME = "20261122083015"
-P_TAC_INPUT = "000000C8063104000000010000002A20261122083015"
-
-L_RANDOM = h("A1B2C3D4")
-L_COUNTER = 7
-L_OLD_BALANCE = 1500
-L_AMOUNT = 5000
-L_TYPE = TYPE_LOAD
-L_TERMINAL = "310400000009"
-L_TIME = "20261122090000"
-
-
-@dataclass(frozen=True)
-class SuiteVector:
-    suite: Suite
-    mtk: str
-    mlk: str
-    card_tac_key: str
-    card_load_key: str
-    tac: str
-    seslk: str
-    mac1: str
-    mac2: str
-
-
-VECTORS = [
-    SuiteVector(
-        Suite.PBOC_3DES,
-        mtk="00112233445566778899AABBCCDDEEFF",
-        mlk="11223344556677888877665544332211",
-        card_tac_key="FD6ACB8F384CA7262D12E2FCD70DB7C9",
-        card_load_key="BF9E408EF9508C00F4FEF9C18C475B97",
-        tac="0C838596",
-        seslk="0C51D33B11B96520",
-        mac1="53751874",
-        mac2="D4F9670A",
-    ),
-    SuiteVector(
-        Suite.SM4,
-        mtk="0123456789ABCDEFFEDCBA9876543210",
-        mlk="FEDCBA98765432100123456789ABCDEF",
-        card_tac_key="3D76CF48A69DE7F78F30C6F35F0E7444",
-        card_load_key="E1CDC1C1DCA98982B6099655F0977936",
-        tac="F727B89F",
-        seslk="6C1D127E53D6842A5E72C2D9CDCE7444",
-        mac1="0912BCDE",
-        mac2="9E8C5C57",
-    ),
-    SuiteVector(
-        Suite.AES,
-        mtk="2B7E151628AED2A6ABF7158809CF4F3C",
-        mlk="000102030405060708090A0B0C0D0E0F",
-        card_tac_key="FD56B8ECE126300B46FCB49FC4CDF28B",
-        card_load_key="170D5F4F4AF9F61CA8F5CC7A0019F6C6",
-        tac="B38D6FA2FC98874C",
-        seslk="6A746DF829F18213AE962D8AF4699ED4",
-        mac1="663E24B38E3C32CA",
-        mac2="250A892C6DFDDB3D",
-    ),
-]
+from onecard.ledger.keys import KeyVersion, MemoryKeyStore
+from tests.vectors import (
+    CARD,
+    ISSUER,
+    KV,
+    L_AMOUNT,
+    L_COUNTER,
+    L_OLD_BALANCE,
+    L_RANDOM,
+    L_TERMINAL,
+    L_TIME,
+    L_TYPE,
+    P_AMOUNT,
+    P_SEQ,
+    P_TAC_INPUT,
+    P_TERMINAL,
+    P_TIME,
+    P_TYPE,
+    RFC4493_KEY,
+    VECTORS,
+    Vector,
+    h,
+)
 
 by_suite = pytest.mark.parametrize("v", VECTORS, ids=lambda v: v.suite.label)
 
@@ -109,45 +57,45 @@ def test_purchase_tac_input() -> None:
 
 
 @by_suite
-def test_card_tac_key(v: SuiteVector) -> None:
+def test_card_tac_key(v: Vector) -> None:
     key = ref.derive_card_key(v.suite, h(v.mtk), CARD, KV, ref.PURPOSE_TAC)
     assert key == h(v.card_tac_key)
 
 
 @by_suite
-def test_card_load_key(v: SuiteVector) -> None:
+def test_card_load_key(v: Vector) -> None:
     key = ref.derive_card_key(v.suite, h(v.mlk), CARD, KV, ref.PURPOSE_LOAD)
     assert key == h(v.card_load_key)
 
 
 @by_suite
-def test_tac(v: SuiteVector) -> None:
+def test_tac(v: Vector) -> None:
     tac = ref.purchase_tac(v.suite, h(v.card_tac_key), P_AMOUNT, P_TYPE, P_TERMINAL, P_SEQ, P_TIME)
     assert tac == h(v.tac)
     assert len(tac) == v.suite.mac_length
 
 
 @by_suite
-def test_seslk(v: SuiteVector) -> None:
+def test_seslk(v: Vector) -> None:
     seslk = ref.load_session_key(v.suite, h(v.card_load_key), L_RANDOM, L_COUNTER)
     assert seslk == h(v.seslk)
     assert len(seslk) == (8 if v.suite is Suite.PBOC_3DES else 16)
 
 
 @by_suite
-def test_mac1(v: SuiteVector) -> None:
+def test_mac1(v: Vector) -> None:
     mac1 = ref.load_mac1(v.suite, h(v.seslk), L_OLD_BALANCE, L_AMOUNT, L_TYPE, L_TERMINAL)
     assert mac1 == h(v.mac1)
 
 
 @by_suite
-def test_mac2(v: SuiteVector) -> None:
+def test_mac2(v: Vector) -> None:
     mac2 = ref.load_mac2(v.suite, h(v.seslk), L_AMOUNT, L_TYPE, L_TERMINAL, L_TIME)
     assert mac2 == h(v.mac2)
 
 
 @by_suite
-def test_chain_from_master_keys(v: SuiteVector) -> None:
+def test_chain_from_master_keys(v: Vector) -> None:
     """Master keys all the way to TAC, MAC1 and MAC2 without using intermediate vectors."""
     tac_key = ref.derive_card_key(v.suite, h(v.mtk), CARD, KV, ref.PURPOSE_TAC)
     load_key = ref.derive_card_key(v.suite, h(v.mlk), CARD, KV, ref.PURPOSE_LOAD)
@@ -188,7 +136,6 @@ def test_pboc_published_tac() -> None:
     ) == h("B3A0D49C")
 
 
-RFC4493_KEY = h("2B7E151628AED2A6ABF7158809CF4F3C")
 RFC4493_MSG = h(
     "6BC1BEE22E409F96E93D7E117393172A"
     "AE2D8A571E03AC9C9EB76FAC45AF8E51"
@@ -285,21 +232,19 @@ def test_bad_field_is_refused_by_name() -> None:
 
 # --------------------------------------------------------------------------- ReferenceVerifier
 
-ISSUER = "3104"
+
+def _version(v: Vector, kv: int = KV, issuer: str = ISSUER) -> KeyVersion:
+    return v.version(issuer, kv)
 
 
-def _version(v: SuiteVector, kv: int = KV, issuer: str = ISSUER) -> KeyVersion:
-    return KeyVersion(issuer, kv, v.suite, MasterKey(h(v.mtk), "MTK"), MasterKey(h(v.mlk), "MLK"))
-
-
-def _purchase(v: SuiteVector, tac: bytes | None = None, kv: int = KV) -> PurchaseCheck:
+def _purchase(v: Vector, tac: bytes | None = None, kv: int = KV) -> PurchaseCheck:
     return PurchaseCheck(
         ISSUER, kv, CARD, P_AMOUNT, P_TYPE, P_TERMINAL, P_SEQ, P_TIME,
         h(v.tac) if tac is None else tac,
     )  # fmt: skip
 
 
-def _load(v: SuiteVector, mac1: bytes | None = None, kv: int = KV) -> LoadCheck:
+def _load(v: Vector, mac1: bytes | None = None, kv: int = KV) -> LoadCheck:
     return LoadCheck(
         ISSUER, kv, CARD, L_RANDOM, L_COUNTER, L_OLD_BALANCE, L_AMOUNT, L_TYPE, L_TERMINAL,
         L_TIME, h(v.mac1) if mac1 is None else mac1,
@@ -318,7 +263,7 @@ def test_reference_verifier_satisfies_protocol() -> None:
 
 
 @by_suite
-def test_verifier_purchases(v: SuiteVector) -> None:
+def test_verifier_purchases(v: Vector) -> None:
     verifier = ReferenceVerifier(MemoryKeyStore([_version(v)]))
     good = h(v.tac)
     checks = [
@@ -339,7 +284,7 @@ def test_verifier_purchases(v: SuiteVector) -> None:
 
 
 @by_suite
-def test_verifier_loads(v: SuiteVector) -> None:
+def test_verifier_loads(v: Vector) -> None:
     verifier = ReferenceVerifier(MemoryKeyStore([_version(v)]))
     good = h(v.mac1)
     results = verifier.verify_loads(
@@ -382,7 +327,7 @@ def test_verifier_generation_change_drops_cache() -> None:
     assert verifier.verify_purchases([_purchase(v)]) == [MAC_OK]
     assert verifier.verify_loads([_load(v)]) == [(MAC_OK, h(v.mac2))]
     # Same issuer and kv, different master keys: a stale cached card key would still say OK.
-    other = SuiteVector(
+    other = Vector(
         Suite.PBOC_3DES, mtk=v.mlk, mlk=v.mtk, card_tac_key="", card_load_key="",
         tac="", seslk="", mac1="", mac2="",
     )  # fmt: skip
