@@ -154,6 +154,11 @@ class ServerProcess:
 
 
 def ledger_server(dsn: str, keys: Path, data_dir: Path, *extra: str) -> ServerProcess:
+    # An operator's personal-data key, as --dsn requires (one per run is enough).
+    pii_key = keys.with_name("pii-key")
+    if not pii_key.exists():
+        pii_key.write_text(os.urandom(32).hex())
+        pii_key.chmod(0o600)
     return ServerProcess(
         [
             "-m",
@@ -165,6 +170,8 @@ def ledger_server(dsn: str, keys: Path, data_dir: Path, *extra: str) -> ServerPr
             dsn,
             "--keys",
             str(keys),
+            "--pii-key-file",
+            str(pii_key),
             "--listen",
             "127.0.0.1:0",
             "--data-dir",

@@ -27,7 +27,7 @@ from onecard.ledger.keys import MemoryKeyStore
 from onecard.server.app import RunningServer, start_server
 from onecard.server.config import ServerConfig
 from onecard.server.embedded_pg import EmbeddedPostgres
-from tests.support import dev_keys
+from tests.support import dev_keys, pii_key_file
 
 _log = logging.getLogger("onecard.tests.pg")
 
@@ -126,7 +126,13 @@ async def server(db_dsn: str, keys: MemoryKeyStore, tmp_path: Path) -> AsyncIter
     finally:
         await conn.close()
     running = await start_server(
-        ServerConfig(listen="127.0.0.1:0", dsn=db_dsn, data_dir=tmp_path / "data"), keys=keys
+        ServerConfig(
+            listen="127.0.0.1:0",
+            dsn=db_dsn,
+            data_dir=tmp_path / "data",
+            pii_key_file=pii_key_file(tmp_path / "secrets"),
+        ),
+        keys=keys,
     )
     try:
         yield running

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
 import uuid
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -70,3 +72,12 @@ async def fetch(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
         return list(await conn.fetch(query, *args))
     finally:
         await conn.close()
+
+
+def pii_key_file(directory: Path) -> Path:
+    """A personal-data key file as an operator provides it with --dsn (owner-only)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "pii-key"
+    path.write_text(os.urandom(32).hex())
+    path.chmod(0o600)
+    return path

@@ -32,7 +32,7 @@ from tests.desk_support import (
     rid,
     terminal_stub,
 )
-from tests.support import STAFF, assert_books_balance, fetch, issue, new_card_number
+from tests.support import STAFF, assert_books_balance, fetch, issue, new_card_number, pii_key_file
 
 APPROVED = common_pb2.TXN_STATUS_APPROVED
 NOT_ACTIVE = common_pb2.TXN_STATUS_CARD_NOT_ACTIVE
@@ -676,6 +676,7 @@ async def quick_refunds(db_dsn: str, keys, tmp_path):  # type: ignore[no-untyped
         dsn=db_dsn,
         data_dir=tmp_path / "data",
         desk=DeskSettings(refund_hold=0, refund_job_interval=0.05),
+        pii_key_file=pii_key_file(tmp_path / "secrets"),
     )
     running = await start_server(cfg, keys=keys)
     try:

@@ -20,11 +20,12 @@ from onecard.clients.card import SimulatedCard
 from onecard.clients.terminal import Terminal
 from onecard.ledger.devdata import DEV_KEYS
 from onecard.ledger.keys import FileKeyStore, KeyStoreError
+from onecard.ledger.pii import read_key_file
 from onecard.ledger.storage.migrate import apply_migrations, available_migrations
 from onecard.server.app import RunningServer, start_server
 from onecard.server.config import ServerConfig
 from onecard.v1 import common_pb2
-from tests.support import assert_books_balance, dev_keys, fetch, issue
+from tests.support import assert_books_balance, dev_keys, fetch, issue, pii_key_file
 
 
 async def test_health_and_reflection(server: RunningServer, channel: grpc.aio.Channel) -> None:
@@ -203,7 +204,13 @@ async def test_key_version_added_while_serving(db_dsn: str, tmp_path: Path) -> N
     key_file.write_text(json.dumps(doc))
     key_file.chmod(0o600)
     running = await start_server(
-        ServerConfig(listen="127.0.0.1:0", dsn=db_dsn, keys=key_file, data_dir=tmp_path / "d")
+        ServerConfig(
+            listen="127.0.0.1:0",
+            dsn=db_dsn,
+            keys=key_file,
+            data_dir=tmp_path / "d",
+            pii_key_file=pii_key_file(tmp_path / "secrets"),
+        )
     )
     try:
         async with grpc.aio.insecure_channel(running.address) as chan:
@@ -327,6 +334,7 @@ async def test_full_queue_answers_resource_exhausted_and_writes_nothing(
         dsn=db_dsn,
         data_dir=tmp_path,
         batching=BatchSettings(max_batch=2, max_queue=2, linger=0.05),
+        pii_key_file=pii_key_file(tmp_path / "secrets"),
     )
     running = await start_server(cfg, keys=dev_keys())
     try:
@@ -375,7 +383,13 @@ async def test_database_outage_is_unavailable_and_recovers(tmp_path: Path) -> No
         finally:
             await conn.close()
         running = await start_server(
-            ServerConfig(listen="127.0.0.1:0", dsn=dsn, data_dir=tmp_path / "d"), keys=dev_keys()
+            ServerConfig(
+                listen="127.0.0.1:0",
+                dsn=dsn,
+                data_dir=tmp_path / "d",
+                pii_key_file=pii_key_file(tmp_path / "secrets"),
+            ),
+            keys=dev_keys(),
         )
         try:
             async with grpc.aio.insecure_channel(running.address) as chan:
@@ -424,3 +438,32 @@ def test_a_negative_linger_is_refused_naming_the_option(
 
     assert main(["serve", "--data-dir", str(tmp_path), "--linger-ms", "-1"]) == 2
     assert "--linger-ms: must be between 0 and 1000, got -1.0" in capsys.readouterr().err
+
+
+async def test_an_external_database_needs_the_shared_personal_data_key(
+    empty_db_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key made on the spot per host would digest one ID number two ways on one database."""
+    from onecard.server.cli import main
+
+    key_file = tmp_path / "keys.json"
+    key_file.write_text(json.dumps(DEV_KEYS))
+    key_file.chmod(0o600)
+    argv = ["serve", "--dsn", empty_db_dsn, "--keys", str(key_file), "--data-dir", str(tmp_path)]
+    assert await asyncio.to_thread(main, argv) == 2
+    assert "with --dsn give --pii-key-file FILE" in capsys.readouterr().err
+    assert not (tmp_path / "pii-key").exists()
+    tables = await fetch(
+        empty_db_dsn, "SELECT count(*) AS n FROM pg_tables WHERE schemaname = 'public'"
+    )
+    assert tables[0]["n"] == 0  # refused before anything touched the database
+
+    # dev-init writes one (owner-only) for the development setup.
+    assert (
+        await asyncio.to_thread(
+            main, ["dev-init", "--dsn", empty_db_dsn, "--data-dir", str(tmp_path)]
+        )
+        == 0
+    )
+    assert "personal-data key file" in capsys.readouterr().out
+    assert len(read_key_file(tmp_path / "pii-key")) == 32

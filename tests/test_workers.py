@@ -16,7 +16,7 @@ import grpc
 from onecard.clients.terminal import Terminal
 from onecard.ledger.devdata import DEV_KEYS, seed_demo_data
 from onecard.v1 import common_pb2
-from tests.support import assert_books_balance, dev_keys, fetch, issue
+from tests.support import assert_books_balance, dev_keys, fetch, issue, pii_key_file
 
 
 async def test_two_workers_share_the_port_and_the_books(db_dsn: str, tmp_path: Path) -> None:
@@ -36,6 +36,7 @@ async def test_two_workers_share_the_port_and_the_books(db_dsn: str, tmp_path: P
             "ONECARD_KEYS": str(key_file),
             "ONECARD_LISTEN": "127.0.0.1:0",
             "ONECARD_DATA_DIR": str(tmp_path / "data"),
+            "ONECARD_PII_KEY_FILE": str(pii_key_file(tmp_path / "secrets")),
         },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -74,6 +74,24 @@ def load_keys(cfg: ServerConfig) -> tuple[MemoryKeyStore, bool]:
     )
 
 
+def load_pii_key(cfg: ServerConfig) -> bytes:
+    """The key that digests holder data (ID numbers, phones) before they are stored.
+
+    Every server on one database must hold the same one, or a look-up by ID
+    number on one host misses what another stored. A key made on the spot is
+    only safe where the database is this server's own (embedded); with --dsn
+    it must come from --pii-key-file (`onecard dev-init` writes one).
+    """
+    if cfg.pii_key_file is not None:
+        return read_key_file(cfg.pii_key_file)
+    if cfg.embedded:
+        return load_or_create_key(cfg.data_dir / "pii-key")
+    raise KeyStoreError(
+        "no personal-data key: with --dsn give --pii-key-file FILE, the same file on every "
+        "server of the database (`onecard dev-init` writes one to DATA_DIR/pii-key)"
+    )
+
+
 async def start_embedded_postgres(cfg: ServerConfig) -> tuple[EmbeddedPostgres, str]:
     pg = EmbeddedPostgres(cfg.data_dir / "pg")
     await asyncio.to_thread(pg.start)
@@ -146,6 +164,7 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
     if keys is None:
         keys, dev_keys = load_keys(cfg)
     verifier = make_verifier(keys, cfg.key_cache_size, cfg.allow_slow_crypto)
+    pii_key = load_pii_key(cfg)  # refused before anything touches the database
     embedded: EmbeddedPostgres | None = None
     dsn = cfg.dsn
     if not dsn:
@@ -158,11 +177,6 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
                 log.info("applied migrations: %s", ", ".join(applied))
             if dev_keys:
                 await seed_demo_data(conn)
-        pii_key = (
-            read_key_file(cfg.pii_key_file)
-            if cfg.pii_key_file is not None
-            else load_or_create_key(cfg.data_dir / "pii-key")
-        )
         desk = replace(cfg.desk, pii_key=pii_key)
         ledger = await Ledger.open(pool, keys, verifier, cfg.limits, cfg.batching, desk)
         options = [

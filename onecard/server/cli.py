@@ -75,12 +75,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 async def _dev_init(cfg: ServerConfig) -> None:
     from onecard.ledger.devdata import seed_demo_data, write_dev_key_file
+    from onecard.ledger.pii import load_or_create_key
     from onecard.ledger.storage.migrate import apply_migrations
     from onecard.server.app import start_embedded_postgres
 
     key_path = cfg.data_dir / "dev-keys.json"
     created = write_dev_key_file(key_path)
     print(f"development key file: {key_path} ({'created' if created else 'already there'})")
+    pii_path = cfg.data_dir / "pii-key"
+    had_pii = pii_path.exists()
+    load_or_create_key(pii_path)
+    print(f"personal-data key file: {pii_path} ({'already there' if had_pii else 'created'})")
     embedded = None
     dsn = cfg.dsn
     if not dsn:

@@ -28,7 +28,7 @@ class ServerConfig:
     batching: BatchSettings = field(default_factory=BatchSettings)
     shutdown_grace: float = 10.0
     desk: DeskSettings = field(default_factory=DeskSettings)
-    #: Hex key for holder-data digests; default: DATA_DIR/pii-key, made once.
+    #: Hex key for holder-data digests; required with --dsn, else DATA_DIR/pii-key, made once.
     pii_key_file: Path | None = None
 
     @property
@@ -170,7 +170,8 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
         p,
         "--pii-key-file",
         type=Path,
-        help="hex key (mode 600) for holder-data digests; default DATA_DIR/pii-key, made once",
+        help="hex key (mode 600) for holder-data digests, the same file on every server of a "
+        "database; required with --dsn, else DATA_DIR/pii-key, made once",
     )
     add_option(
         p,
