@@ -24,6 +24,7 @@ import asyncio
 import datetime as dt
 import itertools
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -152,6 +153,7 @@ async def run(sizes: Sequence[int], repeat: int) -> None:
             await conn.close()
     finally:
         await asyncio.to_thread(pg.stop)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
