@@ -34,9 +34,41 @@ class DenyEntry:
 @dataclass(frozen=True, slots=True)
 class DenyListPage:
     version: int
-    #: True: ``entries`` is the whole list (replace what you hold); False: changes only.
+    #: True: the entries of every page of the walk are the whole list
+    #: (replace what you hold); False: changes only.
     full: bool
     entries: tuple[DenyEntry, ...]
+    #: Where the next page starts; None: this was the last one.
+    next_page: DenyListCursor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DenyListCursor:
+    """Where a paged walk stands: what it walks and the last card it gave.
+
+    ``version`` is the head when the walk began, the version every page
+    reports; ``since`` the version a changes walk started from (0: a walk of
+    the full list).
+    """
+
+    since: int
+    version: int
+    after_card: int
+
+    def token(self) -> str:
+        return f"{self.since}.{self.version}.{self.after_card}"
+
+    @classmethod
+    def parse(cls, token: str) -> DenyListCursor:
+        """Raises ValueError for anything ``token()`` did not make."""
+        since, version, after = (int(part) for part in token.split("."))
+        if min(since, version, after) < 0 or since > version:
+            raise ValueError(token)
+        return cls(since, version, after)
+
+
+#: The most entries one page may ask for.
+MAX_PAGE_SIZE = 10_000
 
 
 async def _next_version(conn: Conn) -> int:
@@ -85,29 +117,47 @@ async def unlist_card(conn: Conn, card_no: int) -> int | None:
     return version
 
 
-async def deny_list_since(conn: Conn, since: int) -> DenyListPage:
+async def deny_list_since(
+    conn: Conn, since: int, page_size: int = 0, cursor: DenyListCursor | None = None
+) -> DenyListPage:
     """Changes after ``since`` (one per card, its latest), or the full list when since is 0.
 
     A version the ledger never issued (a terminal restored from elsewhere)
-    gets the full list too, so the terminal can start over from it.
+    gets the full list too, so the terminal can start over from it. With a
+    ``page_size``, entries come in card-number order, ``page_size`` at a
+    time; ``cursor`` continues a walk. Later pages read the list as it is
+    then, so a change made during the walk may or may not show; either way
+    its version is above the walk's, and the next changes-since brings it.
     """
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        head: int = await conn.fetchval("SELECT version FROM deny_list_head")
-        if since <= 0 or since > head:
+        if cursor is None:
+            head: int = await conn.fetchval("SELECT version FROM deny_list_head")
+            full = since <= 0 or since > head
+            cursor = DenyListCursor(0 if full else since, head, -1)
+        full = cursor.since == 0
+        limit = page_size + 1 if page_size else None  # one more: is there a next page?
+        if full:
             rows = await conn.fetch(
-                "SELECT card_no, true AS listed, reason, version FROM deny_list ORDER BY card_no"
+                "SELECT card_no, true AS listed, reason, version FROM deny_list"
+                " WHERE card_no > $1 ORDER BY card_no LIMIT $2",
+                cursor.after_card,
+                limit,
             )
-            full = True
         else:
             rows = await conn.fetch(
                 """SELECT DISTINCT ON (card_no) card_no, listed, reason, version
-                   FROM deny_list_changes WHERE version > $1
-                   ORDER BY card_no, version DESC""",
-                since,
+                   FROM deny_list_changes WHERE version > $1 AND card_no > $2
+                   ORDER BY card_no, version DESC LIMIT $3""",
+                cursor.since,
+                cursor.after_card,
+                limit,
             )
-            full = False
+    next_page = None
+    if page_size and len(rows) > page_size:
+        rows = rows[:page_size]
+        next_page = DenyListCursor(cursor.since, cursor.version, rows[-1]["card_no"])
     entries = tuple(
         DenyEntry(f"{r['card_no']:016d}", r["listed"], DenyReason(r["reason"]), r["version"])
         for r in rows
     )
-    return DenyListPage(head, full, entries)
+    return DenyListPage(cursor.version, full, entries, next_page)

@@ -18,7 +18,12 @@ import os
 import asyncpg
 
 from onecard.ledger.crypto.encoding import FieldError
-from onecard.ledger.denylist import DenyListPage, deny_list_since
+from onecard.ledger.denylist import (
+    MAX_PAGE_SIZE,
+    DenyListCursor,
+    DenyListPage,
+    deny_list_since,
+)
 from onecard.ledger.keys import KeyStore
 from onecard.ledger.lifecycle import (
     Cancellation,
@@ -113,11 +118,28 @@ class CardLifecycle:
         async with self.pool.acquire() as conn:
             return await store.history(self.ref, conn, q, self.settings.max_page_size)
 
-    async def deny_list(self, since_version: int) -> DenyListPage:
+    async def deny_list(
+        self, since_version: int, page_size: int = 0, page_token: str = ""
+    ) -> DenyListPage:
+        """One page of the deny list (all of it when ``page_size`` is 0)."""
         if since_version < 0:
             raise FieldError("since_version", f"must not be negative, got {since_version}")
+        if not 0 <= page_size <= MAX_PAGE_SIZE:
+            raise FieldError(
+                "page_size", f"must be 0 (everything) to {MAX_PAGE_SIZE}, got {page_size}"
+            )
+        cursor = None
+        if page_token:
+            try:
+                cursor = DenyListCursor.parse(page_token)
+            except ValueError:
+                raise FieldError(
+                    "page_token", "is not a next_page_token this ledger gave out"
+                ) from None
+            if not page_size:
+                raise FieldError("page_size", "must be set to continue a paged walk, got 0")
         async with self.pool.acquire() as conn:
-            return await deny_list_since(conn, since_version)
+            return await deny_list_since(conn, since_version, page_size, cursor)
 
     # -- actions -----------------------------------------------------------------
 

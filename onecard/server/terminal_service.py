@@ -94,10 +94,13 @@ class TerminalServicer(terminal_pb2_grpc.TerminalServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> terminal_pb2.GetDenyListReply:
         async def call() -> terminal_pb2.GetDenyListReply:
-            page = await self.ledger.lifecycle.deny_list(request.since_version)
+            page = await self.ledger.lifecycle.deny_list(
+                request.since_version, request.page_size, request.page_token
+            )
             return terminal_pb2.GetDenyListReply(
                 version=page.version,
                 full=page.full,
+                next_page_token=page.next_page.token() if page.next_page else "",
                 entries=[
                     terminal_pb2.DenyListEntry(
                         card_number=e.card_no,

@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 from onecard.v1 import common_pb2 as onecard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19onecard/v1/terminal.proto\x12\nonecard.v1\x1a\x17onecard/v1/common.proto\"\x89\x01\n\x0eReverseRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\r\x12\x13\n\x0bterminal_id\x18\x03 \x01(\t\x12\x14\n\x0cterminal_seq\x18\x04 \x01(\r\x12\x14\n\x0coriginal_seq\x18\x05 \x01(\r\x12\x11\n\tdate_time\x18\x06 \x01(\t\"\x8c\x01\n\x0cReverseReply\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.onecard.v1.TxnStatus\x12\x15\n\rbalance_after\x18\x02 \x01(\x03\x12.\n\x0foriginal_status\x18\x03 \x01(\x0e\x32\x15.onecard.v1.TxnStatus\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"+\n\x12GetDenyListRequest\x12\x15\n\rsince_version\x18\x01 \x01(\x04\"m\n\rDenyListEntry\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x0e\n\x06listed\x18\x02 \x01(\x08\x12&\n\x06reason\x18\x03 \x01(\x0e\x32\x16.onecard.v1.DenyReason\x12\x0f\n\x07version\x18\x04 \x01(\x04\"]\n\x10GetDenyListReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12*\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x19.onecard.v1.DenyListEntry\"\xad\x01\n\x0c\x44\x65\x62itRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\r\x12\x18\n\x10transaction_type\x18\x03 \x01(\r\x12\x13\n\x0bterminal_id\x18\x04 \x01(\t\x12\x14\n\x0cterminal_seq\x18\x05 \x01(\r\x12\x11\n\tdate_time\x18\x06 \x01(\t\x12\x13\n\x0bkey_version\x18\x07 \x01(\r\x12\x0b\n\x03tac\x18\x08 \x01(\x0c\"\x8a\x01\n\nDebitReply\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.onecard.v1.TxnStatus\x12\x15\n\rbalance_after\x18\x02 \x01(\x03\x12.\n\x0foriginal_status\x18\x03 \x01(\x0e\x32\x15.onecard.v1.TxnStatus\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xa4\x02\n\x0bLoadRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\r\x12\x18\n\x10transaction_type\x18\x03 \x01(\r\x12\x13\n\x0bterminal_id\x18\x04 \x01(\t\x12\x14\n\x0cterminal_seq\x18\x05 \x01(\r\x12\x11\n\tdate_time\x18\x06 \x01(\t\x12\x13\n\x0bkey_version\x18\x07 \x01(\r\x12\x13\n\x0b\x63\x61rd_random\x18\x08 \x01(\x0c\x12\x16\n\x0eonline_counter\x18\t \x01(\r\x12\x13\n\x0bold_balance\x18\n \x01(\r\x12\x0c\n\x04mac1\x18\x0b \x01(\x0c\x12\x33\n\x0fpayment_channel\x18\x0c \x01(\x0e\x32\x1a.onecard.v1.PaymentChannel\"\x97\x01\n\tLoadReply\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.onecard.v1.TxnStatus\x12\x15\n\rbalance_after\x18\x02 \x01(\x03\x12\x0c\n\x04mac2\x18\x03 \x01(\x0c\x12.\n\x0foriginal_status\x18\x04 \x01(\x0e\x32\x15.onecard.v1.TxnStatus\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t*p\n\nDenyReason\x12\x1b\n\x17\x44\x45NY_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45NY_REASON_LOST\x10\x01\x12\x17\n\x13\x44\x45NY_REASON_BLOCKED\x10\x02\x12\x16\n\x12\x44\x45NY_REASON_CLOSED\x10\x03\x32\x92\x02\n\x0fTerminalService\x12\x39\n\x05\x44\x65\x62it\x12\x18.onecard.v1.DebitRequest\x1a\x16.onecard.v1.DebitReply\x12\x36\n\x04Load\x12\x17.onecard.v1.LoadRequest\x1a\x15.onecard.v1.LoadReply\x12?\n\x07Reverse\x12\x1a.onecard.v1.ReverseRequest\x1a\x18.onecard.v1.ReverseReply\x12K\n\x0bGetDenyList\x12\x1e.onecard.v1.GetDenyListRequest\x1a\x1c.onecard.v1.GetDenyListReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19onecard/v1/terminal.proto\x12\nonecard.v1\x1a\x17onecard/v1/common.proto\"\x89\x01\n\x0eReverseRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\r\x12\x13\n\x0bterminal_id\x18\x03 \x01(\t\x12\x14\n\x0cterminal_seq\x18\x04 \x01(\r\x12\x14\n\x0coriginal_seq\x18\x05 \x01(\r\x12\x11\n\tdate_time\x18\x06 \x01(\t\"\x8c\x01\n\x0cReverseReply\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.onecard.v1.TxnStatus\x12\x15\n\rbalance_after\x18\x02 \x01(\x03\x12.\n\x0foriginal_status\x18\x03 \x01(\x0e\x32\x15.onecard.v1.TxnStatus\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"R\n\x12GetDenyListRequest\x12\x15\n\rsince_version\x18\x01 \x01(\x04\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"m\n\rDenyListEntry\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x0e\n\x06listed\x18\x02 \x01(\x08\x12&\n\x06reason\x18\x03 \x01(\x0e\x32\x16.onecard.v1.DenyReason\x12\x0f\n\x07version\x18\x04 \x01(\x04\"v\n\x10GetDenyListReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12*\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x19.onecard.v1.DenyListEntry\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"\xad\x01\n\x0c\x44\x65\x62itRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\r\x12\x18\n\x10transaction_type\x18\x03 \x01(\r\x12\x13\n\x0bterminal_id\x18\x04 \x01(\t\x12\x14\n\x0cterminal_seq\x18\x05 \x01(\r\x12\x11\n\tdate_time\x18\x06 \x01(\t\x12\x13\n\x0bkey_version\x18\x07 \x01(\r\x12\x0b\n\x03tac\x18\x08 \x01(\x0c\"\x8a\x01\n\nDebitReply\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.onecard.v1.TxnStatus\x12\x15\n\rbalance_after\x18\x02 \x01(\x03\x12.\n\x0foriginal_status\x18\x03 \x01(\x0e\x32\x15.onecard.v1.TxnStatus\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xa4\x02\n\x0bLoadRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\r\x12\x18\n\x10transaction_type\x18\x03 \x01(\r\x12\x13\n\x0bterminal_id\x18\x04 \x01(\t\x12\x14\n\x0cterminal_seq\x18\x05 \x01(\r\x12\x11\n\tdate_time\x18\x06 \x01(\t\x12\x13\n\x0bkey_version\x18\x07 \x01(\r\x12\x13\n\x0b\x63\x61rd_random\x18\x08 \x01(\x0c\x12\x16\n\x0eonline_counter\x18\t \x01(\r\x12\x13\n\x0bold_balance\x18\n \x01(\r\x12\x0c\n\x04mac1\x18\x0b \x01(\x0c\x12\x33\n\x0fpayment_channel\x18\x0c \x01(\x0e\x32\x1a.onecard.v1.PaymentChannel\"\x97\x01\n\tLoadReply\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.onecard.v1.TxnStatus\x12\x15\n\rbalance_after\x18\x02 \x01(\x03\x12\x0c\n\x04mac2\x18\x03 \x01(\x0c\x12.\n\x0foriginal_status\x18\x04 \x01(\x0e\x32\x15.onecard.v1.TxnStatus\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t*p\n\nDenyReason\x12\x1b\n\x17\x44\x45NY_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45NY_REASON_LOST\x10\x01\x12\x17\n\x13\x44\x45NY_REASON_BLOCKED\x10\x02\x12\x16\n\x12\x44\x45NY_REASON_CLOSED\x10\x03\x32\x92\x02\n\x0fTerminalService\x12\x39\n\x05\x44\x65\x62it\x12\x18.onecard.v1.DebitRequest\x1a\x16.onecard.v1.DebitReply\x12\x36\n\x04Load\x12\x17.onecard.v1.LoadRequest\x1a\x15.onecard.v1.LoadReply\x12?\n\x07Reverse\x12\x1a.onecard.v1.ReverseRequest\x1a\x18.onecard.v1.ReverseReply\x12K\n\x0bGetDenyList\x12\x1e.onecard.v1.GetDenyListRequest\x1a\x1c.onecard.v1.GetDenyListReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'onecard.v1.terminal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DENYREASON']._serialized_start=1366
-  _globals['_DENYREASON']._serialized_end=1478
+  _globals['_DENYREASON']._serialized_start=1430
+  _globals['_DENYREASON']._serialized_end=1542
   _globals['_REVERSEREQUEST']._serialized_start=67
   _globals['_REVERSEREQUEST']._serialized_end=204
   _globals['_REVERSEREPLY']._serialized_start=207
   _globals['_REVERSEREPLY']._serialized_end=347
   _globals['_GETDENYLISTREQUEST']._serialized_start=349
-  _globals['_GETDENYLISTREQUEST']._serialized_end=392
-  _globals['_DENYLISTENTRY']._serialized_start=394
-  _globals['_DENYLISTENTRY']._serialized_end=503
-  _globals['_GETDENYLISTREPLY']._serialized_start=505
-  _globals['_GETDENYLISTREPLY']._serialized_end=598
-  _globals['_DEBITREQUEST']._serialized_start=601
-  _globals['_DEBITREQUEST']._serialized_end=774
-  _globals['_DEBITREPLY']._serialized_start=777
-  _globals['_DEBITREPLY']._serialized_end=915
-  _globals['_LOADREQUEST']._serialized_start=918
-  _globals['_LOADREQUEST']._serialized_end=1210
-  _globals['_LOADREPLY']._serialized_start=1213
-  _globals['_LOADREPLY']._serialized_end=1364
-  _globals['_TERMINALSERVICE']._serialized_start=1481
-  _globals['_TERMINALSERVICE']._serialized_end=1755
+  _globals['_GETDENYLISTREQUEST']._serialized_end=431
+  _globals['_DENYLISTENTRY']._serialized_start=433
+  _globals['_DENYLISTENTRY']._serialized_end=542
+  _globals['_GETDENYLISTREPLY']._serialized_start=544
+  _globals['_GETDENYLISTREPLY']._serialized_end=662
+  _globals['_DEBITREQUEST']._serialized_start=665
+  _globals['_DEBITREQUEST']._serialized_end=838
+  _globals['_DEBITREPLY']._serialized_start=841
+  _globals['_DEBITREPLY']._serialized_end=979
+  _globals['_LOADREQUEST']._serialized_start=982
+  _globals['_LOADREQUEST']._serialized_end=1274
+  _globals['_LOADREPLY']._serialized_start=1277
+  _globals['_LOADREPLY']._serialized_end=1428
+  _globals['_TERMINALSERVICE']._serialized_start=1545
+  _globals['_TERMINALSERVICE']._serialized_end=1819
 # @@protoc_insertion_point(module_scope)

@@ -48,10 +48,14 @@ class ReverseReply(_message.Message):
     def __init__(self, status: _Optional[_Union[_common_pb2.TxnStatus, str]] = ..., balance_after: _Optional[int] = ..., original_status: _Optional[_Union[_common_pb2.TxnStatus, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class GetDenyListRequest(_message.Message):
-    __slots__ = ("since_version",)
+    __slots__ = ("since_version", "page_size", "page_token")
     SINCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     since_version: int
-    def __init__(self, since_version: _Optional[int] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, since_version: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class DenyListEntry(_message.Message):
     __slots__ = ("card_number", "listed", "reason", "version")
@@ -66,14 +70,16 @@ class DenyListEntry(_message.Message):
     def __init__(self, card_number: _Optional[str] = ..., listed: _Optional[bool] = ..., reason: _Optional[_Union[DenyReason, str]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GetDenyListReply(_message.Message):
-    __slots__ = ("version", "full", "entries")
+    __slots__ = ("version", "full", "entries", "next_page_token")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     version: int
     full: bool
     entries: _containers.RepeatedCompositeFieldContainer[DenyListEntry]
-    def __init__(self, version: _Optional[int] = ..., full: _Optional[bool] = ..., entries: _Optional[_Iterable[_Union[DenyListEntry, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, version: _Optional[int] = ..., full: _Optional[bool] = ..., entries: _Optional[_Iterable[_Union[DenyListEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DebitRequest(_message.Message):
     __slots__ = ("card_number", "amount", "transaction_type", "terminal_id", "terminal_seq", "date_time", "key_version", "tac")

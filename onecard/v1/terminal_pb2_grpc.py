@@ -88,7 +88,7 @@ class TerminalServiceServicer:
 
     def GetDenyList(self, request, context):
         """The deny list (黑名单): the changes since the version the terminal
-        holds, or the full list (since_version 0).
+        holds, or the full list (since_version 0), in pages when page_size is set.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
