@@ -119,3 +119,26 @@ async def test_cli_exit_codes_for_usage_and_outage(
     )
     assert no_staff == 2
     assert "ONECARD_OPERATOR" in capsys.readouterr().err
+
+
+async def test_cli_deny_list_gathers_every_page(
+    server: RunningServer,
+    channel,
+    keys,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CLI shows the whole list, not the first page of it."""
+    from onecard.clients import desk_cli
+    from tests.desk_support import OK, report_loss
+    from tests.support import issue
+
+    cards = [await issue(channel, keys) for _ in range(3)]
+    for card in cards:
+        assert (await report_loss(channel, card.card_no)).status == OK
+    monkeypatch.setattr(desk_cli, "DENY_LIST_PAGE", 2)  # three entries: two pages
+    code, out, _ = await desk(capsys, server, "deny-list", "--json")
+    assert code == 0, out
+    doc = json.loads(out)
+    assert sorted(e["card_number"] for e in doc["entries"]) == sorted(c.card_no for c in cards)
+    assert doc["full"] and doc["version"] == "3" and "next_page_token" not in doc

@@ -279,10 +279,25 @@ async def _refund(c: DeskClient, desk: Any, _t: Any, a: argparse.Namespace) -> i
     return c.reply(await desk.RefundPosting(req, metadata=c.metadata, timeout=a.timeout), rid)
 
 
+#: Entries per GetDenyList call (the ledger's largest page).
+DENY_LIST_PAGE = 10_000
+
+
 async def _deny_list(c: DeskClient, _d: Any, terminal: Any, a: argparse.Namespace) -> int:
+    # Page by page (a city's list outgrows one reply), shown as one list.
     page = await terminal.GetDenyList(
-        terminal_pb2.GetDenyListRequest(since_version=a.since), timeout=a.timeout
+        terminal_pb2.GetDenyListRequest(since_version=a.since, page_size=DENY_LIST_PAGE),
+        timeout=a.timeout,
     )
+    token = page.next_page_token
+    while token:
+        more = await terminal.GetDenyList(
+            terminal_pb2.GetDenyListRequest(page_size=DENY_LIST_PAGE, page_token=token),
+            timeout=a.timeout,
+        )
+        page.entries.extend(more.entries)
+        token = more.next_page_token
+    page.next_page_token = ""
     if c.out.as_json:
         c.out.json(_msg(page))
         return EXIT_OK
