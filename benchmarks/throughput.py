@@ -8,7 +8,8 @@ COMMITs. Each figure is a ratio against a baseline measured in the same run:
 - ``upload``: offline records per second, acknowledged after COMMIT (batches of
   500 over several streams, each stream a gateway with its own cards).
 - ``online``: unary Debit against a no-op TerminalService (same messages, same
-  client, same concurrency): what the ledger costs over gRPC alone.
+  client, same concurrency, as many processes on the port as the ledger has
+  workers): what the ledger costs over gRPC alone.
 - ``batching``: the online workload with group commit against one transaction
   per request (``--max-batch 1``).
 - ``scale``: upload throughput with a large card population against a small one.
@@ -194,10 +195,10 @@ class _NoopTerminal(terminal_pb2_grpc.TerminalServiceServicer):  # type: ignore[
         )
 
 
-async def _noop_main() -> None:
+async def _noop_main(listen: str) -> None:
     server = grpc.aio.server()
     terminal_pb2_grpc.add_TerminalServiceServicer_to_server(_NoopTerminal(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(listen)  # gRPC sets SO_REUSEPORT: several may share it
     await server.start()
     print(f"no-op serving gRPC on 127.0.0.1:{port}", flush=True)
     await server.wait_for_termination()
@@ -467,7 +468,14 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         # The no-op and the ledger are measured in alternating rounds, both
         # servers up (an idle one costs nothing), so that the machine's drift
         # (a shared 2-core VM moves by a fifth within minutes) hits both alike.
-        noop = ServerProcess(["-m", "benchmarks.throughput", "--noop-server"])
+        # As many no-op processes sharing one port as the ledger has workers:
+        # one process tops out at one core (measured: 1.03 cores at 3,860
+        # calls/s), which would make the baseline a single process's limit
+        # rather than gRPC's cost on this machine.
+        noops = [ServerProcess(["-m", "benchmarks.throughput", "--noop-server"])]
+        noop_args = ["-m", "benchmarks.throughput", "--noop-server", "--noop-listen"]
+        while len(noops) < WORKERS:
+            noops.append(ServerProcess([*noop_args, noops[0].address]))
         server = ledger_server(small, key_file, tmp / "srv-online")
         try:
             await run_online(
@@ -481,7 +489,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             for r in range(args.rounds):
                 bases.append(
                     await run_online(
-                        noop.address,
+                        noops[0].address,
                         debit_requests(pop, per_round, r * per_round, rng),
                         args.concurrency,
                         args.channels,
@@ -507,7 +515,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 raise RuntimeError(f"{refused} open-loop debits were not approved or failed")
         finally:
             server.stop()
-            noop.stop()
+            for noop in noops:
+                noop.stop()
         describe("no-op servicer", base, "debits")
         describe("group commit", online, "debits")
         print(
@@ -572,11 +581,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a 1,000,000-card large population")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--noop-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--noop-listen", default="127.0.0.1:0", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.noop_server:
         import uvloop
 
-        uvloop.run(_noop_main())
+        uvloop.run(_noop_main(args.noop_listen))
         return 0
     global WORKERS
     WORKERS = args.workers
