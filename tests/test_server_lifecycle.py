@@ -440,8 +440,9 @@ def test_a_negative_linger_is_refused_naming_the_option(
     assert "--linger-ms: must be between 0 and 1000, got -1.0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_an_external_database_needs_the_shared_personal_data_key(
-    empty_db_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    empty_db_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str
 ) -> None:
     """A key made on the spot per host would digest one ID number two ways on one database."""
     from onecard.server.cli import main
@@ -449,7 +450,8 @@ async def test_an_external_database_needs_the_shared_personal_data_key(
     key_file = tmp_path / "keys.json"
     key_file.write_text(json.dumps(DEV_KEYS))
     key_file.chmod(0o600)
-    argv = ["serve", "--dsn", empty_db_dsn, "--keys", str(key_file), "--data-dir", str(tmp_path)]
+    argv = ["serve", "--workers", workers, "--dsn", empty_db_dsn, "--keys", str(key_file)]
+    argv += ["--data-dir", str(tmp_path)]
     assert await asyncio.to_thread(main, argv) == 2
     assert "with --dsn give --pii-key-file FILE" in capsys.readouterr().err
     assert not (tmp_path / "pii-key").exists()

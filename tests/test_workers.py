@@ -84,3 +84,43 @@ async def test_two_workers_share_the_port_and_the_books(db_dsn: str, tmp_path: P
     assert proc.returncode == 0, out
     assert "stopped cleanly" in out
     await assert_books_balance(db_dsn)
+
+
+def test_two_workers_on_the_embedded_database(tmp_path: Path) -> None:
+    """``onecard serve --workers 2`` with no database named: the README's setup, two cores.
+
+    Workers reach the parent's embedded PostgreSQL through a DSN, so they must be
+    handed the personal-data key the parent made; they refused to start without it.
+    """
+    data = tmp_path / "data"
+    env = {**os.environ, "ONECARD_DATA_DIR": str(data), "ONECARD_LISTEN": "127.0.0.1:0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onecard.server.cli", "serve", "--workers", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        while "database:" not in banner:
+            line = proc.stdout.readline()
+            assert line, f"server exited before serving: {banner}"
+            banner += line
+        assert "workers: 2" in banner and "embedded PostgreSQL" in banner, banner
+        sim = subprocess.run(
+            [sys.executable, "-m", "onecard.server.cli", "simulate"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert sim.returncode == 0, sim.stdout + sim.stderr
+        assert "every outcome as expected" in sim.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, banner + out
+    assert "stopped cleanly" in out
+    assert (data / "pii-key").stat().st_mode & 0o077 == 0  # made once, owner-only

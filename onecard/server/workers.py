@@ -23,7 +23,6 @@ from pathlib import Path
 import asyncpg
 
 from onecard.ledger.devdata import seed_demo_data
-from onecard.ledger.pii import load_or_create_key
 from onecard.ledger.storage.migrate import apply_migrations
 from onecard.server.config import ServerConfig
 
@@ -36,24 +35,33 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def _worker_argv(argv: list[str], dsn: str, listen: str, keys: Path | None) -> list[str]:
-    """The parent's own command line, pinned to one worker, its database and port."""
+def _worker_argv(
+    argv: list[str], dsn: str, listen: str, keys: Path | None, pii_key: Path
+) -> list[str]:
+    """The parent's own command line, pinned to one worker, its database and port.
+
+    A worker always gets ``--dsn`` (the parent's embedded PostgreSQL or the
+    one named), so it also gets the personal-data key file explicitly: with a
+    DSN a worker refuses to make up a key of its own.
+    """
     out = [sys.executable, "-m", "onecard.server.cli", *argv, "--workers", "1"]
-    out += ["--dsn", dsn, "--listen", listen]
+    out += ["--dsn", dsn, "--listen", listen, "--pii-key-file", str(pii_key)]
     if keys is not None:
         out += ["--keys", str(keys)]
     return out
 
 
-async def _prepare(cfg: ServerConfig) -> tuple[str, Path | None, object]:
-    from onecard.server.app import load_keys, start_embedded_postgres
+async def _prepare(cfg: ServerConfig) -> tuple[str, Path | None, Path, object]:
+    from onecard.server.app import load_keys, load_pii_key, start_embedded_postgres
 
     keys, dev = load_keys(cfg)
     key_path = getattr(keys, "path", None)
-    if cfg.pii_key_file is None:
-        # Made here, once: workers creating it at the same moment could read
-        # each other's half-written file.
-        load_or_create_key(cfg.data_dir / "pii-key")
+    # Settled here, once, before the database is touched: with --dsn and no
+    # --pii-key-file this refuses as a single server does; on the embedded
+    # database the key is made once (workers making it at the same moment
+    # could read each other's half-written file).
+    load_pii_key(cfg)
+    pii_path = cfg.pii_key_file or cfg.data_dir / "pii-key"
     embedded = None
     dsn = cfg.dsn
     if not dsn:
@@ -67,14 +75,14 @@ async def _prepare(cfg: ServerConfig) -> tuple[str, Path | None, object]:
             await seed_demo_data(conn)
     finally:
         await conn.close()
-    return dsn, key_path, embedded
+    return dsn, key_path, pii_path, embedded
 
 
 def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
     """Start, supervise and stop ``workers`` processes; returns the exit code."""
     from onecard.server.embedded_pg import EmbeddedPostgres
 
-    dsn, key_path, embedded = asyncio.run(_prepare(cfg))
+    dsn, key_path, pii_path, embedded = asyncio.run(_prepare(cfg))
     host, _, port = cfg.listen.rpartition(":")
     if int(port) == 0:
         port = str(_free_port(host.strip("[]")))
@@ -96,7 +104,7 @@ def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
     try:
         for _ in range(workers):
             proc = subprocess.Popen(
-                _worker_argv(argv, dsn, listen, key_path),
+                _worker_argv(argv, dsn, listen, key_path, pii_path),
                 stdout=subprocess.PIPE,
                 text=True,
                 env={**os.environ, "ONECARD_WORKER": "1"},
