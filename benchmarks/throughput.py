@@ -656,7 +656,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__)
     parser.add_argument("--small", type=int, default=100_000, help="cards in the small population")
     parser.add_argument("--large", type=int, default=10_000_000, help="cards in the large one")
-    parser.add_argument("--records", type=int, default=200_000, help="offline records per run")
+    parser.add_argument(
+        "--records",
+        type=int,
+        default=600_000,
+        help="offline records per population, over --rounds (rounds of 66,000 moved scale by 0.2)",
+    )
     parser.add_argument("--streams", type=int, default=8, help="concurrent upload streams")
     parser.add_argument("--debits", type=int, default=20_000, help="online debits per run")
     parser.add_argument("--concurrency", type=int, default=128, help="debits in flight")
