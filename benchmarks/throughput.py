@@ -423,6 +423,65 @@ async def wal_written(dsn: str) -> tuple[float, int]:
     return int(row["b"]) / 1e6, int(row["f"])
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds (user + system, all threads) of ``root`` and its descendants, from /proc.
+
+    The ledger's workers are children of ``onecard serve``; PostgreSQL's
+    backends are children of the postmaster. Every process here lives through
+    the round (pooled connections), so nothing is lost to an exit.
+    """
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parent[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / _TICK
+    total, todo = 0.0, [root]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds of the ledger server, PostgreSQL and this client, summed over rounds."""
+
+    postmaster: int
+    used: dict[str, float]
+
+    def sample(self, server: ServerProcess) -> dict[str, float]:
+        t = os.times()
+        return {
+            "ledger": tree_cpu(server.proc.pid),
+            "PostgreSQL": tree_cpu(self.postmaster),
+            "client": t.user + t.system,
+        }
+
+    def add(self, before: dict[str, float], after: dict[str, float]) -> None:
+        for k in after:
+            self.used[k] = self.used.get(k, 0.0) + after[k] - before[k]
+
+    def per_record(self, records: int, seconds: float) -> str:
+        parts = [f"{k} {v / records * 1e6:.1f}" for k, v in self.used.items()]
+        busy = sum(self.used.values()) / seconds / (os.cpu_count() or 1)
+        return f"CPU a record (us): {', '.join(parts)}; cores {busy:.0%} busy"
+
+
 async def table_pages(dsn: str, table: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
@@ -449,7 +508,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         small = await prepare_db(pg, "small", args.small)
         if args.only in ("all", "upload"):
             large = await prepare_db(pg, "large", args.large)
-            results.update(await bench.uploads(small, large))
+            results.update(await bench.uploads(pg, small, large))
         if args.only in ("all", "online"):
             results.update(await bench.onlines(small))
     finally:
@@ -481,7 +540,7 @@ class _Bench:
     tmp: Path
     key_file: Path
 
-    async def uploads(self, small: str, large: str) -> dict[str, float]:
+    async def uploads(self, pg: EmbeddedPostgres, small: str, large: str) -> dict[str, float]:
         """Offline upload on both populations: the upload and scale figures.
 
         Throughput is measured in steady state. Right after a checkpoint the
@@ -531,18 +590,23 @@ class _Bench:
                 await reset_statements(dsn)
             # Small and large populations in alternating rounds, both servers
             # up, so that the machine's drift hits both alike.
+            postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
+            meters = {name: CpuMeter(postmaster, {}) for name in dsns}
             for r in range(args.rounds):
                 for name in dsns:
                     streams = upload_streams(
                         pops[name], args.streams, per_round, 500, 20_000_000 + r * per_round, rng
                     )
+                    before = meters[name].sample(servers[name])
                     rounds[name].append(await run_upload(servers[name].address, streams))
+                    meters[name].add(before, meters[name].sample(servers[name]))
         finally:
             for server in servers.values():
                 server.stop()
         rates = {name: Rate.merge(rs) for name, rs in rounds.items()}
         for name, dsn in dsns.items():
             describe(f"{counts[name]:,} cards, batches of 500", rates[name], "records")
+            print(f"    {meters[name].per_record(rates[name].count, rates[name].seconds)}")
             await show_statements(dsn, rates[name].seconds)
             await check_books(dsn)
         print(
