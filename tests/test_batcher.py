@@ -73,3 +73,30 @@ async def test_a_failed_flush_fails_its_callers_and_the_next_batch_goes_on() -> 
     await gc.close()
     with pytest.raises(Overloaded):
         await gc.submit(4)  # closed: refuses instead of hanging
+
+
+async def test_check_room_applies_the_submit_rule_without_queueing() -> None:
+    """Callers with work to do before submitting (uploads) ask first; asking takes no place."""
+    gate = asyncio.Event()
+
+    async def flush(items: list[int]) -> list[int]:
+        await gate.wait()
+        return items
+
+    gc: GroupCommitter[int, int] = GroupCommitter(flush, max_batch=10, max_queue=3)
+    gc.check_room(50)  # an empty queue takes any group, however large
+    gc.start()
+    busy = asyncio.create_task(gc.submit(0))
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(gc.submit_many([1, 2]))
+    await asyncio.sleep(0)
+    gc.check_room(1)  # 2 + 1 fit in 3
+    assert len(gc) == 2
+    with pytest.raises(Overloaded, match="3 requests waiting"):
+        gc.check_room(2)
+    gate.set()
+    assert await busy == 0
+    assert await waiting == [1, 2]
+    await gc.close()
+    with pytest.raises(Overloaded):
+        gc.check_room(1)  # closing: refused like a submission

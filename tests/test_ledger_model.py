@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
+import pytest
 import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,7 +32,7 @@ from onecard.ledger.model import (
     TxnResult,
     TxnStatus,
 )
-from tests.support import assert_books_balance, dev_keys, new_card_number
+from tests.support import assert_books_balance, dev_keys, fetch, new_card_number
 
 BUS, TOPUP = "310400000001", "310400000009"
 TXN_MAX, PURSE_MAX = 20_000, 50_000  # the demo "senior" product (no deposit)
@@ -206,3 +207,44 @@ def _with_amount(req: Debit | Load, amount: int) -> Debit | Load:
         req.key_version, req.card_random, req.online_counter, req.old_balance, req.mac1,
         req.channel,
     )  # fmt: skip
+
+
+async def test_a_full_upload_queue_refuses_before_checking_any_mac(db_dsn: str) -> None:
+    """Under an upload surge refusals are most of the traffic: each must cost next to nothing.
+
+    A refused batch used to be MAC-checked and fingerprinted record by record
+    before the queue turned it away, CPU the online debits needed.
+    """
+    from onecard.ledger.batcher import Overloaded
+    from onecard.ledger.model import OfflineRecord
+
+    keys = dev_keys()
+
+    class CountingVerifier(ReferenceVerifier):
+        checked = 0
+
+        def verify_purchases(self, checks):  # type: ignore[no-untyped-def]
+            CountingVerifier.checked += len(checks)
+            return super().verify_purchases(checks)
+
+    pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=2)
+    async with pool.acquire() as conn:
+        await seed_demo_data(conn)
+    ledger = await Ledger.open(pool, keys, CountingVerifier(keys))
+    try:
+        uploads = ledger._uploads
+        uploads._queued_items = uploads.max_queue  # as if other gateways had filled it
+        record = OfflineRecord(
+            "3104123456789012", 200, 0x06, "310400000001", 42, "20261122083015", 1,
+            bytes(4), 1, 1_000,
+        )  # fmt: skip
+        with pytest.raises(Overloaded, match="queue is full"):
+            await ledger.submit_offline_records([record] * 10)
+        assert CountingVerifier.checked == 0
+        assert uploads._queued_items == uploads.max_queue  # nothing of it was queued
+        uploads._queued_items = 0
+    finally:
+        await ledger.close()
+        await pool.close()
+    rows = await fetch(db_dsn, "SELECT count(*) AS n FROM terminal_txns")
+    assert rows[0]["n"] == 0
