@@ -124,3 +124,44 @@ def test_two_workers_on_the_embedded_database(tmp_path: Path) -> None:
     assert proc.returncode == 0, banner + out
     assert "stopped cleanly" in out
     assert (data / "pii-key").stat().st_mode & 0o077 == 0  # made once, owner-only
+
+
+def test_workers_run_the_parents_package_not_the_current_directory(tmp_path: Path) -> None:
+    """`pip install .` then `onecard serve --workers 2` from the checkout.
+
+    Workers were started with ``python -m``, which puts the current directory
+    first on sys.path: from a source checkout they imported the checkout
+    (without the built extension) instead of the installed package, and died.
+    """
+    shadow = tmp_path / "onecard"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text(
+        'raise ImportError("imported the current directory, not the installed package")\n'
+    )
+    env = {
+        **os.environ,
+        "ONECARD_DATA_DIR": str(tmp_path / "data"),
+        "ONECARD_LISTEN": "127.0.0.1:0",
+    }
+    # The parent is found as installed (-P); the workers must find the same.
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-m", "onecard.server.cli", "serve", "--workers", "2"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        while "database:" not in banner:
+            line = proc.stdout.readline()
+            assert line, f"server exited before serving: {banner}"
+            banner += line
+        assert "workers: 2" in banner
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, banner + out
+    assert "stopped cleanly" in out

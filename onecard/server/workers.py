@@ -44,7 +44,11 @@ def _worker_argv(
     one named), so it also gets the personal-data key file explicitly: with a
     DSN a worker refuses to make up a key of its own.
     """
-    out = [sys.executable, "-m", "onecard.server.cli", *argv, "--workers", "1"]
+    # -P: not the current directory first on sys.path, as -m would put it.
+    # Started from a source checkout after `pip install .`, a worker would
+    # otherwise import the checkout (no built extension there) instead of the
+    # package the parent runs, and die before serving.
+    out = [sys.executable, "-P", "-m", "onecard.server.cli", *argv, "--workers", "1"]
     out += ["--dsn", dsn, "--listen", listen, "--pii-key-file", str(pii_key)]
     if keys is not None:
         out += ["--keys", str(keys)]
