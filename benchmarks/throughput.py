@@ -463,11 +463,13 @@ class CpuMeter:
 
     postmaster: int
     used: dict[str, float]
+    #: What the servers measured are called in the printout.
+    label: str = "ledger"
 
-    def sample(self, server: ServerProcess) -> dict[str, float]:
+    def sample(self, *servers: ServerProcess) -> dict[str, float]:
         t = os.times()
         return {
-            "ledger": tree_cpu(server.proc.pid),
+            self.label: sum(tree_cpu(server.proc.pid) for server in servers),
             "PostgreSQL": tree_cpu(self.postmaster),
             "client": t.user + t.system,
         }
@@ -476,10 +478,10 @@ class CpuMeter:
         for k in after:
             self.used[k] = self.used.get(k, 0.0) + after[k] - before[k]
 
-    def per_record(self, records: int, seconds: float) -> str:
+    def per_record(self, records: int, seconds: float, unit: str = "record") -> str:
         parts = [f"{k} {v / records * 1e6:.1f}" for k, v in self.used.items()]
         busy = sum(self.used.values()) / seconds / (os.cpu_count() or 1)
-        return f"CPU a record (us): {', '.join(parts)}; cores {busy:.0%} busy"
+        return f"CPU a {unit} (us): {', '.join(parts)}; cores {busy:.0%} busy"
 
 
 async def table_pages(dsn: str, table: str) -> int:
@@ -502,13 +504,13 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     pg = EmbeddedPostgres(tmp / "pg", settings=PG_SETTINGS)
     await asyncio.to_thread(pg.start)
     results: dict[str, float] = {}
-    bench = _Bench(args, rng, version, tmp, key_file)
+    bench = _Bench(args, rng, version, tmp, key_file, pg)
     try:
         print("setting up")
         small = await prepare_db(pg, "small", args.small)
         if args.only in ("all", "upload"):
             large = await prepare_db(pg, "large", args.large)
-            results.update(await bench.uploads(pg, small, large))
+            results.update(await bench.uploads(small, large))
         if args.only in ("all", "online"):
             results.update(await bench.onlines(small))
     finally:
@@ -539,8 +541,9 @@ class _Bench:
     version: KeyVersion
     tmp: Path
     key_file: Path
+    pg: EmbeddedPostgres
 
-    async def uploads(self, pg: EmbeddedPostgres, small: str, large: str) -> dict[str, float]:
+    async def uploads(self, small: str, large: str) -> dict[str, float]:
         """Offline upload on both populations: the upload and scale figures.
 
         Throughput is measured in steady state. Right after a checkpoint the
@@ -590,7 +593,7 @@ class _Bench:
                 await reset_statements(dsn)
             # Small and large populations in alternating rounds, both servers
             # up, so that the machine's drift hits both alike.
-            postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
+            postmaster = int((self.pg.data_dir / "postmaster.pid").read_text().split()[0])
             meters = {name: CpuMeter(postmaster, {}) for name in dsns}
             for r in range(args.rounds):
                 for name in dsns:
@@ -646,23 +649,23 @@ class _Bench:
             )
             bases, onlines = [], []
             per_round = n // args.rounds
+            postmaster = int((self.pg.data_dir / "postmaster.pid").read_text().split()[0])
+            noop_cpu = CpuMeter(postmaster, {}, "no-op")
+            ledger_cpu = CpuMeter(postmaster, {})
             for r in range(args.rounds):
+                # Requests are signed before the meters start: that is not the call's cost.
+                reqs = debit_requests(pop, per_round, r * per_round, rng)
+                before = noop_cpu.sample(*noops)
                 bases.append(
-                    await run_online(
-                        noops[0].address,
-                        debit_requests(pop, per_round, r * per_round, rng),
-                        args.concurrency,
-                        args.channels,
-                    )
+                    await run_online(noops[0].address, reqs, args.concurrency, args.channels)
                 )
+                noop_cpu.add(before, noop_cpu.sample(*noops))
+                reqs = debit_requests(pop, per_round, 60_000_000 + r * per_round, rng)
+                before = ledger_cpu.sample(server)
                 onlines.append(
-                    await run_online(
-                        server.address,
-                        debit_requests(pop, per_round, 60_000_000 + r * per_round, rng),
-                        args.concurrency,
-                        args.channels,
-                    )
+                    await run_online(server.address, reqs, args.concurrency, args.channels)
                 )
+                ledger_cpu.add(before, ledger_cpu.sample(server))
             base, online = Rate.merge(bases), Rate.merge(onlines)
             open_rate = online.per_second * args.p99_load
             open_n = int(open_rate * args.p99_seconds)
@@ -687,7 +690,9 @@ class _Bench:
             for noop in noops:
                 noop.stop()
         describe("no-op servicer", base, "debits")
+        print(f"    {noop_cpu.per_record(base.count, base.seconds, 'debit')}")
         describe("group commit", online, "debits")
+        print(f"    {ledger_cpu.per_record(online.count, online.seconds, 'debit')}")
         for label, rate_p99, done in (
             ("open loop, no-op", noop_p99, noop_achieved),
             ("open loop", p99, achieved),
