@@ -649,6 +649,7 @@ class _Bench:
             )
             bases, onlines = [], []
             per_round = n // args.rounds
+            await reset_statements(small)
             postmaster = int((self.pg.data_dir / "postmaster.pid").read_text().split()[0])
             noop_cpu = CpuMeter(postmaster, {}, "no-op")
             ledger_cpu = CpuMeter(postmaster, {})
@@ -667,6 +668,7 @@ class _Bench:
                 )
                 ledger_cpu.add(before, ledger_cpu.sample(server))
             base, online = Rate.merge(bases), Rate.merge(onlines)
+            await show_statements(small, online.seconds)
             open_rate = online.per_second * args.p99_load
             open_n = int(open_rate * args.p99_seconds)
             # The same open-loop run against the no-op first: what the client
