@@ -548,3 +548,32 @@ async def test_concurrent_streams_lose_and_double_nothing(
     sent = [rec for batches in streams + streams for batch in batches for rec in batch.records]
     await assert_acknowledged(server.dsn, sent, [b for rep in replies for b in rep])
     await assert_books_balance(server.dsn)
+
+
+async def test_a_full_queue_still_names_what_is_wrong_with_a_malformed_batch(
+    server: RunningServer, channel, keys
+) -> None:
+    """A gateway must learn that a batch can never be taken, not to retry it later.
+
+    Malformed is INVALID_ARGUMENT whatever the load; only a well-formed batch
+    meets the full queue (RESOURCE_EXHAUSTED, retry later). Nothing is written.
+    """
+    card = await funded(channel, keys)
+    uploads = server.ledger._uploads
+    uploads._queued_items = uploads.max_queue  # as if other gateways had filled it
+    try:
+        miscounted = make_batch("n", [ride(card, 100)])
+        miscounted.claimed_count = 2
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await Gateway(channel).upload([miscounted])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "claimed_count" in (info.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await Gateway(channel).upload([make_batch("ok", [ride(card, 100)])])
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue is full" in (info.value.details() or "")
+    finally:
+        uploads._queued_items = 0
+    assert await balance_of(server.dsn, card) == 5000
+    rows = await fetch(server.dsn, "SELECT count(*) AS n FROM terminal_txns WHERE kind = 3")
+    assert rows[0]["n"] == 0

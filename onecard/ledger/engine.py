@@ -305,16 +305,12 @@ class Ledger:
 
     # -- offline uploads -------------------------------------------------------
 
-    def check_upload_room(self, count: int) -> None:
-        """Raise Overloaded at once if the upload queue cannot take ``count`` records."""
-        self._uploads.check_room(count)
-
     async def submit_offline_records(self, records: list[OfflineRecord]) -> list[OfflineResult]:
         """One gateway batch through the upload committer; it commits as a whole."""
         # Refused before any MAC check when the queue is full: a refusal used
         # to cost the whole batch's MAC checks and fingerprints first, work
         # done only to be thrown away, and refusals are most of an overload.
-        self.check_upload_room(len(records))
+        self._uploads.check_room(len(records))
         # MAC checks and parsing happen here, per gateway batch, while other
         # batches are in the database: only the transaction is serialized.
         return await self._uploads.submit_many(self._prepare_records(records))

@@ -82,7 +82,6 @@ class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
         async for batch in request_iterator:
 
             async def call(batch: upload_pb2.UploadBatch = batch) -> upload_pb2.UploadBatchReply:
-                self.ledger.check_upload_room(len(batch.records))  # before any work on them
                 records = _records(batch)
                 check_upload_batch(
                     records, batch.claimed_count, batch.claimed_total, self.ledger.limits
