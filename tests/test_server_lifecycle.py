@@ -469,3 +469,29 @@ async def test_an_external_database_needs_the_shared_personal_data_key(
     )
     assert "personal-data key file" in capsys.readouterr().out
     assert len(read_key_file(tmp_path / "pii-key")) == 32
+
+
+def test_a_stop_while_starting_stops_cleanly_once_up(tmp_path: Path) -> None:
+    """A supervisor's SIGTERM right after its start (or a worker's parent stopping).
+
+    Signal handlers were installed only after the banner: a SIGTERM during
+    start-up killed the process, its embedded PostgreSQL left running, and a
+    worker stopped that way made its parent report "a worker failed".
+    """
+    data = tmp_path / "data"
+    env = {**os.environ, "ONECARD_DATA_DIR": str(data), "ONECARD_LISTEN": "127.0.0.1:0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onecard.server.cli", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # the first thing start-up logs, well before serving
+    assert first and "serving gRPC" not in first, first
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, first + out
+    assert "stopped cleanly" in out
+    assert not (data / "pg" / "postmaster.pid").exists()  # its PostgreSQL stopped too

@@ -32,7 +32,16 @@ def _describe_dsn(dsn: str) -> str:
 async def _serve(cfg: ServerConfig) -> None:
     from onecard.server.app import EMBEDDED_DATABASE, start_server
 
+    # Handlers first: a SIGTERM that lands while starting (a supervisor's stop
+    # right after its start, or a worker's parent stopping just after the
+    # banner) must stop the server cleanly once it is up, not kill the
+    # process with its embedded PostgreSQL left running.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     running = await start_server(cfg)
+    loop.add_signal_handler(signal.SIGHUP, running.reload_keys)
     # The server talks to its embedded database over the Unix socket; people
     # (psql -h 127.0.0.1 -p PORT) and tools are shown its TCP address.
     db = (
@@ -48,11 +57,6 @@ async def _serve(cfg: ServerConfig) -> None:
     )
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     (cfg.data_dir / "server.addr").write_text(running.address)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, running.reload_keys)
     await stop.wait()
     print("onecard: stopping (draining in-flight work)", flush=True)
     await running.stop()
