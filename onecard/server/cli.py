@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import asyncpg
@@ -36,12 +37,17 @@ async def _serve(cfg: ServerConfig) -> None:
     # right after its start, or a worker's parent stopping just after the
     # banner) must stop the server cleanly once it is up, not kill the
     # process with its embedded PostgreSQL left running.
+    # Signals reach only the main thread; run from another (as tests do, for
+    # refusals), there is nothing to install.
+    signals = threading.current_thread() is threading.main_thread()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
     running = await start_server(cfg)
-    loop.add_signal_handler(signal.SIGHUP, running.reload_keys)
+    if signals:
+        loop.add_signal_handler(signal.SIGHUP, running.reload_keys)
     # The server talks to its embedded database over the Unix socket; people
     # (psql -h 127.0.0.1 -p PORT) and tools are shown its TCP address.
     db = (
