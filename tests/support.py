@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -81,3 +84,49 @@ def pii_key_file(directory: Path) -> Path:
     path.write_text(os.urandom(32).hex())
     path.chmod(0o600)
     return path
+
+
+def start_cli_server(
+    args: list[str],
+    env: dict[str, str],
+    cwd: Path | None = None,
+    python_flags: tuple[str, ...] = (),
+) -> tuple[subprocess.Popen[str], str]:
+    """``onecard serve ARGS`` as a child process, once its banner is whole: (process, banner)."""
+    proc = subprocess.Popen(
+        [sys.executable, *python_flags, "-m", "onecard.server.cli", "serve", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    banner = ""
+    while "database:" not in banner:
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait()
+            raise AssertionError(f"server exited before serving: {banner}")
+        banner += line
+    return proc, banner
+
+
+def stop_cli_server(proc: subprocess.Popen[str], sig: int = signal.SIGINT) -> str:
+    """Signal the server and return the rest of what it printed."""
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    return out
+
+
+def assert_simulation_passes(env: dict[str, str]) -> None:
+    """``onecard simulate`` against the server in ONECARD_DATA_DIR: every outcome as expected."""
+    sim = subprocess.run(
+        [sys.executable, "-m", "onecard.server.cli", "simulate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert sim.returncode == 0, sim.stdout + sim.stderr
+    assert "every outcome as expected" in sim.stdout

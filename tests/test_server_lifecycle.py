@@ -25,7 +25,15 @@ from onecard.ledger.storage.migrate import apply_migrations, available_migration
 from onecard.server.app import RunningServer, start_server
 from onecard.server.config import ServerConfig
 from onecard.v1 import common_pb2
-from tests.support import assert_books_balance, dev_keys, fetch, issue, pii_key_file
+from tests.support import (
+    assert_books_balance,
+    assert_simulation_passes,
+    dev_keys,
+    fetch,
+    issue,
+    pii_key_file,
+    start_cli_server,
+)
 
 
 async def test_health_and_reflection(server: RunningServer, channel: grpc.aio.Channel) -> None:
@@ -157,15 +165,7 @@ def test_cli_serve_simulate_and_stop(tmp_path: Path) -> None:
                 assert line, f"server exited before serving: {banner}"
                 banner += line
             assert "onecard serving gRPC on 127.0.0.1:" in banner, banner
-            sim = subprocess.run(
-                [sys.executable, "-m", "onecard.server.cli", "simulate"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert sim.returncode == 0, sim.stdout + sim.stderr
-            assert "every outcome as expected" in sim.stdout
+            assert_simulation_passes(env)
             if round_ == 0:
                 # A second server on the same data directory is refused with advice, no traceback.
                 second = subprocess.run(
@@ -241,19 +241,7 @@ async def test_key_version_added_while_serving(db_dsn: str, tmp_path: Path) -> N
 
 def _start_cli_server(env: dict[str, str]) -> tuple[subprocess.Popen[str], str, str]:
     """`onecard serve` as a child process: (process, gRPC address, embedded database DSN)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "onecard.server.cli", "serve"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout is not None
-    banner = ""
-    while "database:" not in banner:
-        line = proc.stdout.readline()
-        assert line, f"server exited before serving: {banner}"
-        banner += line
+    proc, banner = start_cli_server([], env)
     address = banner.split("serving gRPC on ")[1].split()[0]
     where = banner.split("database: embedded PostgreSQL in ")[1].split("(")[1].split(")")[0]
     return proc, address, f"postgresql://postgres@{where}"

@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -16,7 +14,16 @@ import grpc
 from onecard.clients.terminal import Terminal
 from onecard.ledger.devdata import DEV_KEYS, seed_demo_data
 from onecard.v1 import common_pb2
-from tests.support import assert_books_balance, dev_keys, fetch, issue, pii_key_file
+from tests.support import (
+    assert_books_balance,
+    assert_simulation_passes,
+    dev_keys,
+    fetch,
+    issue,
+    pii_key_file,
+    start_cli_server,
+    stop_cli_server,
+)
 
 
 async def test_two_workers_share_the_port_and_the_books(db_dsn: str, tmp_path: Path) -> None:
@@ -28,27 +35,16 @@ async def test_two_workers_share_the_port_and_the_books(db_dsn: str, tmp_path: P
     key_file = tmp_path / "keys.json"
     key_file.write_text(json.dumps(DEV_KEYS))
     key_file.chmod(0o600)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "onecard.server.cli", "serve", "--workers", "2"],
-        env={
-            **os.environ,
-            "ONECARD_DSN": db_dsn,
-            "ONECARD_KEYS": str(key_file),
-            "ONECARD_LISTEN": "127.0.0.1:0",
-            "ONECARD_DATA_DIR": str(tmp_path / "data"),
-            "ONECARD_PII_KEY_FILE": str(pii_key_file(tmp_path / "secrets")),
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    env = {
+        **os.environ,
+        "ONECARD_DSN": db_dsn,
+        "ONECARD_KEYS": str(key_file),
+        "ONECARD_LISTEN": "127.0.0.1:0",
+        "ONECARD_DATA_DIR": str(tmp_path / "data"),
+        "ONECARD_PII_KEY_FILE": str(pii_key_file(tmp_path / "secrets")),
+    }
+    proc, banner = await asyncio.to_thread(start_cli_server, ["--workers", "2"], env)
     try:
-        assert proc.stdout is not None
-        banner = ""
-        while "database:" not in banner:
-            line = await asyncio.to_thread(proc.stdout.readline)
-            assert line, banner
-            banner += line
         address = banner.split("serving gRPC on ")[1].split()[0]
         pids = banner.split("(pids ")[1].split(")")[0].split(", ")
         assert len(pids) == 2 and all(os.path.exists(f"/proc/{p}") for p in pids)
@@ -79,8 +75,7 @@ async def test_two_workers_share_the_port_and_the_books(db_dsn: str, tmp_path: P
         )
         assert backends[0]["n"] >= 3  # two pools of at least two, and ours
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+        out = await asyncio.to_thread(stop_cli_server, proc, signal.SIGTERM)
     assert proc.returncode == 0, out
     assert "stopped cleanly" in out
     await assert_books_balance(db_dsn)
@@ -94,33 +89,12 @@ def test_two_workers_on_the_embedded_database(tmp_path: Path) -> None:
     """
     data = tmp_path / "data"
     env = {**os.environ, "ONECARD_DATA_DIR": str(data), "ONECARD_LISTEN": "127.0.0.1:0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "onecard.server.cli", "serve", "--workers", "2"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, banner = start_cli_server(["--workers", "2"], env)
     try:
-        assert proc.stdout is not None
-        banner = ""
-        while "database:" not in banner:
-            line = proc.stdout.readline()
-            assert line, f"server exited before serving: {banner}"
-            banner += line
         assert "workers: 2" in banner and "embedded PostgreSQL" in banner, banner
-        sim = subprocess.run(
-            [sys.executable, "-m", "onecard.server.cli", "simulate"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert sim.returncode == 0, sim.stdout + sim.stderr
-        assert "every outcome as expected" in sim.stdout
+        assert_simulation_passes(env)
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        out = stop_cli_server(proc)
     assert proc.returncode == 0, banner + out
     assert "stopped cleanly" in out
     assert (data / "pii-key").stat().st_mode & 0o077 == 0  # made once, owner-only
@@ -144,24 +118,10 @@ def test_workers_run_the_parents_package_not_the_current_directory(tmp_path: Pat
         "ONECARD_LISTEN": "127.0.0.1:0",
     }
     # The parent is found as installed (-P); the workers must find the same.
-    proc = subprocess.Popen(
-        [sys.executable, "-P", "-m", "onecard.server.cli", "serve", "--workers", "2"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, banner = start_cli_server(["--workers", "2"], env, cwd=tmp_path, python_flags=("-P",))
     try:
-        assert proc.stdout is not None
-        banner = ""
-        while "database:" not in banner:
-            line = proc.stdout.readline()
-            assert line, f"server exited before serving: {banner}"
-            banner += line
         assert "workers: 2" in banner
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        out = stop_cli_server(proc)
     assert proc.returncode == 0, banner + out
     assert "stopped cleanly" in out
