@@ -407,7 +407,10 @@ async def test_database_outage_is_unavailable_and_recovers(tmp_path: Path) -> No
         await asyncio.to_thread(pg.stop)
 
 
-@pytest.mark.parametrize("flag", ["--upload-flushers", "--pool-size", "--max-batch", "--workers"])
+_COUNT_FLAGS = ["--upload-flushers", "--upload-flush-records", "--pool-size", "--max-batch"]
+
+
+@pytest.mark.parametrize("flag", [*_COUNT_FLAGS, "--workers"])
 def test_a_count_below_one_is_refused_naming_the_option(
     flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -483,3 +486,16 @@ def test_a_stop_while_starting_stops_cleanly_once_up(tmp_path: Path) -> None:
     assert proc.returncode == 0, first + out
     assert "stopped cleanly" in out
     assert not (data / "pg" / "postmaster.pid").exists()  # its PostgreSQL stopped too
+
+
+def test_upload_transactions_are_bounded_apart_from_the_gateway_batch_limit() -> None:
+    """Shorter upload transactions without refusing the gateways' larger batches."""
+    from onecard.server.cli import build_parser
+    from onecard.server.config import config_from_args
+
+    argv = ["serve", "--upload-flush-records", "1000", "--max-upload-batch", "5000"]
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert cfg.batching.upload_max_batch == 1000  # a transaction's bound
+    assert cfg.limits.max_upload_batch == 5000  # what a gateway may send in one batch
+    defaults = config_from_args(build_parser().parse_args(["serve"]))
+    assert defaults.batching.upload_max_batch == defaults.limits.max_upload_batch == 5000

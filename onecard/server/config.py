@@ -140,6 +140,15 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     )
     add_option(
         p,
+        "--upload-flush-records",
+        type=int,
+        default=d.batching.upload_max_batch,
+        help="most records in one upload transaction (gateway batches are never split, so a "
+        "larger batch goes alone); fewer hold card locks for less time, at some upload "
+        "throughput",
+    )
+    add_option(
+        p,
         "--upload-flushers",
         type=int,
         default=d.batching.upload_flushers,
@@ -188,6 +197,7 @@ _COUNTS = (
     "--max-batch",
     "--max-queue",
     "--upload-flushers",
+    "--upload-flush-records",
     "--max-upload-batch",
     "--max-upload-queue",
 )
@@ -214,7 +224,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_batch=args.max_batch,
             max_queue=args.max_queue,
             linger=args.linger_ms / 1000,
-            upload_max_batch=args.max_upload_batch,
+            upload_max_batch=args.upload_flush_records,
             upload_max_queue=args.max_upload_queue,
             upload_flushers=args.upload_flushers,
         ),
