@@ -204,6 +204,19 @@ async def _noop_main(listen: str) -> None:
     await server.wait_for_termination()
 
 
+def start_noops(count: int) -> list[ServerProcess]:
+    """``count`` no-op servicer processes sharing one port, as the ledger's workers do.
+
+    One process tops out at one core (1.03 cores at 3,860 calls/s), which
+    would make the baseline a single process's limit rather than gRPC's cost.
+    """
+    noops = [ServerProcess(["-m", "benchmarks.throughput", "--noop-server"])]
+    noop_args = ["-m", "benchmarks.throughput", "--noop-server", "--noop-listen"]
+    while len(noops) < count:
+        noops.append(ServerProcess([*noop_args, noops[0].address]))
+    return noops
+
+
 # --------------------------------------------------------------------------- workloads
 
 
@@ -631,14 +644,7 @@ class _Bench:
         # The no-op and the ledger are measured in alternating rounds, both
         # servers up (an idle one costs nothing), so that the machine's drift
         # (a shared 2-core VM moves by a fifth within minutes) hits both alike.
-        # As many no-op processes sharing one port as the ledger has workers:
-        # one process tops out at one core (measured: 1.03 cores at 3,860
-        # calls/s), which would make the baseline a single process's limit
-        # rather than gRPC's cost on this machine.
-        noops = [ServerProcess(["-m", "benchmarks.throughput", "--noop-server"])]
-        noop_args = ["-m", "benchmarks.throughput", "--noop-server", "--noop-listen"]
-        while len(noops) < WORKERS:
-            noops.append(ServerProcess([*noop_args, noops[0].address]))
+        noops = start_noops(WORKERS)
         server = ledger_server(small, key_file, tmp / "srv-online")
         try:
             await run_online(

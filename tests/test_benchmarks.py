@@ -13,53 +13,70 @@ import subprocess
 import sys
 
 
+def _bench(module: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """``python -m benchmarks.MODULE ARGS``; its output, after checking that it succeeded."""
+    out = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
 def test_throughput_benchmark_prints_its_four_lines_and_what_limits_them() -> None:
     args = ["--small", "2000", "--large", "6000", "--records", "6000", "--streams", "2"]
     args += ["--debits", "600", "--rounds", "2", "--concurrency", "16", "--channels", "2"]
     args += ["--p99-seconds", "1"]
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.throughput", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "BENCH_PG": "shared_buffers=128MB"},
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    last = out.stdout.strip().splitlines()[-4:]
+    stdout = _bench("throughput", *args, env={"BENCH_PG": "shared_buffers=128MB"})
+    last = stdout.strip().splitlines()[-4:]
     assert re.fullmatch(r"upload: \d+ records/s durable", last[0]), last
     assert re.fullmatch(r"online: \d+ debits/s, p99 [\d.]+ ms, [\d.]+ of no-op", last[1]), last
     assert re.fullmatch(r"batching: [\d.]+x", last[2]), last
     assert re.fullmatch(r"scale: [\d.]+ of small", last[3]), last
     # What limits each figure: CPU per record and per debit, the statements, the
     # round right after a checkpoint, the no-op's own open-loop p99.
-    assert out.stdout.count("CPU a record (us): ledger") == 2
-    assert "CPU a debit (us): no-op" in out.stdout
-    assert "CPU a debit (us): ledger" in out.stdout
-    assert out.stdout.count("right after a checkpoint") >= 3
-    assert "open loop, no-op" in out.stdout
-    assert "WAL MB" in out.stdout
+    assert stdout.count("CPU a record (us): ledger") == 2
+    assert "CPU a debit (us): no-op" in stdout
+    assert "CPU a debit (us): ledger" in stdout
+    assert stdout.count("right after a checkpoint") >= 3
+    assert "open loop, no-op" in stdout
+    assert "WAL MB" in stdout
 
 
 def test_mac_benchmark_prints_a_line_per_suite() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.mac", "--records", "300", "--cards", "30"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    stdout = _bench("mac", "--records", "300", "--cards", "30")
     for suite in ("pboc-3des", "sm4", "aes"):
         line = rf"mac {suite}: \d+ ns/record fast, \d+ ns/record reference, [\d.]+x"
-        assert re.search(line, out.stdout), out.stdout
+        assert re.search(line, stdout), stdout
 
 
 def test_upload_sql_benchmark_prints_its_line() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.upload_sql", "--sizes", "200", "--repeat", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    stdout = _bench("upload_sql", "--sizes", "200", "--repeat", "2")
     line = r"upload sql 200 records: unnest [\d.]+ ms, copy [\d.]+ ms, copy/unnest [\d.]+"
-    assert re.search(line, out.stdout), out.stdout
+    assert re.search(line, stdout), stdout
+
+
+def test_online_sweep_prints_both_p99s_per_rate() -> None:
+    stdout = _bench("online_sweep", "--rates", "200,400", "--seconds", "1", "--cards", "3000")
+    for rate in (200, 400):
+        line = rf"sweep {rate}/s: no-op p99 [\d.]+ ms, ledger p99 [\d.]+ ms, [\d.]+x"
+        assert re.search(line, stdout), stdout
+
+
+def test_upload_surge_compares_the_transaction_bound_and_samples_waits() -> None:
+    args = ["--cards", "3000", "--rate", "100", "--duration", "2", "--flush-records", "2"]
+    stdout = _bench("upload_surge", *args)
+    line = r"surge {}: debit p50 \d+ ms, p99 \d+ ms; upload transactions \d+ records, p50 \d+ ms"
+    assert re.search(line.format("default"), stdout), stdout
+    assert re.search(line.format("--upload-flush-records 2"), stdout), stdout
+    assert stdout.count("online statements sampled:") == 2
+    assert re.search(r"surge: debit p99 with --upload-flush-records 2: [\d.]+ of default", stdout)
+
+
+def test_purse_update_benchmark_prints_both_forms() -> None:
+    stdout = _bench("purse_update", "--cards", "3000", "--batch", "100", "--repeat", "4")
+    line = r"purse update 3000 cards, 100 a batch: primary key [\d.]+ us/card, ctid [\d.]+ us/card"
+    assert re.search(line, stdout), stdout

@@ -1,0 +1,126 @@
+"""Open-loop p99 of online debits against the no-op servicer, rate by rate.
+
+``python -m benchmarks.online_sweep [--rates 1000,2000,3000,4000,5000]``
+
+Where ``benchmarks.throughput`` measures the p99 at one rate (80% of the
+ledger's closed-loop rate), this finds the knee: at each offered rate, the
+no-op servicer (as many processes as the ledger has workers) and then the
+ledger (``onecard serve --workers 2``) get the same open-loop run, latency
+counted from each call's intended send time. The no-op is the baseline in the
+same run: what the client and gRPC alone cost at that rate on these cores.
+One line per rate::
+
+    sweep <R>/s: no-op p99 <A> ms, ledger p99 <B> ms, <B/A>x
+
+Arguments after ``--`` go to ``onecard serve`` (``-- --linger-ms 5``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmarks import throughput as bt
+from onecard.clients.population import BUS_TERMINALS, METRO_TERMINALS, Population, Zipf
+from onecard.ledger.devdata import DEMO_ISSUER, DEV_KEYS
+from onecard.ledger.keys import MemoryKeyStore, parse_key_document
+from onecard.server.embedded_pg import EmbeddedPostgres
+from onecard.v1 import terminal_pb2
+
+
+def debits(
+    pop: Population, n: int, seq_base: int, zipf_s: float, rng: random.Random
+) -> list[terminal_pb2.DebitRequest]:
+    zipf = Zipf(pop.count, zipf_s, rng)
+    gates = METRO_TERMINALS + BUS_TERMINALS
+    return [
+        pop.debit_request(zipf.draw(), 20, gates[i % len(gates)], seq_base + i, bt.WHEN)
+        for i in range(n)
+    ]
+
+
+async def run(
+    args: argparse.Namespace, serve_args: Sequence[str]
+) -> list[tuple[int, float, float]]:
+    rng = random.Random(args.seed)
+    keys = MemoryKeyStore(parse_key_document(DEV_KEYS, "dev keys"))
+    version = keys.get(DEMO_ISSUER, bt.KEY_VERSION)
+    assert version is not None
+    tmp = Path(tempfile.mkdtemp(prefix="onecard-sweep-"))
+    key_file = tmp / "keys.json"
+    key_file.write_text(json.dumps(DEV_KEYS))
+    key_file.chmod(0o600)
+    pg = EmbeddedPostgres(tmp / "pg", settings=bt.PG_SETTINGS)
+    await asyncio.to_thread(pg.start)
+    out: list[tuple[int, float, float]] = []
+    try:
+        dsn = await bt.prepare_db(pg, "small", args.cards)
+        pop = Population(version, args.cards, bt.OPENING_BALANCE)
+        noops = bt.start_noops(bt.WORKERS)
+        server = bt.ledger_server(dsn, key_file, tmp / "srv", *serve_args)
+        try:
+            warm = debits(pop, 2_000, 50_000_000, args.zipf, rng)
+            await bt.run_online(server.address, warm, 64, args.channels)
+            seq = 1_000_000
+            for rate in args.rates:
+                n = int(rate * args.seconds)
+                p99s, refused = [], 0
+                for address in (noops[0].address, server.address):
+                    seq += n
+                    reqs = debits(pop, n, seq, args.zipf, rng)
+                    p99, _, refused = await bt.run_online_open(address, reqs, rate, args.channels)
+                    p99s.append(p99)
+                out.append((rate, p99s[0], p99s[1]))
+                # Past the knee the ledger refuses (a full queue answers
+                # RESOURCE_EXHAUSTED at once): a result, said on the line.
+                note = f" ({refused:,} of {n:,} not approved)" if refused else ""
+                print(
+                    f"sweep {rate}/s: no-op p99 {p99s[0]:.1f} ms, ledger p99 {p99s[1]:.1f} ms, "
+                    f"{p99s[1] / p99s[0]:.1f}x{note}",
+                    flush=True,
+                )
+        finally:
+            server.stop()
+            for noop in noops:
+                noop.stop()
+        await bt.check_books(dsn)
+    finally:
+        await asyncio.to_thread(pg.stop)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    serve_args: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, serve_args = argv[:at], argv[at + 1 :]
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.online_sweep", description=__doc__)
+    parser.add_argument(
+        "--rates",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1000, 2000, 3000, 4000, 5000],
+        help="offered debits/s, comma-separated",
+    )
+    parser.add_argument("--seconds", type=float, default=8.0, help="open-loop run per rate")
+    parser.add_argument("--cards", type=int, default=100_000)
+    parser.add_argument("--zipf", type=float, default=1.0, help="card skew (0.0001: ~uniform)")
+    parser.add_argument("--channels", type=int, default=8, help="client TCP connections")
+    parser.add_argument("--seed", type=int, default=20261201)
+    args = parser.parse_args(argv)
+    import uvloop
+
+    uvloop.run(run(args, serve_args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
