@@ -29,9 +29,8 @@ from pathlib import Path
 
 import asyncpg
 
-from onecard.clients.population import BASE_CARD, seed_cards
-from onecard.ledger.devdata import seed_demo_data
-from onecard.ledger.storage.migrate import apply_migrations
+from benchmarks.throughput import prepare_db
+from onecard.clients.population import BASE_CARD
 from onecard.ledger.storage.offline_batch import _UPDATE_BALANCES
 from onecard.ledger.storage.terminal_batch import hot_accounts
 from onecard.server.embedded_pg import EmbeddedPostgres
@@ -54,18 +53,8 @@ SELECT 1
 
 
 async def measure(pg: EmbeddedPostgres, cards: int, batch: int, repeat: int) -> dict[str, float]:
-    name = f"purse{cards}"
-    admin = await asyncpg.connect(pg.dsn())
+    conn = await asyncpg.connect(await prepare_db(pg, f"purse{cards}", cards))
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    conn = await asyncpg.connect(pg.dsn(name))
-    try:
-        await apply_migrations(conn)
-        await seed_demo_data(conn)
-        await seed_cards(conn, cards, 100_000, 2)
         await conn.execute("SET random_page_cost = 1.1")  # as ledger sessions run
         account = await conn.fetchval("SELECT account_id FROM accounts ORDER BY 1 LIMIT 1")
         rng = random.Random(1)

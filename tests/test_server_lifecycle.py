@@ -33,6 +33,7 @@ from tests.support import (
     issue,
     pii_key_file,
     start_cli_server,
+    stop_cli_server,
 )
 
 
@@ -150,20 +151,8 @@ def test_cli_serve_simulate_and_stop(tmp_path: Path) -> None:
     data = tmp_path / "data"
     env = {**os.environ, "ONECARD_DATA_DIR": str(data), "ONECARD_LISTEN": "127.0.0.1:0"}
     for round_ in range(2):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "onecard.server.cli", "serve"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        proc, banner = start_cli_server([], env)
         try:
-            assert proc.stdout is not None
-            banner = ""
-            while "serving gRPC" not in banner:
-                line = proc.stdout.readline()
-                assert line, f"server exited before serving: {banner}"
-                banner += line
             assert "onecard serving gRPC on 127.0.0.1:" in banner, banner
             assert_simulation_passes(env)
             if round_ == 0:
@@ -178,8 +167,7 @@ def test_cli_serve_simulate_and_stop(tmp_path: Path) -> None:
                 assert second.returncode == 2, second.stdout + second.stderr
                 assert "already running" in second.stderr
                 assert "Traceback" not in second.stderr
-            proc.send_signal(signal.SIGINT)
-            out, _ = proc.communicate(timeout=60)
+            out = stop_cli_server(proc)
             assert proc.returncode == 0, out
             assert "stopped cleanly" in out
             for entry in DEV_KEYS["issuers"]["3104"].values():
