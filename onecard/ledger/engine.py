@@ -64,11 +64,11 @@ class BatchSettings:
     #: 1,000 debits/s and lowered p99 at 3,000/s (166 -> 117 ms).
     linger: float = 0.002
     #: Offline uploads have their own committer: a 5,000-record upload must
-    #: not sit in front of online debits a passenger is waiting for.
-    #: Most records in one upload transaction (a gateway batch is never
-    #: split, so a larger one goes alone). With uploads far beyond capacity,
-    #: 1,000 instead of 5,000 cut online debits' p50 from 505 to 154 ms: an
-    #: upload holds its cards' locks until its COMMIT (README, Performance).
+    #: not sit in front of online debits a passenger is waiting for. This
+    #: bounds one upload transaction (a gateway batch is never split, so a
+    #: larger one goes alone). An upload holds its cards' locks until its
+    #: COMMIT, so during an upload surge a smaller bound cuts the debits'
+    #: waits, at some upload throughput (python -m benchmarks.upload_surge).
     upload_max_batch: int = 5000
     upload_max_queue: int = 50_000
     #: Upload transactions in flight at once: while one is in PostgreSQL the

@@ -33,12 +33,12 @@ def _describe_dsn(dsn: str) -> str:
 async def _serve(cfg: ServerConfig) -> None:
     from onecard.server.app import EMBEDDED_DATABASE, start_server
 
-    # Handlers first: a SIGTERM that lands while starting (a supervisor's stop
-    # right after its start, or a worker's parent stopping just after the
-    # banner) must stop the server cleanly once it is up, not kill the
-    # process with its embedded PostgreSQL left running.
-    # Signals reach only the main thread; run from another (as tests do, for
-    # refusals), there is nothing to install.
+    # Handlers before starting: a SIGTERM that lands meanwhile (a supervisor's
+    # stop right after its start, a worker's parent stopping just after the
+    # banner) stops the server cleanly once it is up, instead of killing the
+    # process with its embedded PostgreSQL left running. Signals reach only
+    # the main thread; run from another (tests do, for refusals), there is
+    # nothing to install.
     signals = threading.current_thread() is threading.main_thread()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
