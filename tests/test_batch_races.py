@@ -12,6 +12,7 @@ look-up of earlier outcomes.
 from __future__ import annotations
 
 import datetime as dt
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,9 +23,17 @@ from onecard.clients.population import BASE_CARD, seed_cards
 from onecard.ledger.crypto.verifier import MAC_OK
 from onecard.ledger.devdata import seed_demo_data
 from onecard.ledger.engine import fingerprint
+from onecard.ledger.lifecycle import Replacement, ReplaceReason
 from onecard.ledger.model import Debit, OfflineRecord, RecordOutcome, TxnKind, TxnStatus
+from onecard.ledger.pii import PiiProtector
 from onecard.ledger.refdata import ReferenceData
-from onecard.ledger.storage.offline_batch import PreparedRecord, apply_offline_batch
+from onecard.ledger.storage.lifecycle import Context, replace_card
+from onecard.ledger.storage.offline_batch import (
+    _LOCK_AND_MOVE,
+    _ORDERED_SCANS,
+    PreparedRecord,
+    apply_offline_batch,
+)
 from onecard.ledger.storage.terminal_batch import BatchRaced, Prepared, apply_terminal_batch
 from tests.support import assert_books_balance, fetch
 
@@ -34,16 +43,28 @@ CARD = str(BASE_CARD + 1)
 OTHER_CARD = str(BASE_CARD + 0)
 
 
-class RivalFirst:
-    """A connection that lets a rival commit right after the batch looks up its keys."""
+_LOOKUP = "FROM unnest($1::bigint[], $2::bigint[]) AS k(terminal_id, terminal_seq)"
 
-    def __init__(self, conn: asyncpg.Connection, rival: Callable[[], Awaitable[object]]) -> None:
+
+class RivalFirst:
+    """A connection that lets a rival commit right after the batch runs one read.
+
+    By default the read is the look-up of earlier outcomes by (terminal, seq).
+    """
+
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        rival: Callable[[], Awaitable[object]],
+        after: str = _LOOKUP,
+    ) -> None:
         self._conn = conn
         self._rival: Callable[[], Awaitable[object]] | None = rival
+        self._after = after
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         rows = await self._conn.fetch(query, *args)
-        if "FROM unnest($1::bigint[], $2::bigint[]) AS k(terminal_id, terminal_seq)" in query:
+        if self._after in query:
             rival, self._rival = self._rival, None
             if rival is not None:
                 await rival()
@@ -135,3 +156,72 @@ async def test_online_batch_that_loses_the_race_to_another_card_runs_again_as_co
     balances = await fetch(db_dsn, "SELECT purse_balance FROM cards ORDER BY card_no")
     assert [r["purse_balance"] for r in balances] == [9_700, 10_000]
     await assert_books_balance(db_dsn)
+
+
+async def test_offline_batch_whose_card_is_replaced_meanwhile_runs_again_and_pays_from_the_new_card(
+    conns, db_dsn: str
+) -> None:
+    """The batch moves purses before it reads them, by the replacements it saw.
+
+    A replacement committed between that look-up and the purse update would
+    have the record's money leave a card that now holds nothing: the batch
+    notices, rolls back whole and runs again, and the amount follows to the
+    new card as for any late record of a replaced card.
+    """
+    first, rival, ref = conns
+    new_card = BASE_CARD + 5
+
+    async def rival_replace() -> None:
+        ctx = Context(ref, PiiProtector(b"k" * 32), 0.0)
+        req = Replacement("r-1", "staff", CARD, str(new_card), 2, ReplaceReason.DAMAGED)
+        async with rival.transaction():
+            await replace_card(ctx, rival, req)
+
+    item = _offline(701)
+    with pytest.raises(BatchRaced):
+        racing = RivalFirst(first, rival_replace, after="WITH RECURSIVE chain")
+        await apply_offline_batch(racing, ref, [item])  # type: ignore[arg-type]
+    assert await _purchases(db_dsn) == []
+    (again,) = await apply_offline_batch(first, ref, [item])
+    assert again.outcome is RecordOutcome.POSTED_WITH_EXCEPTION
+    balances = {
+        r["card_no"]: r["purse_balance"]
+        for r in await fetch(db_dsn, "SELECT card_no, purse_balance FROM cards")
+    }
+    assert balances[int(CARD)] == 0
+    assert balances[new_card] == 10_000 - 300
+    assert await _purchases(db_dsn) == [(701, 300)]
+    await assert_books_balance(db_dsn)
+
+
+@pytest.mark.parametrize("batch", [5, 100, 2_000])
+async def test_upload_locks_cards_in_card_number_order(db_dsn: str, batch: int) -> None:
+    """The one statement that locks an upload's cards takes them in card order.
+
+    Every writer locks cards in card-number order, so concurrent batches of
+    several server processes cannot deadlock. The UPDATE locks rows in the
+    order it returns them; on a table whose rows no longer lie in card order
+    on disk, a plan that scans the table (a hash join over a sequential scan,
+    chosen here for 100 cards when nothing rules it out) returned them out of
+    order.
+    """
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await seed_demo_data(conn)
+        await seed_cards(conn, 3_000, 1_000, 2)
+        rng = random.Random(batch)
+        for _ in range(3):  # new row versions land away from their card's neighbours
+            touched = [BASE_CARD + rng.randrange(3_000) for _ in range(1_500)]
+            await conn.execute(
+                "UPDATE cards SET last_used_at = now() WHERE card_no = ANY($1::bigint[])", touched
+            )
+        await conn.execute("ANALYZE cards")
+        keys = sorted({BASE_CARD + rng.randrange(3_000) for _ in range(batch)})
+        async with conn.transaction():
+            await conn.execute(_ORDERED_SCANS)
+            rows = await conn.fetch(
+                _LOCK_AND_MOVE, keys, [0] * len(keys), [0] * len(keys), [False] * len(keys)
+            )
+        assert [r["card_no"] for r in rows] == keys
+    finally:
+        await conn.close()

@@ -78,5 +78,8 @@ def test_upload_surge_compares_the_transaction_bound_and_samples_waits() -> None
 
 def test_purse_update_benchmark_prints_both_forms() -> None:
     stdout = _bench("purse_update", "--cards", "3000", "--batch", "100", "--repeat", "4")
-    line = r"purse update 3000 cards, 100 a batch: primary key [\d.]+ us/card, ctid [\d.]+ us/card"
+    line = (
+        r"purse update 3000 cards, 100 a batch: lock then update [\d.]+ us/card, "
+        r"one update [\d.]+ us/card, one/two [\d.]+"
+    )
     assert re.search(line, stdout), stdout
