@@ -1,24 +1,25 @@
-"""An upload's card access: one UPDATE (the ledger's) against a lock and then an update.
+"""An upload's card access: lock then update (the ledger's) against one UPDATE.
 
 ``python -m benchmarks.purse_update [--cards 100000,2000000] [--batch 1500]``
 
-An upload used to lock its cards (``SELECT ... ORDER BY card_no FOR
-UPDATE``) and then update their purses, finding each card again through the
-primary key: two B-tree descents and two heap visits a card, which at a large
-population miss the CPU's caches both times. The ledger now does both in one
-``UPDATE ... RETURNING`` (``offline_batch._LOCK_AND_MOVE``). The two forms run
-in alternating transactions on the real schema, the same cards drawn for
-each, timed from the client (encoding, round trips, execution). One line per
-population::
+An upload locks its cards (``SELECT ... ORDER BY card_no FOR UPDATE``) and
+then updates their purses, finding each card again through the primary key:
+two B-tree descents and two heap visits a card, which at a large population
+miss the CPU's caches both times. The alternative measured here, not kept,
+does both in one ``UPDATE ... RETURNING OLD`` (PostgreSQL 18, the embedded
+one): the purse moves are known before the lock (every trusted new record of
+a known card is posted), and the batch would decide against the old state it
+returns. The two forms run in alternating transactions on the real schema,
+fresh cards drawn for each, timed from the client (encoding, round trips,
+execution). One line per population::
 
     purse update <N> cards, <B> a batch: lock then update <A> us/card,
         one update <C> us/card, one/two <R>
 
-(one line in the output).
-
-(An earlier version of this benchmark measured updating by the ``ctid`` the
-lock returned instead of the primary key: 1.54x and 1.11x the time at
-100,000 and 2,000,000 cards, not kept; README Performance.)
+(one line in the output). What it saved end to end, and why it was not
+kept: README Performance. (An earlier version measured updating by the
+``ctid`` the lock returned: 1.54x and 1.11x the time at 100,000 and
+2,000,000 cards, not kept either.)
 """
 
 from __future__ import annotations
@@ -38,44 +39,52 @@ import asyncpg
 
 from benchmarks.throughput import prepare_db
 from onecard.clients.population import BASE_CARD
-from onecard.ledger.storage.offline_batch import _LOCK_AND_MOVE, _ORDERED_SCANS
+from onecard.ledger.storage.offline_batch import _LOCK_CARDS, _UPDATE_BALANCES
+from onecard.ledger.storage.terminal_batch import hot_accounts
 from onecard.server.embedded_pg import EmbeddedPostgres
 
-# The two statements the upload ran before (the baseline).
-_LOCK = """
-SELECT card_no, status, purse_balance, offline_counter, lost_at, replaced_by
-FROM cards WHERE card_no = ANY($1::bigint[])
-ORDER BY card_no
-FOR UPDATE
+# The same purse update, locking as it goes, returning the rows as they were.
+# Rows are locked in the order the plan emits them; with sequential and
+# bitmap scans of cards ruled out, every plan left emits them in card order
+# (a plan over a sequential scan did not, for 100 cards on a table whose rows
+# had moved).
+_LOCK_AND_MOVE = f"""
+WITH purses AS (
+    UPDATE cards AS c
+    SET purse_balance = c.purse_balance + d.delta,
+        offline_counter = greatest(c.offline_counter, d.counter),
+        last_used_at = now()
+    FROM unnest($1::bigint[], $2::bigint[], $3::integer[]) AS d(card_no, delta, counter)
+    WHERE c.card_no = ANY($1::bigint[]) AND c.card_no = d.card_no
+    RETURNING old.card_no, old.status, old.purse_balance, old.offline_counter, old.lost_at,
+              old.replaced_by
+), {hot_accounts(4)}
+SELECT * FROM purses
 """
-_UPDATE = """
-UPDATE cards AS c
-SET purse_balance = c.purse_balance + d.delta,
-    offline_counter = greatest(c.offline_counter, d.counter),
-    last_used_at = now()
-FROM unnest($1::bigint[], $2::bigint[], $3::integer[]) AS d(card_no, delta, counter)
-WHERE c.card_no = d.card_no
-"""
+_ORDERED_SCANS = "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off"
 
 
 async def measure(pg: EmbeddedPostgres, cards: int, batch: int, repeat: int) -> dict[str, float]:
     conn = await asyncpg.connect(await prepare_db(pg, f"purse{cards}", cards))
     try:
         await conn.execute("SET random_page_cost = 1.1")  # as ledger sessions run
+        account = await conn.fetchval("SELECT account_id FROM accounts ORDER BY 1 LIMIT 1")
         rng = random.Random(1)
         times: dict[str, list[float]] = {"two": [], "one": []}
         for _ in range(repeat):
             for form in times:
                 keys = sorted({BASE_CARD + rng.randrange(cards) for _ in range(batch)})
                 n = len(keys)
+                args = (keys, [-1] * n, [1] * n, [account], [n])
                 async with conn.transaction():
-                    await conn.execute(_ORDERED_SCANS)  # as the ledger's upload runs
+                    if form == "one":  # the ledger's own statements run as they do
+                        await conn.execute(_ORDERED_SCANS)
                     began = time.perf_counter()
                     if form == "two":
-                        rows = await conn.fetch(_LOCK, keys)
-                        await conn.execute(_UPDATE, keys, [-1] * n, [1] * n)
+                        rows = await conn.fetch(_LOCK_CARDS, keys)
+                        await conn.execute(_UPDATE_BALANCES, *args)
                     else:
-                        rows = await conn.fetch(_LOCK_AND_MOVE, keys, [-1] * n, [1] * n, [True] * n)
+                        rows = await conn.fetch(_LOCK_AND_MOVE, *args)
                     times[form].append((time.perf_counter() - began) * 1e6 / n)
                 assert len(rows) == n
     finally:

@@ -116,9 +116,11 @@ class Rate:
 class ServerProcess:
     """``onecard serve`` (or the no-op servicer) in a child process."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, python: str = sys.executable
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, *args],
+            [python, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -154,7 +156,14 @@ class ServerProcess:
             sys.stderr.writelines(self.log)
 
 
-def ledger_server(dsn: str, keys: Path, data_dir: Path, *extra: str) -> ServerProcess:
+def ledger_server(
+    dsn: str, keys: Path, data_dir: Path, *extra: str, python: str | None = None
+) -> ServerProcess:
+    """``onecard serve --workers`` on ``dsn``; ``python`` runs another installation's.
+
+    Another installation's server starts with ``-P``, so that it imports its
+    own ``onecard`` rather than this checkout's from the working directory.
+    """
     # An operator's personal-data key, as --dsn requires (one per run is enough).
     pii_key = keys.with_name("pii-key")
     if not pii_key.exists():
@@ -162,6 +171,7 @@ def ledger_server(dsn: str, keys: Path, data_dir: Path, *extra: str) -> ServerPr
         pii_key.chmod(0o600)
     return ServerProcess(
         [
+            *(["-P"] if python else []),
             "-m",
             "onecard.server.cli",
             "--log-level",
@@ -182,7 +192,8 @@ def ledger_server(dsn: str, keys: Path, data_dir: Path, *extra: str) -> ServerPr
             "--workers",
             str(WORKERS),
             *extra,
-        ]
+        ],
+        python=python or sys.executable,
     )
 
 

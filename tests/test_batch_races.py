@@ -12,7 +12,6 @@ look-up of earlier outcomes.
 from __future__ import annotations
 
 import datetime as dt
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,12 +27,7 @@ from onecard.ledger.model import Debit, OfflineRecord, RecordOutcome, TxnKind, T
 from onecard.ledger.pii import PiiProtector
 from onecard.ledger.refdata import ReferenceData
 from onecard.ledger.storage.lifecycle import Context, replace_card
-from onecard.ledger.storage.offline_batch import (
-    _LOCK_AND_MOVE,
-    _ORDERED_SCANS,
-    PreparedRecord,
-    apply_offline_batch,
-)
+from onecard.ledger.storage.offline_batch import PreparedRecord, apply_offline_batch
 from onecard.ledger.storage.terminal_batch import BatchRaced, Prepared, apply_terminal_batch
 from tests.support import assert_books_balance, fetch
 
@@ -161,12 +155,12 @@ async def test_online_batch_that_loses_the_race_to_another_card_runs_again_as_co
 async def test_offline_batch_whose_card_is_replaced_meanwhile_runs_again_and_pays_from_the_new_card(
     conns, db_dsn: str
 ) -> None:
-    """The batch moves purses before it reads them, by the replacements it saw.
+    """A replacement committed between the batch's look-up of successors and its lock.
 
-    A replacement committed between that look-up and the purse update would
-    have the record's money leave a card that now holds nothing: the batch
-    notices, rolls back whole and runs again, and the amount follows to the
-    new card as for any late record of a replaced card.
+    The new card is not among the cards the batch locked, so the record's
+    money could not follow to it: the batch notices, rolls back whole and
+    runs again, and the amount follows to the new card as for any late
+    record of a replaced card.
     """
     first, rival, ref = conns
     new_card = BASE_CARD + 5
@@ -192,36 +186,3 @@ async def test_offline_batch_whose_card_is_replaced_meanwhile_runs_again_and_pay
     assert balances[new_card] == 10_000 - 300
     assert await _purchases(db_dsn) == [(701, 300)]
     await assert_books_balance(db_dsn)
-
-
-@pytest.mark.parametrize("batch", [5, 100, 2_000])
-async def test_upload_locks_cards_in_card_number_order(db_dsn: str, batch: int) -> None:
-    """The one statement that locks an upload's cards takes them in card order.
-
-    Every writer locks cards in card-number order, so concurrent batches of
-    several server processes cannot deadlock. The UPDATE locks rows in the
-    order it returns them; on a table whose rows no longer lie in card order
-    on disk, a plan that scans the table (a hash join over a sequential scan,
-    chosen here for 100 cards when nothing rules it out) returned them out of
-    order.
-    """
-    conn = await asyncpg.connect(db_dsn)
-    try:
-        await seed_demo_data(conn)
-        await seed_cards(conn, 3_000, 1_000, 2)
-        rng = random.Random(batch)
-        for _ in range(3):  # new row versions land away from their card's neighbours
-            touched = [BASE_CARD + rng.randrange(3_000) for _ in range(1_500)]
-            await conn.execute(
-                "UPDATE cards SET last_used_at = now() WHERE card_no = ANY($1::bigint[])", touched
-            )
-        await conn.execute("ANALYZE cards")
-        keys = sorted({BASE_CARD + rng.randrange(3_000) for _ in range(batch)})
-        async with conn.transaction():
-            await conn.execute(_ORDERED_SCANS)
-            rows = await conn.fetch(
-                _LOCK_AND_MOVE, keys, [0] * len(keys), [0] * len(keys), [False] * len(keys)
-            )
-        assert [r["card_no"] for r in rows] == keys
-    finally:
-        await conn.close()

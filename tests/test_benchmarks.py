@@ -83,3 +83,12 @@ def test_purse_update_benchmark_prints_both_forms() -> None:
         r"one update [\d.]+ us/card, one/two [\d.]+"
     )
     assert re.search(line, stdout), stdout
+
+
+def test_upload_ab_benchmark_compares_two_installations() -> None:
+    # This installation against itself: the form, not a figure.
+    args = ["--baseline-python", sys.executable, "--cards", "2000", "--records", "4000"]
+    stdout = _bench("upload_ab", *args, "--rounds", "1", env={"BENCH_PG": "shared_buffers=128MB"})
+    line = r"upload A/B 2000 cards: baseline \d+/s, this \d+/s, this/baseline [\d.]+"
+    assert re.search(line, stdout), stdout
+    assert re.search(r"  baseline: CPU a record \(us\): ledger [\d.]+, PostgreSQL", stdout)

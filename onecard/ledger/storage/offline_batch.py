@@ -152,51 +152,29 @@ FROM unnest($1::bigint[], $2::bigint[]) AS k(terminal_id, terminal_seq)
 JOIN terminal_txns t USING (terminal_id, terminal_seq)
 """
 
-# Every replacement edge from the batch's cards to the end of each chain (a
+# Every successor of the batch's replaced cards, to the end of each chain (a
 # card replaced twice): the money of a late record follows to the card the
-# holder carries now, as a dispute refund does (storage/lifecycle.py), and the
-# batch must know where before it moves any purse. The anchor uses the
-# partial index cards_replaced, so cards never replaced cost one small probe.
-_REPLACEMENTS = """
-WITH RECURSIVE chain (card_no, replaced_by, depth) AS (
-    SELECT card_no, replaced_by, 0 FROM cards
+# holder carries now, as a dispute refund does (storage/lifecycle.py). The
+# anchor uses the partial index cards_replaced, so cards never replaced cost
+# one small probe.
+_SUCCESSORS = """
+WITH RECURSIVE chain (replaced_by, depth) AS (
+    SELECT replaced_by, 0 FROM cards
     WHERE card_no = ANY($1::bigint[]) AND replaced_by IS NOT NULL
     UNION
-    SELECT c.card_no, c.replaced_by, chain.depth + 1
+    SELECT c.replaced_by, chain.depth + 1
     FROM cards c JOIN chain ON c.card_no = chain.replaced_by
     WHERE c.replaced_by IS NOT NULL AND chain.depth < 32
 )
-SELECT DISTINCT card_no, replaced_by FROM chain
+SELECT DISTINCT replaced_by FROM chain
 """
 
-# One access per card: the UPDATE locks each row, applies the purse delta
-# worked out before the lock and returns the state before it, which the batch
-# then decides against. Every trusted record that is new and names a known
-# card is posted whatever the card's state (DESIGN.md decision 7), so the
-# delta is known without the state; the decisions then work it out again and
-# the two must agree (apply_offline_batch checks). It was a locking SELECT
-# and then an UPDATE finding every card again through the primary key (8.6
-# and 7.0 us a card at 10,000,000 cards, each a B-tree descent and a heap page
-# that miss the CPU's caches; python -m benchmarks.purse_update).
-# Rows are locked in card-number order, as every writer locks them, so that
-# concurrent batches cannot deadlock: d comes sorted, and with sequential and
-# bitmap scans of cards ruled out (_ORDERED_SCANS) every plan left reads
-# cards through the primary key in key order (= ANY sorts its array) or is
-# driven by d, and each join emits its rows, and so locks them, in card order.
-# offline_counter_before: the counter this UPDATE raised from (migration 0008).
-_LOCK_AND_MOVE = """
-UPDATE cards AS c
-SET purse_balance = c.purse_balance + d.delta,
-    offline_counter = greatest(c.offline_counter, d.counter),
-    offline_counter_before = c.offline_counter,
-    last_used_at = CASE WHEN d.used THEN now() ELSE c.last_used_at END
-FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::boolean[])
-     AS d(card_no, delta, counter, used)
-WHERE c.card_no = ANY($1::bigint[]) AND c.card_no = d.card_no
-RETURNING c.card_no, c.status, c.purse_balance - d.delta, c.offline_counter_before, c.lost_at,
-          c.replaced_by
+_LOCK_CARDS = """
+SELECT card_no, status, purse_balance, offline_counter, lost_at, replaced_by
+FROM cards WHERE card_no = ANY($1::bigint[])
+ORDER BY card_no
+FOR UPDATE
 """
-_ORDERED_SCANS = "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off"
 
 # Counters a card has used before, for the records that could repeat one: a
 # record whose counter is above the card's highest (cards.offline_counter, which
@@ -255,8 +233,6 @@ CREATE TEMP TABLE IF NOT EXISTS {STAGE_TABLE} (
 # with, so postings and balances cannot disagree if a terminal changes
 # operator meanwhile; joining terminals and accounts.code per record instead
 # took 1.6 of the statement's 12 us a record (a hash join on these: 0.9).
-# The hot system accounts' deltas ride along (to this session's slot rows,
-# see hot_accounts): only purchases move them, and every purchase is here.
 INSERT_STAGED_TXNS = f"""
 WITH t AS (
     INSERT INTO terminal_txns ({", ".join(STAGE_COLUMNS)})
@@ -271,7 +247,7 @@ WITH t AS (
     JOIN unnest($1::bigint[], $2::bigint[]) AS a(terminal_id, account_id) USING (terminal_id)
     WHERE t.status = 1
     RETURNING 1
-), {hot_accounts(3)}
+)
 SELECT (SELECT count(*) FROM t) AS txns, (SELECT count(*) FROM p) AS postings
 """
 
@@ -280,6 +256,20 @@ INSERT INTO postings (card_no, debit_account, credit_account, amount, kind,
                       terminal_id, terminal_seq)
 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::smallint[],
                      $6::bigint[], $7::bigint[])
+"""
+
+# The purses, and in the same statement the hot system accounts' deltas
+# (to this session's slot rows, see hot_accounts).
+_UPDATE_BALANCES = f"""
+WITH purses AS (
+    UPDATE cards AS c
+    SET purse_balance = c.purse_balance + d.delta,
+        offline_counter = greatest(c.offline_counter, d.counter),
+        last_used_at = now()
+    FROM unnest($1::bigint[], $2::bigint[], $3::integer[]) AS d(card_no, delta, counter)
+    WHERE c.card_no = d.card_no
+), {hot_accounts(4)}
+SELECT 1
 """
 
 _INSERT_QUARANTINE = """
@@ -317,73 +307,11 @@ def _earlier_result(status: TxnStatus, balance: int, bits: int) -> OfflineResult
     )
 
 
-@dataclass(slots=True)
-class _Move:
-    """What a batch does to one card's row, worked out before the row is read."""
-
-    delta: int = 0
-    counter: int = 0
-    used: bool = False
-
-
-def _planned_moves(
-    items: list[PreparedRecord],
-    claimed: set[tuple[int, int]],
-    replaced: dict[int, int],
-    ref: ReferenceData,
-) -> dict[int, _Move]:
-    """The purse moves _decide will make, from what is known before the lock.
-
-    A record moves money if it is trusted (a known terminal, a TAC that
-    verifies) and the first claim on its (terminal, seq): _decide posts every
-    such record of a card the ledger holds, whatever the card's state. The
-    amount leaves the card's purse, or the purse at the end of its
-    replacement chain. A card the ledger does not hold gets a move nobody
-    applies (the UPDATE finds no row), as _decide quarantines its record.
-    """
-    moves: dict[int, _Move] = {}
-    claimed = set(claimed)
-    for p in items:
-        r = p.record
-        if p.mac_code != MAC_OK or p.terminal_id not in ref.terminal_operator:
-            continue
-        key = (p.terminal_id, r.terminal_seq)
-        if key in claimed:
-            continue
-        claimed.add(key)
-        move = moves.get(p.card_no)
-        if move is None:
-            move = moves[p.card_no] = _Move()
-        move.used = True
-        if r.offline_counter > move.counter:
-            move.counter = r.offline_counter
-        bearer = move
-        if p.card_no in replaced:
-            holder = _chain_end(p.card_no, replaced)
-            bearer = moves.setdefault(holder, _Move())
-            bearer.used = True
-        bearer.delta -= r.amount
-    return moves
-
-
-def _chain_end(card_no: int, replaced: dict[int, int]) -> int:
-    """The card whose purse holds a replaced card's money now (bounded: no cycle)."""
-    no = replaced[card_no]
-    for _ in range(32):
-        following = replaced.get(no)
-        if following is None:
-            return no
-        no = following
-    raise RuntimeError(f"replacement chain from card {card_no:016d} does not end")
-
-
 async def apply_offline_batch(
     conn: Conn, ref: ReferenceData, items: list[PreparedRecord]
 ) -> list[OfflineResult]:
     """Decide and record every item; the caller replies only after this returns."""
     async with conn.transaction():
-        # The staging table and the scans that keep the card lock in order.
-        await conn.execute(f"{CREATE_STAGE}; {_ORDERED_SCANS}")
         rows = await conn.fetch(
             _EXISTING,
             [p.terminal_id for p in items],
@@ -402,25 +330,16 @@ async def apply_offline_batch(
         card_nos = {p.card_no for p in items}
         # Successors of replaced cards take part in the batch (the money follows
         # to them), so they are locked with the rest, in the same single order.
-        replaced = {
-            card_no: successor
-            for card_no, successor in await conn.fetch(_REPLACEMENTS, list(card_nos))
-        }
-        moves = _planned_moves(items, set(seen), replaced, ref)
-        lock = sorted(card_nos | set(replaced.values()))
-        planned = [moves.get(no) or _Move() for no in lock]
-        # Rows unpacked in _LOCK_AND_MOVE's column order (by name: 0.2 us a card more).
+        successors = {r["replaced_by"] for r in await conn.fetch(_SUCCESSORS, list(card_nos))}
+        lock = sorted(card_nos | successors)
+        # Rows unpacked in _LOCK_CARDS's column order (by name: 0.2 us a card more).
         cards = {
             card_no: _Card(status, balance, counter, lost_at, replaced_by)
             for card_no, status, balance, counter, lost_at, replaced_by in await conn.fetch(
-                _LOCK_AND_MOVE,
-                lock,
-                [m.delta for m in planned],
-                [m.counter for m in planned],
-                [m.used for m in planned],
+                _LOCK_CARDS, lock
             )
         }
-        if any(c.replaced_by != replaced.get(no) for no, c in cards.items()):
+        if any(c.replaced_by is not None and c.replaced_by not in cards for c in cards.values()):
             raise BatchRaced()  # replaced between the two reads; run again
 
         suspects = [
@@ -435,23 +354,17 @@ async def apply_offline_batch(
             )
             used_counters = {(r["card_no"], r["offline_counter"]) for r in counters}
 
-        before = {no: c.counter for no, c in cards.items()}
         writes = _Writes()
         results = [_decide(p, seen, cards, used_counters, ref, writes) for p in items]
-        _check_moves(cards, before, moves)
 
         if writes.txns:
+            await conn.execute(CREATE_STAGE)
             await conn.copy_records_to_table(
                 STAGE_TABLE, records=writes.txns, columns=STAGE_COLUMNS
             )
-            system = sorted(a for a in writes.accounts if a < purse_account(0))
             try:
                 counts = await conn.fetchrow(
-                    INSERT_STAGED_TXNS,
-                    list(writes.payables),
-                    list(writes.payables.values()),
-                    system,
-                    [writes.accounts[a] for a in system],
+                    INSERT_STAGED_TXNS, list(writes.payables), list(writes.payables.values())
                 )
             except asyncpg.UniqueViolationError:
                 raise BatchRaced() from None
@@ -466,23 +379,18 @@ async def apply_offline_batch(
             await conn.execute(_INSERT_QUARANTINE, *writes.quarantine)
         if writes.exceptions[0]:
             await conn.execute(_INSERT_EXCEPTIONS, *writes.exceptions)
-    return results
-
-
-def _check_moves(cards: dict[int, _Card], before: dict[int, int], moves: dict[int, _Move]) -> None:
-    """The purses moved before the decisions must be the purses the decisions moved.
-
-    A disagreement is a bug in one of the two, and the batch rolls back
-    rather than commit balances its postings do not explain.
-    """
-    for no, card in cards.items():
-        move = moves.get(no) or _Move()
-        counter = max(before[no], move.counter)
-        if (card.delta, card.counter, card.touched) != (move.delta, counter, move.used):
-            raise RuntimeError(
-                f"card {no:016d}: decided {card.delta} fen to counter {card.counter}, "
-                f"moved {move.delta} fen to counter {counter} before deciding"
+        touched = [(no, c) for no, c in cards.items() if c.touched]
+        if touched:
+            system = sorted(a for a in writes.accounts if a < purse_account(0))
+            await conn.execute(
+                _UPDATE_BALANCES,
+                [no for no, _ in touched],
+                [c.delta for _, c in touched],
+                [c.counter for _, c in touched],
+                system,
+                [writes.accounts[a] for a in system],
             )
+    return results
 
 
 def _holder(card: _Card, cards: dict[int, _Card]) -> int:
