@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import shutil
 import sys
@@ -29,8 +28,6 @@ from pathlib import Path
 
 from benchmarks import throughput as bt
 from onecard.clients.population import BUS_TERMINALS, METRO_TERMINALS, Population, Zipf
-from onecard.ledger.devdata import DEMO_ISSUER, DEV_KEYS
-from onecard.ledger.keys import MemoryKeyStore, parse_key_document
 from onecard.server.embedded_pg import EmbeddedPostgres
 from onecard.v1 import terminal_pb2
 
@@ -50,13 +47,8 @@ async def run(
     args: argparse.Namespace, serve_args: Sequence[str]
 ) -> list[tuple[int, float, float]]:
     rng = random.Random(args.seed)
-    keys = MemoryKeyStore(parse_key_document(DEV_KEYS, "dev keys"))
-    version = keys.get(DEMO_ISSUER, bt.KEY_VERSION)
-    assert version is not None
     tmp = Path(tempfile.mkdtemp(prefix="onecard-sweep-"))
-    key_file = tmp / "keys.json"
-    key_file.write_text(json.dumps(DEV_KEYS))
-    key_file.chmod(0o600)
+    version, key_file = bt.dev_card_keys(tmp)
     pg = EmbeddedPostgres(tmp / "pg", settings=bt.PG_SETTINGS)
     await asyncio.to_thread(pg.start)
     out: list[tuple[int, float, float]] = []

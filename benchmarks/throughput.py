@@ -516,15 +516,23 @@ async def table_pages(dsn: str, table: str) -> int:
         await conn.close()
 
 
-async def run(args: argparse.Namespace) -> dict[str, float]:
-    rng = random.Random(args.seed)
-    keys = MemoryKeyStore(parse_key_document(DEV_KEYS, "dev keys"))
-    version = keys.get(DEMO_ISSUER, KEY_VERSION)
+def dev_card_keys(tmp: Path) -> tuple[KeyVersion, Path]:
+    """The card key version the populations are made with, and a key file for the servers.
+
+    The development keys of PROTOCOL.md, written where only this run reads them.
+    """
+    version = MemoryKeyStore(parse_key_document(DEV_KEYS, "dev keys")).get(DEMO_ISSUER, KEY_VERSION)
     assert version is not None
-    tmp = Path(tempfile.mkdtemp(prefix="onecard-bench-"))
     key_file = tmp / "keys.json"
     key_file.write_text(json.dumps(DEV_KEYS))
     key_file.chmod(0o600)
+    return version, key_file
+
+
+async def run(args: argparse.Namespace) -> dict[str, float]:
+    rng = random.Random(args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="onecard-bench-"))
+    version, key_file = dev_card_keys(tmp)
     pg = EmbeddedPostgres(tmp / "pg", settings=PG_SETTINGS)
     await asyncio.to_thread(pg.start)
     results: dict[str, float] = {}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import shutil
 import sys
@@ -31,12 +30,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.throughput import (
-    KEY_VERSION,
     OPENING_BALANCE,
     PG_SETTINGS,
     CpuMeter,
     Rate,
     check_books,
+    dev_card_keys,
     ledger_server,
     prepare_db,
     run_upload,
@@ -44,8 +43,6 @@ from benchmarks.throughput import (
     upload_streams,
 )
 from onecard.clients.population import Population
-from onecard.ledger.devdata import DEMO_ISSUER, DEV_KEYS
-from onecard.ledger.keys import MemoryKeyStore, parse_key_document
 from onecard.server.embedded_pg import EmbeddedPostgres
 
 STREAMS = 8
@@ -54,12 +51,8 @@ BATCH = 500
 
 async def run(args: argparse.Namespace) -> dict[int, float]:
     rng = random.Random(args.seed)
-    version = MemoryKeyStore(parse_key_document(DEV_KEYS, "dev keys")).get(DEMO_ISSUER, KEY_VERSION)
-    assert version is not None
     tmp = Path(tempfile.mkdtemp(prefix="onecard-upload-ab-"))
-    key_file = tmp / "keys.json"
-    key_file.write_text(json.dumps(DEV_KEYS))
-    key_file.chmod(0o600)
+    version, key_file = dev_card_keys(tmp)
     pg = EmbeddedPostgres(tmp / "pg", settings=PG_SETTINGS)
     await asyncio.to_thread(pg.start)
     ratios: dict[int, float] = {}
