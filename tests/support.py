@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -84,6 +85,29 @@ def pii_key_file(directory: Path) -> Path:
     path.write_text(os.urandom(32).hex())
     path.chmod(0o600)
     return path
+
+
+async def cli_server_env(db_dsn: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for ``onecard serve`` on ``db_dsn`` (demo data seeded, dev keys, port 0)."""
+    from onecard.ledger.devdata import seed_demo_data
+
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await seed_demo_data(conn)
+    finally:
+        await conn.close()
+    key_file = tmp_path / "keys.json"
+    key_file.write_text(json.dumps(DEV_KEYS))
+    key_file.chmod(0o600)
+    return {
+        **os.environ,
+        "ONECARD_DSN": db_dsn,
+        "ONECARD_KEYS": str(key_file),
+        "ONECARD_LISTEN": "127.0.0.1:0",
+        "ONECARD_DATA_DIR": str(tmp_path / "data"),
+        "ONECARD_PII_KEY_FILE": str(pii_key_file(tmp_path / "secrets")),
+        **extra,
+    }
 
 
 def start_cli_server(

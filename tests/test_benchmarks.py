@@ -43,6 +43,8 @@ def test_throughput_benchmark_prints_its_four_lines_and_what_limits_them() -> No
     assert "CPU a debit (us): ledger" in stdout
     assert stdout.count("right after a checkpoint") >= 3
     assert "open loop, no-op" in stdout
+    # The servicers' own p99 from the server's histogram, beside the client's.
+    assert re.search(r"open loop, in the servicers +[\d,]+ calls +p99 <= [\d.]+ ms", stdout)
     assert "WAL MB" in stdout
 
 

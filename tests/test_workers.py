@@ -3,46 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 from pathlib import Path
 
-import asyncpg
 import grpc
 
 from onecard.clients.terminal import Terminal
-from onecard.ledger.devdata import DEV_KEYS, seed_demo_data
 from onecard.v1 import common_pb2
 from tests.support import (
     assert_books_balance,
     assert_simulation_passes,
+    cli_server_env,
     dev_keys,
     fetch,
     issue,
-    pii_key_file,
     start_cli_server,
     stop_cli_server,
 )
 
 
 async def test_two_workers_share_the_port_and_the_books(db_dsn: str, tmp_path: Path) -> None:
-    conn = await asyncpg.connect(db_dsn)
-    try:
-        await seed_demo_data(conn)
-    finally:
-        await conn.close()
-    key_file = tmp_path / "keys.json"
-    key_file.write_text(json.dumps(DEV_KEYS))
-    key_file.chmod(0o600)
-    env = {
-        **os.environ,
-        "ONECARD_DSN": db_dsn,
-        "ONECARD_KEYS": str(key_file),
-        "ONECARD_LISTEN": "127.0.0.1:0",
-        "ONECARD_DATA_DIR": str(tmp_path / "data"),
-        "ONECARD_PII_KEY_FILE": str(pii_key_file(tmp_path / "secrets")),
-    }
+    env = await cli_server_env(db_dsn, tmp_path)
     proc, banner = await asyncio.to_thread(start_cli_server, ["--workers", "2"], env)
     try:
         address = banner.split("serving gRPC on ")[1].split()[0]

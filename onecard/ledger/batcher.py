@@ -46,8 +46,12 @@ class GroupCommitter(Generic[T, R]):
         linger: float = 0.0,
         name: str = "group-commit",
         flushers: int = 1,
+        on_flush: Callable[[str, int, float], None] | None = None,
     ) -> None:
         self._flush = flush
+        #: Told (name, items, seconds) after each committed flush: the server's
+        #: metrics, without the ledger knowing about them.
+        self._on_flush = on_flush
         self.flushers = flushers
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -147,11 +151,14 @@ class GroupCommitter(Generic[T, R]):
                 continue
             self.batches += 1
             self.items += len(items)
+            took = time.perf_counter() - began
+            if self._on_flush is not None:
+                self._on_flush(self.name, len(items), took)
             log.debug(
                 "%s: %d items in %.1f ms, %d queued",
                 self.name,
                 len(items),
-                (time.perf_counter() - began) * 1e3,
+                took * 1e3,
                 self._queued_items,
             )
             start = 0

@@ -142,6 +142,7 @@ class Ledger:
         limits: Limits | None = None,
         batching: BatchSettings | None = None,
         desk: DeskSettings | None = None,
+        on_flush: Callable[[str, int, float], None] | None = None,
     ) -> None:
         self.pool = pool
         self.keys = keys
@@ -154,6 +155,7 @@ class Ledger:
             max_batch=b.max_batch,
             max_queue=b.max_queue,
             linger=b.linger,
+            on_flush=on_flush,
         )
         self._uploads: GroupCommitter[PreparedRecord, OfflineResult] = GroupCommitter(
             self._apply_offline_records,
@@ -162,6 +164,7 @@ class Ledger:
             linger=b.linger,
             name="group-commit-uploads",
             flushers=b.upload_flushers,
+            on_flush=on_flush,
         )
         #: The service desk's card lifecycle (loss, replacement, cancellation, ...).
         self.lifecycle = CardLifecycle(pool, ref, keys, self.limits, desk or DeskSettings())
@@ -175,10 +178,11 @@ class Ledger:
         limits: Limits | None = None,
         batching: BatchSettings | None = None,
         desk: DeskSettings | None = None,
+        on_flush: Callable[[str, int, float], None] | None = None,
     ) -> Ledger:
         async with pool.acquire() as conn:
             ref = await ReferenceData.load(conn)
-        ledger = cls(pool, keys, verifier, ref, limits, batching, desk)
+        ledger = cls(pool, keys, verifier, ref, limits, batching, desk, on_flush)
         ledger._committer.start()
         ledger._uploads.start()
         ledger.lifecycle.start()

@@ -29,6 +29,7 @@ from onecard.ledger.storage.pool import create_ledger_pool
 from onecard.server.config import ServerConfig
 from onecard.server.desk_service import DeskServicer
 from onecard.server.embedded_pg import EmbeddedPostgres
+from onecard.server.metrics import MetricsServer, observe_flush, recording_for_parent
 from onecard.server.terminal_service import TerminalServicer
 from onecard.server.upload_service import UploadServicer
 from onecard.v1 import (
@@ -118,6 +119,8 @@ class RunningServer:
     health: health_aio.HealthServicer
     embedded: EmbeddedPostgres | None
     dsn: str
+    #: The Prometheus endpoint, when --metrics-listen asked for one here.
+    metrics: MetricsServer | None = None
 
     @property
     def address(self) -> str:
@@ -130,6 +133,8 @@ class RunningServer:
         await self.server.stop(self.config.shutdown_grace)
         await self.ledger.close()
         await self.pool.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
         log.info("stopped")
@@ -178,7 +183,9 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
             if dev_keys:
                 await seed_demo_data(conn)
         desk = replace(cfg.desk, pii_key=pii_key)
-        ledger = await Ledger.open(pool, keys, verifier, cfg.limits, cfg.batching, desk)
+        ledger = await Ledger.open(
+            pool, keys, verifier, cfg.limits, cfg.batching, desk, on_flush=observe_flush
+        )
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -201,10 +208,18 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
         await server.start()
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # A worker records for its parent, which serves the sum of all workers.
+        metrics = (
+            MetricsServer(cfg.metrics_listen)
+            if cfg.metrics_listen and not recording_for_parent()
+            else None
+        )
     except BaseException:
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
         raise
     log.info("card crypto: %s", verifier.name)
     tune_gc()
-    return RunningServer(cfg, server, port, ledger, pool, keys, health_servicer, embedded, dsn)
+    return RunningServer(
+        cfg, server, port, ledger, pool, keys, health_servicer, embedded, dsn, metrics
+    )

@@ -56,6 +56,8 @@ async def _serve(cfg: ServerConfig) -> None:
         if running.embedded
         else f"PostgreSQL at {_describe_dsn(running.dsn)}"
     )
+    if running.metrics is not None:
+        print(f"onecard metrics on {running.metrics.url}", flush=True)
     print(
         f"onecard serving gRPC on {running.address}\n"
         f"  card crypto: {running.ledger.verifier.name}\n  database: {db}",

@@ -30,6 +30,8 @@ class ServerConfig:
     desk: DeskSettings = field(default_factory=DeskSettings)
     #: Hex key for holder-data digests; required with --dsn, else DATA_DIR/pii-key, made once.
     pii_key_file: Path | None = None
+    #: HOST:PORT of the Prometheus endpoint; empty for none.
+    metrics_listen: str = ""
 
     @property
     def embedded(self) -> bool:
@@ -65,6 +67,12 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="server processes sharing the port (SO_REUSEPORT), each with its own pool",
+    )
+    add_option(
+        p,
+        "--metrics-listen",
+        default=d.metrics_listen,
+        help="HOST:PORT for Prometheus metrics at /metrics (port 0 picks one); empty: none",
     )
     add_option(p, "--dsn", help="PostgreSQL DSN; without it an embedded PostgreSQL is started")
     add_option(
@@ -203,11 +211,21 @@ _COUNTS = (
 )
 
 
+def parse_host_port(flag: str, listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port), or a FieldError naming ``flag``."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise FieldError(flag, f"must be HOST:PORT with a port up to 65535, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     for flag in _COUNTS:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value < 1:
             raise FieldError(flag, f"must be at least 1, got {value}")
+    if args.metrics_listen:
+        parse_host_port("--metrics-listen", args.metrics_listen)
     if not 0 <= args.linger_ms <= 1000:
         raise FieldError("--linger-ms", f"must be between 0 and 1000, got {args.linger_ms}")
     return ServerConfig(
@@ -234,4 +252,5 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             reversal_window=args.reversal_window,
         ),
         pii_key_file=Path(args.pii_key_file) if args.pii_key_file else None,
+        metrics_listen=args.metrics_listen,
     )

@@ -8,8 +8,10 @@ queue (RESOURCE_EXHAUSTED, at once), and a database that cannot be reached
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import Any, TypeVar
 
 import asyncpg
@@ -17,6 +19,7 @@ import grpc
 
 from onecard.ledger.batcher import Overloaded
 from onecard.ledger.crypto.encoding import FieldError
+from onecard.server.metrics import observe_call
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,13 +39,36 @@ _OUTAGE = (
 async def guarded(
     context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]
 ) -> T:
+    """Run a servicer's ``call``, map ledger exceptions to statuses, and time it.
+
+    Every servicer method goes through here, so this is where the call
+    histogram (onecard_rpc_duration_seconds) is fed: labelled by the method
+    the closure belongs to and the status it ended with.
+    """
+    began = perf_counter()
+    code = "UNKNOWN"
     try:
-        return await call()
+        result = await call()
+        code = "OK"
+        return result
     except FieldError as exc:
+        code = "INVALID_ARGUMENT"
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except Overloaded as exc:
+        code = "RESOURCE_EXHAUSTED"
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     except _OUTAGE as exc:
+        code = "UNAVAILABLE"
         log.warning("database unavailable: %s", type(exc).__name__)
         await context.abort(grpc.StatusCode.UNAVAILABLE, "ledger database unavailable; retry")
+    except grpc.aio.AbortError:
+        # The servicer refused the call itself (a desk call without a staff id).
+        status = context.code()
+        code = status.name if isinstance(status, grpc.StatusCode) else "ABORTED"
+        raise
+    except asyncio.CancelledError:
+        code = "CANCELLED"
+        raise
+    finally:
+        observe_call(call, code, perf_counter() - began)
     raise AssertionError("unreachable")  # context.abort always raises

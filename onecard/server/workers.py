@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ import asyncpg
 from onecard.ledger.devdata import seed_demo_data
 from onecard.ledger.storage.migrate import apply_migrations
 from onecard.server.config import ServerConfig
+from onecard.server.metrics import MULTIPROC_ENV, MetricsServer, workers_dir
 
 log = logging.getLogger("onecard.server")
 
@@ -94,6 +96,9 @@ def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
     procs: list[subprocess.Popen[str]] = []
     code = 0
     stopping = False
+    env = {**os.environ, "ONECARD_WORKER": "1"}
+    metrics: MetricsServer | None = None
+    metrics_dir: Path | None = None
 
     def forward(sig: int, _frame: object) -> None:
         nonlocal stopping
@@ -106,12 +111,17 @@ def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
     try:
+        if cfg.metrics_listen:
+            # Workers record into files here; this process serves their sum.
+            metrics_dir = workers_dir(cfg.data_dir)
+            env[MULTIPROC_ENV] = str(metrics_dir)
+            metrics = MetricsServer(cfg.metrics_listen, metrics_dir)
         for _ in range(workers):
             proc = subprocess.Popen(
                 _worker_argv(argv, dsn, listen, key_path, pii_path),
                 stdout=subprocess.PIPE,
                 text=True,
-                env={**os.environ, "ONECARD_WORKER": "1"},
+                env=env,
             )
             procs.append(proc)
             assert proc.stdout is not None
@@ -122,6 +132,8 @@ def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
                     raise RuntimeError(f"a worker exited before serving:\n{banner}")
                 banner += line
         where = cfg.data_dir / "pg" if embedded is not None else dsn.rsplit("@", 1)[-1]
+        if metrics is not None:
+            print(f"onecard metrics on {metrics.url}", flush=True)
         print(
             f"onecard serving gRPC on {listen}\n"
             f"  workers: {workers} (pids {', '.join(str(p.pid) for p in procs)})\n"
@@ -148,6 +160,10 @@ def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
             if p.poll() is None:
                 p.terminate()
                 p.wait()
+        if metrics is not None:
+            metrics.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         if isinstance(embedded, EmbeddedPostgres):
             embedded.stop()
     return code

@@ -1,0 +1,120 @@
+"""Prometheus metrics: how long each call spends in the ledger, and what each flush holds.
+
+Why these: a load generator's latency includes its own queues, the network
+and both gRPC stacks. On the 2-core development machine the p99 a client
+saw was several times the servicers' own (benchmarks.throughput prints
+both), and that split can only be made from inside the server. The call
+histogram starts when the servicer gets the parsed request and stops when it
+returns the reply (after COMMIT); the flush histograms say how well group
+commit is batching.
+
+With ``--workers N`` every worker records into files in a directory the
+parent owns (prometheus_client's multiprocess mode, chosen by
+``PROMETHEUS_MULTIPROC_DIR`` in the workers' environment), and the parent
+serves the sum. No label carries a card number, a key or personal data.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from types import CodeType
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from onecard.server.config import parse_host_port
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: Call durations, seconds: fine around the 25 ms a gate can wait.
+_CALL_BUCKETS = (
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+    0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0,
+)  # fmt: skip
+_ITEM_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+RPC_SECONDS = Histogram(
+    "onecard_rpc_duration_seconds",
+    "Time from a call reaching its servicer to its reply (after COMMIT)",
+    ["method", "code"],
+    buckets=_CALL_BUCKETS,
+)
+FLUSH_ITEMS = Histogram(
+    "onecard_flush_items",
+    "Requests or records in one group-commit transaction",
+    ["committer"],
+    buckets=_ITEM_BUCKETS,
+)
+FLUSH_SECONDS = Histogram(
+    "onecard_flush_duration_seconds",
+    "One group-commit transaction, MAC checks to COMMIT",
+    ["committer"],
+    buckets=_CALL_BUCKETS,
+)
+
+_METHODS: dict[CodeType, str] = {}
+
+
+def method_of(call: Callable[..., Any]) -> str:
+    """``TerminalServicer.Debit`` for the closure a servicer method hands to ``guarded``."""
+    code = call.__code__
+    name = _METHODS.get(code)
+    if name is None:
+        name = _METHODS[code] = call.__qualname__.split(".<locals>", 1)[0]
+    return name
+
+
+def observe_call(call: Callable[..., Any], code: str, seconds: float) -> None:
+    RPC_SECONDS.labels(method_of(call), code).observe(seconds)
+
+
+def observe_flush(committer: str, items: int, seconds: float) -> None:
+    FLUSH_ITEMS.labels(committer).observe(items)
+    FLUSH_SECONDS.labels(committer).observe(seconds)
+
+
+class MetricsServer:
+    """The HTTP endpoint Prometheus scrapes (``/metrics``), on its own thread."""
+
+    def __init__(self, listen: str, multiproc_dir: Path | None = None) -> None:
+        host, port = parse_host_port("--metrics-listen", listen)
+        registry = None
+        if multiproc_dir is not None:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+        kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
+        self._httpd, self._thread = start_http_server(port, addr=host, **kw)
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self._httpd.server_port}/metrics"
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def workers_dir(data_dir: Path) -> Path:
+    """A fresh directory for the workers' metric files (an old run's would be summed in)."""
+    path = data_dir / f"metrics-{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def recording_for_parent() -> bool:
+    """True in a worker whose parent serves the metrics: it must not bind an endpoint."""
+    return bool(os.environ.get(MULTIPROC_ENV)) and os.environ.get("ONECARD_WORKER") == "1"
+
+
+__all__ = [
+    "MULTIPROC_ENV",
+    "MetricsServer",
+    "observe_call",
+    "observe_flush",
+    "recording_for_parent",
+    "workers_dir",
+]
