@@ -1,4 +1,5 @@
-"""Prometheus metrics: every call counted with its method and status, summed over workers."""
+"""Prometheus metrics (every call counted with its method and status, summed over
+workers) and gRPC's backlog of calls not yet taken by the event loop."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ import pytest
 from onecard.clients.terminal import Terminal
 from onecard.server.cli import main as cli_main
 from onecard.v1 import common_pb2, terminal_pb2, terminal_pb2_grpc
-from tests.support import cli_server_env, dev_keys, issue, start_cli_server, stop_cli_server
+from tests.support import (
+    assert_books_balance,
+    cli_server_env,
+    dev_keys,
+    fetch,
+    issue,
+    start_cli_server,
+    stop_cli_server,
+)
 
 
 def _scrape(url: str) -> dict[str, float]:
@@ -89,3 +98,69 @@ def test_a_malformed_metrics_address_is_refused_naming_the_flag(
     assert code != 0
     assert "--metrics-listen" in err and "65535" in err
     assert not (tmp_path / "pg").exists()  # refused before anything started
+
+
+async def _burst(address: str, requests: list[terminal_pb2.DebitRequest]) -> list[object]:
+    """Every request at once, each on the same connection; replies or the errors raised."""
+    async with grpc.aio.insecure_channel(address) as chan:
+        stub = terminal_pb2_grpc.TerminalServiceStub(chan)
+        await chan.channel_ready()
+        return await asyncio.gather(*(stub.Debit(r) for r in requests), return_exceptions=True)
+
+
+async def test_calls_past_the_pending_backlog_are_shed_cancelled_and_a_retry_posts_once(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """gRPC's own backlog: calls the event loop has not taken yet are shed past the limit.
+
+    The server is stopped (SIGSTOP) while a burst is sent, so when it resumes
+    its gRPC threads receive the whole burst before the event loop has taken
+    more than one call. Past --max-pending-calls (and all past three times
+    it) gRPC answers CANCELLED without the ledger seeing the call: nothing
+    of it is written, and sending the same request again posts it once.
+    """
+    env = await cli_server_env(db_dsn, tmp_path, ONECARD_METRICS_LISTEN="127.0.0.1:0")
+    proc, banner = await asyncio.to_thread(start_cli_server, ["--max-pending-calls", "1"], env)
+    try:
+        address = banner.split("serving gRPC on ")[1].split()[0]
+        async with grpc.aio.insecure_channel(address) as chan:
+            card = await issue(chan, dev_keys())
+            await Terminal(chan, "310400000009").load(card, 10_000)
+            bus = Terminal(chan, "310400000001")  # signs the burst's requests
+            requests = [bus.debit_request(card, 10) for _ in range(40)]
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            sending = asyncio.create_task(_burst(address, requests))
+            await asyncio.sleep(1.0)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        replies = await sending
+        shed = [r for r, rep in zip(requests, replies, strict=True) if isinstance(rep, Exception)]
+        assert shed, "a 40-call burst past a backlog of 1 (3 hard) was taken whole"
+        for rep in replies:
+            if isinstance(rep, Exception):
+                assert isinstance(rep, grpc.aio.AioRpcError)
+                assert rep.code() == grpc.StatusCode.CANCELLED
+            else:
+                assert rep.status == common_pb2.TXN_STATUS_APPROVED
+        posted = await fetch(
+            db_dsn,
+            "SELECT count(*) AS n FROM postings WHERE card_no = $1 AND kind = 1",
+            int(card.card_no),
+        )
+        assert posted[0]["n"] == len(requests) - len(shed)
+        # The terminal sends the shed ones again, one at a time: each posts once.
+        async with grpc.aio.insecure_channel(address) as chan:
+            stub = terminal_pb2_grpc.TerminalServiceStub(chan)
+            for r in shed:
+                assert (await stub.Debit(r)).status == common_pb2.TXN_STATUS_APPROVED
+            for r in requests:  # and every one of the 40 again is a duplicate
+                assert (await stub.Debit(r)).status == common_pb2.TXN_STATUS_DUPLICATE
+        balance = await fetch(
+            db_dsn, "SELECT purse_balance FROM cards WHERE card_no = $1", int(card.card_no)
+        )
+        assert balance[0]["purse_balance"] == 10_000 - 40 * 10
+        await assert_books_balance(db_dsn)
+    finally:
+        out = await asyncio.to_thread(stop_cli_server, proc, signal.SIGTERM)
+    assert proc.returncode == 0, out

@@ -395,7 +395,13 @@ async def test_database_outage_is_unavailable_and_recovers(tmp_path: Path) -> No
         await asyncio.to_thread(pg.stop)
 
 
-_COUNT_FLAGS = ["--upload-flushers", "--upload-flush-records", "--pool-size", "--max-batch"]
+_COUNT_FLAGS = [
+    "--upload-flushers",
+    "--upload-flush-records",
+    "--pool-size",
+    "--max-batch",
+    "--max-pending-calls",
+]
 
 
 @pytest.mark.parametrize("flag", [*_COUNT_FLAGS, "--workers"])

@@ -24,6 +24,11 @@ class ServerConfig:
     key_cache_size: int = 1_000_000
     pool_size: int = 8
     max_message_bytes: int = 4 * 1024 * 1024
+    #: gRPC's own backlog of calls received but not yet taken by the event
+    #: loop (grpc.server.max_pending_requests; the hard limit is three times
+    #: it, as gRPC's defaults 1,000 and 3,000 are). Past it gRPC sheds calls
+    #: with CANCELLED before they reach the ledger (README, Performance).
+    max_pending_calls: int = 1000
     limits: Limits = field(default_factory=Limits)
     batching: BatchSettings = field(default_factory=BatchSettings)
     shutdown_grace: float = 10.0
@@ -197,6 +202,14 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
         default=d.max_message_bytes,
         help="largest gRPC message accepted",
     )
+    add_option(
+        p,
+        "--max-pending-calls",
+        type=int,
+        default=d.max_pending_calls,
+        help="calls a process holds before its event loop takes them; past this gRPC "
+        "drops some as CANCELLED, all past three times it",
+    )
 
 
 #: Options that count something the server cannot run with none of.
@@ -208,6 +221,7 @@ _COUNTS = (
     "--upload-flush-records",
     "--max-upload-batch",
     "--max-upload-queue",
+    "--max-pending-calls",
 )
 
 
@@ -237,6 +251,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         key_cache_size=args.key_cache_size,
         pool_size=args.pool_size,
         max_message_bytes=args.max_message_bytes,
+        max_pending_calls=args.max_pending_calls,
         limits=Limits(max_amount=args.max_amount, max_upload_batch=args.max_upload_batch),
         batching=BatchSettings(
             max_batch=args.max_batch,
