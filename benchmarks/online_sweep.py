@@ -10,7 +10,11 @@ counted from each call's intended send time. The no-op is the baseline in the
 same run: what the client and gRPC alone cost at that rate on these cores.
 One line per rate::
 
-    sweep <R>/s: no-op p99 <A> ms, ledger p99 <B> ms, <B/A>x
+    sweep <R>/s: no-op p99 <A> ms, ledger p99 <B> ms, <B/A>x, servicers p99 <= <C> ms
+
+where C is the ledger servicers' own p99 (request in, reply after COMMIT) from
+the server's call histogram: what of B the ledger's code and its database
+account for, the rest being gRPC's backlog, the transports and the client.
 
 Arguments after ``--`` go to ``onecard serve`` (``-- --linger-ms 5``).
 """
@@ -56,7 +60,11 @@ async def run(
         dsn = await bt.prepare_db(pg, "small", args.cards)
         pop = Population(version, args.cards, bt.OPENING_BALANCE)
         noops = bt.start_noops(bt.WORKERS)
-        server = bt.ledger_server(dsn, key_file, tmp / "srv", *serve_args)
+        server = bt.ledger_server(
+            dsn, key_file, tmp / "srv", "--metrics-listen", "127.0.0.1:0", *serve_args
+        )
+        assert server.metrics_url is not None
+        method = "TerminalServicer.Debit"
         try:
             warm = debits(pop, 2_000, 50_000_000, args.zipf, rng)
             await bt.run_online(server.address, warm, 64, args.channels)
@@ -64,18 +72,22 @@ async def run(
             for rate in args.rates:
                 n = int(rate * args.seconds)
                 p99s, refused = [], 0
+                # The no-op, then the ledger; the histogram is scraped around the ledger's run.
+                before = await asyncio.to_thread(bt.call_buckets, server.metrics_url, method)
                 for address in (noops[0].address, server.address):
                     seq += n
                     reqs = debits(pop, n, seq, args.zipf, rng)
                     p99, _, refused = await bt.run_online_open(address, reqs, rate, args.channels)
                     p99s.append(p99)
+                after = await asyncio.to_thread(bt.call_buckets, server.metrics_url, method)
+                servicers, _ = bt.bucket_p99(before, after)
                 out.append((rate, p99s[0], p99s[1]))
                 # Past the knee the ledger refuses (a full queue answers
                 # RESOURCE_EXHAUSTED at once): a result, said on the line.
                 note = f" ({refused:,} of {n:,} not approved)" if refused else ""
                 print(
                     f"sweep {rate}/s: no-op p99 {p99s[0]:.1f} ms, ledger p99 {p99s[1]:.1f} ms, "
-                    f"{p99s[1] / p99s[0]:.1f}x{note}",
+                    f"{p99s[1] / p99s[0]:.1f}x, servicers p99 <= {servicers:g} ms{note}",
                     flush=True,
                 )
         finally:

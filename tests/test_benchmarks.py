@@ -64,7 +64,8 @@ def test_upload_sql_benchmark_prints_its_line() -> None:
 def test_online_sweep_prints_both_p99s_per_rate() -> None:
     stdout = _bench("online_sweep", "--rates", "200,400", "--seconds", "1", "--cards", "3000")
     for rate in (200, 400):
-        line = rf"sweep {rate}/s: no-op p99 [\d.]+ ms, ledger p99 [\d.]+ ms, [\d.]+x"
+        line = rf"sweep {rate}/s: no-op p99 [\d.]+ ms, ledger p99 [\d.]+ ms, [\d.]+x, "
+        line += r"servicers p99 <= [\d.]+ ms"
         assert re.search(line, stdout), stdout
 
 
