@@ -87,8 +87,8 @@ def pii_key_file(directory: Path) -> Path:
     return path
 
 
-async def cli_server_env(db_dsn: str, tmp_path: Path, **extra: str) -> dict[str, str]:
-    """Environment for ``onecard serve`` on ``db_dsn`` (demo data seeded, dev keys, port 0)."""
+async def seed_with_dev_keys(db_dsn: str, tmp_path: Path) -> Path:
+    """Demo issuer, products and terminals in ``db_dsn``; a key file of the dev keys (mode 600)."""
     from onecard.ledger.devdata import seed_demo_data
 
     conn = await asyncpg.connect(db_dsn)
@@ -99,6 +99,12 @@ async def cli_server_env(db_dsn: str, tmp_path: Path, **extra: str) -> dict[str,
     key_file = tmp_path / "keys.json"
     key_file.write_text(json.dumps(DEV_KEYS))
     key_file.chmod(0o600)
+    return key_file
+
+
+async def cli_server_env(db_dsn: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for ``onecard serve`` on ``db_dsn`` (demo data seeded, dev keys, port 0)."""
+    key_file = await seed_with_dev_keys(db_dsn, tmp_path)
     return {
         **os.environ,
         "ONECARD_DSN": db_dsn,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -164,3 +165,19 @@ async def test_calls_past_the_pending_backlog_are_shed_cancelled_and_a_retry_pos
     finally:
         out = await asyncio.to_thread(stop_cli_server, proc, signal.SIGTERM)
     assert proc.returncode == 0, out
+
+
+def test_a_taken_metrics_port_is_refused_naming_the_flag_before_the_database_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = cli_main(
+            ["serve", "--data-dir", str(tmp_path), "--metrics-listen", f"127.0.0.1:{port}"]
+        )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--metrics-listen: cannot listen on 127.0.0.1:{port}" in err
+    assert not (tmp_path / "pg").exists()  # refused before the embedded PostgreSQL started

@@ -32,6 +32,7 @@ from tests.support import (
     fetch,
     issue,
     pii_key_file,
+    seed_with_dev_keys,
     start_cli_server,
     stop_cli_server,
 )
@@ -180,17 +181,8 @@ def test_cli_serve_simulate_and_stop(tmp_path: Path) -> None:
 
 async def test_key_version_added_while_serving(db_dsn: str, tmp_path: Path) -> None:
     """Rotation: a new key version becomes usable on reload; cards of the old ones keep working."""
-    conn = await asyncpg.connect(db_dsn)
-    try:
-        from onecard.ledger.devdata import seed_demo_data
-
-        await seed_demo_data(conn)
-    finally:
-        await conn.close()
-    key_file = tmp_path / "keys.json"
-    doc = json.loads(json.dumps(DEV_KEYS))
-    key_file.write_text(json.dumps(doc))
-    key_file.chmod(0o600)
+    key_file = await seed_with_dev_keys(db_dsn, tmp_path)
+    doc = json.loads(json.dumps(DEV_KEYS))  # a copy, given a new key version below
     running = await start_server(
         ServerConfig(
             listen="127.0.0.1:0",

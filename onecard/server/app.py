@@ -170,11 +170,18 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
         keys, dev_keys = load_keys(cfg)
     verifier = make_verifier(keys, cfg.key_cache_size, cfg.allow_slow_crypto)
     pii_key = load_pii_key(cfg)  # refused before anything touches the database
+    # First, so that a taken port is refused before the database starts. A
+    # worker records for its parent, which serves the sum of all workers.
+    metrics = (
+        MetricsServer(cfg.metrics_listen)
+        if cfg.metrics_listen and not recording_for_parent()
+        else None
+    )
     embedded: EmbeddedPostgres | None = None
     dsn = cfg.dsn
-    if not dsn:
-        embedded, dsn = await start_embedded_postgres(cfg)
     try:
+        if not dsn:
+            embedded, dsn = await start_embedded_postgres(cfg)
         pool = await create_ledger_pool(dsn, cfg.pool_size)
         async with pool.acquire() as conn:
             applied = await apply_migrations(conn)
@@ -215,13 +222,9 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
         await server.start()
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        # A worker records for its parent, which serves the sum of all workers.
-        metrics = (
-            MetricsServer(cfg.metrics_listen)
-            if cfg.metrics_listen and not recording_for_parent()
-            else None
-        )
     except BaseException:
+        if metrics is not None:
+            metrics.stop()
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
         raise

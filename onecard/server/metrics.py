@@ -26,6 +26,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from onecard.ledger.crypto.encoding import FieldError
 from onecard.server.config import parse_host_port
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -87,7 +88,13 @@ class MetricsServer:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
         kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
-        self._httpd, self._thread = start_http_server(port, addr=host, **kw)
+        try:
+            self._httpd, self._thread = start_http_server(port, addr=host, **kw)
+        except OSError as exc:
+            # Said as the operator's setting, not as a database or network outage.
+            raise FieldError(
+                "--metrics-listen", f"cannot listen on {listen}: {exc.strerror}"
+            ) from exc
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{self._httpd.server_port}/metrics"
 
