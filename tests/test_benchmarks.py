@@ -95,3 +95,19 @@ def test_upload_ab_benchmark_compares_two_installations() -> None:
     line = r"upload A/B 2000 cards: baseline \d+/s, this \d+/s, this/baseline [\d.]+"
     assert re.search(line, stdout), stdout
     assert re.search(r"  baseline: CPU a record \(us\): ledger [\d.]+, PostgreSQL", stdout)
+
+
+def test_pending_backlog_prints_a_line_per_limit_and_the_no_op() -> None:
+    args = ["--limits", "1,1000", "--rate", "300", "--seconds", "1", "--cards", "3000"]
+    stdout = _bench("pending_backlog", *args)
+    for name in ("1", "1000", "no-op"):
+        line = (
+            rf"backlog {name}: [\d,]+ of 300 debits CANCELLED, [\d,]+ other errors, p99 [\d.]+ ms"
+        )
+        assert re.search(line, stdout), stdout
+
+
+def test_metrics_cost_prints_its_line() -> None:
+    stdout = _bench("metrics_cost", "--calls", "2000")
+    line = r"metrics: [\d.]+ us a call in one process, [\d.]+ us with worker files \(baseline"
+    assert re.search(line, stdout), stdout
