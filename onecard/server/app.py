@@ -199,8 +199,8 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
             # Calls gRPC has received but the event loop has not taken yet
             # (grpc.aio takes one per loop turn). Past the soft limit gRPC
             # drops arrivals at random, past the hard one all of them, each
-            # answered CANCELLED without reaching the ledger: measured with
-            # the workers starved of CPU, 300-2,400 of 34,000 debits.
+            # answered CANCELLED without reaching the ledger (python -m
+            # benchmarks.pending_backlog measures it by limit).
             ("grpc.server.max_pending_requests", cfg.max_pending_calls),
             ("grpc.server.max_pending_requests_hard_limit", 3 * cfg.max_pending_calls),
         ]
