@@ -29,6 +29,7 @@ from onecard.ledger.storage.pool import create_ledger_pool
 from onecard.server.config import ServerConfig
 from onecard.server.desk_service import DeskServicer
 from onecard.server.embedded_pg import EmbeddedPostgres
+from onecard.server.listen import check_port_free, grpc_port_options, is_worker, refused
 from onecard.server.metrics import MetricsServer, observe_flush, recording_for_parent
 from onecard.server.terminal_service import TerminalServicer
 from onecard.server.upload_service import UploadServicer
@@ -170,14 +171,19 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
         keys, dev_keys = load_keys(cfg)
     verifier = make_verifier(keys, cfg.key_cache_size, cfg.allow_slow_crypto)
     pii_key = load_pii_key(cfg)  # refused before anything touches the database
-    # First, so that a taken port is refused before the database starts. A
-    # worker records for its parent, which serves the sum of all workers.
+    # The ports first, so that a taken one is refused before the database
+    # starts. A worker's parent checked the port the workers share; a worker
+    # records metrics for its parent, which serves the sum of all workers.
+    if not is_worker():
+        check_port_free(cfg.listen)
     metrics = (
         MetricsServer(cfg.metrics_listen)
         if cfg.metrics_listen and not recording_for_parent()
         else None
     )
     embedded: EmbeddedPostgres | None = None
+    pool: asyncpg.Pool | None = None
+    ledger: Ledger | None = None
     dsn = cfg.dsn
     try:
         if not dsn:
@@ -203,6 +209,7 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
             # benchmarks.pending_backlog measures it by limit).
             ("grpc.server.max_pending_requests", cfg.max_pending_calls),
             ("grpc.server.max_pending_requests_hard_limit", 3 * cfg.max_pending_calls),
+            *grpc_port_options(),
         ]
         server = grpc.aio.server(options=options)
         terminal_pb2_grpc.add_TerminalServiceServicer_to_server(TerminalServicer(ledger), server)
@@ -218,11 +225,22 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
             ),
             server,
         )
-        port = server.add_insecure_port(cfg.listen)
+        try:
+            port = server.add_insecure_port(cfg.listen)
+        except RuntimeError:
+            # Taken between the check above and now; gRPC says no more than that.
+            raise refused(cfg.listen, "address already in use or not available") from None
         await server.start()
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     except BaseException:
+        # Undone in reverse, as RunningServer.stop does: a refusal at the
+        # last step (the gRPC port) must not leave the ledger's flushers
+        # and connections behind, nor the embedded database running.
+        if ledger is not None:
+            await ledger.close()
+        if pool is not None:
+            await pool.close()
         if metrics is not None:
             metrics.stop()
         if embedded is not None:

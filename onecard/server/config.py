@@ -238,6 +238,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value < 1:
             raise FieldError(flag, f"must be at least 1, got {value}")
+    parse_host_port("--listen", args.listen)
     if args.metrics_listen:
         parse_host_port("--metrics-listen", args.metrics_listen)
     if not 0 <= args.linger_ms <= 1000:

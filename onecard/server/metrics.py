@@ -28,6 +28,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from onecard.ledger.crypto.encoding import FieldError
 from onecard.server.config import parse_host_port
+from onecard.server.listen import is_worker
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -114,7 +115,7 @@ def workers_dir(data_dir: Path) -> Path:
 
 def recording_for_parent() -> bool:
     """True in a worker whose parent serves the metrics: it must not bind an endpoint."""
-    return bool(os.environ.get(MULTIPROC_ENV)) and os.environ.get("ONECARD_WORKER") == "1"
+    return bool(os.environ.get(MULTIPROC_ENV)) and is_worker()
 
 
 __all__ = [

@@ -26,6 +26,7 @@ import asyncpg
 from onecard.ledger.devdata import seed_demo_data
 from onecard.ledger.storage.migrate import apply_migrations
 from onecard.server.config import ServerConfig
+from onecard.server.listen import WORKER_ENV, check_port_free
 from onecard.server.metrics import MULTIPROC_ENV, MetricsServer, workers_dir
 
 log = logging.getLogger("onecard.server")
@@ -88,6 +89,7 @@ def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
     """Start, supervise and stop ``workers`` processes; returns the exit code."""
     from onecard.server.embedded_pg import EmbeddedPostgres
 
+    check_port_free(cfg.listen)  # before the database starts, as one process does
     dsn, key_path, pii_path, embedded = asyncio.run(_prepare(cfg))
     host, _, port = cfg.listen.rpartition(":")
     if int(port) == 0:
@@ -96,7 +98,7 @@ def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
     procs: list[subprocess.Popen[str]] = []
     code = 0
     stopping = False
-    env = {**os.environ, "ONECARD_WORKER": "1"}
+    env = {**os.environ, WORKER_ENV: "1"}
     metrics: MetricsServer | None = None
     metrics_dir: Path | None = None
 
