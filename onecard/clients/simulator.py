@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from onecard.clients.card import SimulatedCard
+from onecard.clients.channel import terminal_channel
 from onecard.clients.terminal import Terminal
 from onecard.ledger.devdata import DEMO_ISSUER
 from onecard.ledger.keys import KeyStore
@@ -62,7 +63,7 @@ async def run(target: str, keys: KeyStore, state_dir: Path, out: list[str] | Non
         say(f"  {mark}{what}: {status_name(got)}")
 
     seqs = SeqStore(state_dir / "simulator-seq.json")
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with terminal_channel(target) as channel:
         desk = desk_pb2_grpc.DeskServiceStub(channel)
         bus = seqs.terminal(channel, "310400000001")
         metro = seqs.terminal(channel, "310400000004")

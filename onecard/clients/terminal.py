@@ -1,7 +1,11 @@
 """Terminal SDK: what a gateway or validator calls, with the card playing its part.
 
 Keeps the terminal's sequence number, builds requests from a SimulatedCard,
-and completes a load on the card only after the ledger's MAC2 verifies.
+and completes a load on the card only after the ledger's MAC2 verifies. Give
+it a channel from ``onecard.clients.channel.terminal_channel`` and gRPC
+resends what the ledger could not take; a resend of a call the ledger had
+already approved (the reply was lost) comes back DUPLICATE with the first
+outcome, and counts as that approval, not as a refusal.
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ CHINA_TIME = dt.timezone(dt.timedelta(hours=8))
 
 def now_bcd_text() -> str:
     return dt.datetime.now(CHINA_TIME).strftime("%Y%m%d%H%M%S")
+
+
+def approved(reply: terminal_pb2.DebitReply | terminal_pb2.LoadReply) -> bool:
+    """The ledger approved this transaction, now or when it was first sent."""
+    return reply.status == common_pb2.TXN_STATUS_APPROVED or (
+        reply.status == common_pb2.TXN_STATUS_DUPLICATE
+        and reply.original_status == common_pb2.TXN_STATUS_APPROVED
+    )
 
 
 class Terminal:
@@ -57,7 +69,7 @@ class Terminal:
     async def debit(self, card: SimulatedCard, amount: int) -> terminal_pb2.DebitReply:
         before = card.balance
         reply: terminal_pb2.DebitReply = await self.stub.Debit(self.debit_request(card, amount))
-        if reply.status != common_pb2.TXN_STATUS_APPROVED:
+        if not approved(reply):
             card.balance = before  # the gate stays shut; the chip's purse was not debited
             card.offline_counter -= 1
         return reply
@@ -86,6 +98,6 @@ class Terminal:
                 payment_channel=channel,
             )
         )
-        if reply.status == common_pb2.TXN_STATUS_APPROVED:
+        if approved(reply):
             card.finish_load(pending, when, reply.mac2)
         return reply

@@ -1,0 +1,113 @@
+"""Terminals resend what the ledger could not take, and a resent approval counts as one."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from onecard.clients.channel import terminal_channel
+from onecard.clients.terminal import Terminal
+from onecard.ledger.keys import MemoryKeyStore
+from onecard.server.app import RunningServer
+from onecard.v1 import common_pb2, terminal_pb2
+from tests.support import (
+    assert_books_balance,
+    cli_server_env,
+    dev_keys,
+    fetch,
+    issue,
+    start_cli_server,
+    stop_cli_server,
+)
+
+APPROVED = common_pb2.TXN_STATUS_APPROVED
+
+
+async def _burst(
+    chan: grpc.aio.Channel, bus: Terminal, requests: list[terminal_pb2.DebitRequest]
+) -> list[object]:
+    return await asyncio.gather(*(bus.stub.Debit(r) for r in requests), return_exceptions=True)
+
+
+async def test_calls_shed_from_the_backlog_are_resent_and_each_posts_once(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """A burst past gRPC's backlog (server stopped while it arrives) is shed in part with
+    CANCELLED; a terminal channel resends those, and every debit is approved and posted once."""
+    env = await cli_server_env(db_dsn, tmp_path)
+    proc, banner = await asyncio.to_thread(start_cli_server, ["--max-pending-calls", "1"], env)
+    try:
+        address = banner.split("serving gRPC on ")[1].split()[0]
+        async with terminal_channel(address) as chan:
+            card = await issue(chan, dev_keys())
+            await Terminal(chan, "310400000009").load(card, 10_000)
+            bus = Terminal(chan, "310400000001")
+            requests = [bus.debit_request(card, 10) for _ in range(40)]
+            await chan.channel_ready()
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                sending = asyncio.create_task(_burst(chan, bus, requests))
+                await asyncio.sleep(1.0)
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            replies = await sending
+        assert [getattr(r, "status", r) for r in replies] == [APPROVED] * 40
+        posted = await fetch(
+            db_dsn,
+            "SELECT count(*) AS n FROM postings WHERE card_no = $1 AND kind = 1",
+            int(card.card_no),
+        )
+        assert posted[0]["n"] == 40
+        balance = await fetch(
+            db_dsn, "SELECT purse_balance FROM cards WHERE card_no = $1", int(card.card_no)
+        )
+        assert balance[0]["purse_balance"] == 10_000 - 40 * 10
+        await assert_books_balance(db_dsn)
+    finally:
+        out = await asyncio.to_thread(stop_cli_server, proc, signal.SIGTERM)
+    assert proc.returncode == 0, out
+
+
+class _LoseFirstReply(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """The ledger commits and answers, the reply is lost on the way, the call is sent again."""
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        await (await continuation(client_call_details, request))
+        return await continuation(client_call_details, request)
+
+
+async def test_a_resent_approval_counts_as_the_approval_on_the_card(
+    server: RunningServer, keys: MemoryKeyStore
+) -> None:
+    """The chip keeps the fare and the loaded money when the ledger's answer is DUPLICATE
+    of an approval: chip and ledger agree, and each transaction is posted once."""
+    async with grpc.aio.insecure_channel(server.address) as plain:
+        card = await issue(plain, keys)
+    async with grpc.aio.insecure_channel(server.address, interceptors=[_LoseFirstReply()]) as lossy:
+        load = await Terminal(lossy, "310400000009").load(card, 5_000)
+        debit = await Terminal(lossy, "310400000001").debit(card, 250)
+    for reply in (load, debit):
+        assert reply.status == common_pb2.TXN_STATUS_DUPLICATE
+        assert reply.original_status == APPROVED
+    assert card.balance == debit.balance_after == 4_750
+    rows = await fetch(
+        server.dsn,
+        "SELECT terminal_id, amount FROM postings"
+        " WHERE card_no = $1 AND terminal_id IS NOT NULL ORDER BY posting_id",
+        int(card.card_no),
+    )
+    assert [tuple(r) for r in rows] == [(310400000009, 5_000), (310400000001, 250)]
+    await assert_books_balance(server.dsn)
+
+
+def test_attempts_outside_what_grpc_allows_are_refused_naming_the_limit() -> None:
+    for attempts in (0, 6):
+        with pytest.raises(ValueError, match=f"attempts must be between 1 and 5, got {attempts}"):
+            terminal_channel("127.0.0.1:1", attempts=attempts)
