@@ -10,11 +10,14 @@ counted from each call's intended send time. The no-op is the baseline in the
 same run: what the client and gRPC alone cost at that rate on these cores.
 One line per rate::
 
-    sweep <R>/s: no-op p99 <A> ms, ledger p99 <B> ms, <B/A>x, servicers p99 <= <C> ms
+    sweep <R>/s: no-op p99 <A> ms, ledger p99 <B> ms, <B/A>x, servicers p99 <= <C> ms,
+    flushes p99 <= <F> ms, loop lag p99 <= <L> ms
 
 where C is the ledger servicers' own p99 (request in, reply after COMMIT) from
 the server's call histogram: what of B the ledger's code and its database
 account for, the rest being gRPC's backlog, the transports and the client.
+F is the online group-commit transactions' p99 and L the workers' event-loop
+lag (a 10 ms timer's lateness): whether the process itself was the wait.
 
 Arguments after ``--`` go to ``onecard serve`` (``-- --linger-ms 5``).
 """
@@ -74,20 +77,26 @@ async def run(
                 p99s, refused = [], 0
                 # The no-op, then the ledger; the histogram is scraped around the ledger's run.
                 before = await asyncio.to_thread(bt.call_buckets, server.metrics_url, method)
+                inside_before = await asyncio.to_thread(bt.inside_buckets, server.metrics_url)
                 for address in (noops[0].address, server.address):
                     seq += n
                     reqs = debits(pop, n, seq, args.zipf, rng)
                     p99, _, refused = await bt.run_online_open(address, reqs, rate, args.channels)
                     p99s.append(p99)
                 after = await asyncio.to_thread(bt.call_buckets, server.metrics_url, method)
+                inside_after = await asyncio.to_thread(bt.inside_buckets, server.metrics_url)
                 servicers, _ = bt.bucket_p99(before, after)
+                flush_p99, lag_p99 = (
+                    bt.bucket_p99(b, a)[0] for b, a in zip(inside_before, inside_after, strict=True)
+                )
                 out.append((rate, p99s[0], p99s[1]))
                 # Past the knee the ledger refuses (a full queue answers
                 # RESOURCE_EXHAUSTED at once): a result, said on the line.
                 note = f" ({refused:,} of {n:,} not approved)" if refused else ""
                 print(
                     f"sweep {rate}/s: no-op p99 {p99s[0]:.1f} ms, ledger p99 {p99s[1]:.1f} ms, "
-                    f"{p99s[1] / p99s[0]:.1f}x, servicers p99 <= {servicers:g} ms{note}",
+                    f"{p99s[1] / p99s[0]:.1f}x, servicers p99 <= {servicers:g} ms, "
+                    f"flushes p99 <= {flush_p99:g} ms, loop lag p99 <= {lag_p99:g} ms{note}",
                     flush=True,
                 )
         finally:

@@ -237,19 +237,40 @@ def start_noops(count: int) -> list[ServerProcess]:
     return noops
 
 
-def call_buckets(url: str, method: str) -> dict[float, float]:
-    """Cumulative counts by upper bound (seconds) of the server's call histogram, OK calls."""
+def histogram_buckets(url: str, metric: str, **labels: str) -> dict[float, float]:
+    """Cumulative counts by upper bound (seconds) of one of the server's histograms.
+
+    Series whose labels include ``labels`` are summed (with ``--workers`` the
+    parent serves the workers' sum already).
+    """
     with urllib.request.urlopen(url, timeout=10) as resp:
         text = resp.read().decode()
     out: dict[float, float] = {}
     for line in text.splitlines():
-        if not line.startswith("onecard_rpc_duration_seconds_bucket{"):
+        if not line.startswith(metric + "_bucket{"):
             continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-        if labels.get("method") == method and labels.get("code") == "OK":
-            le = math.inf if labels["le"] == "+Inf" else float(labels["le"])
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            le = math.inf if found["le"] == "+Inf" else float(found["le"])
             out[le] = out.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
+
+
+def call_buckets(url: str, method: str) -> dict[float, float]:
+    """The call histogram of ``method``, OK calls (request in, reply after COMMIT)."""
+    return histogram_buckets(url, "onecard_rpc_duration_seconds", method=method, code="OK")
+
+
+#: What the open-loop run scrapes besides the calls: the online flushes and
+#: the workers' event-loop lag, so the p99 can be split by where it was spent.
+INSIDE_HISTOGRAMS = (
+    ("onecard_flush_duration_seconds", {"committer": "group-commit"}),
+    ("onecard_event_loop_lag_seconds", {}),
+)
+
+
+def inside_buckets(url: str) -> list[dict[float, float]]:
+    return [histogram_buckets(url, metric, **labels) for metric, labels in INSIDE_HISTOGRAMS]
 
 
 def bucket_p99(before: dict[float, float], after: dict[float, float]) -> tuple[float, int]:
@@ -745,6 +766,7 @@ class _Bench:
             assert server.metrics_url is not None
             method = "TerminalServicer.Debit"
             before = await asyncio.to_thread(call_buckets, server.metrics_url, method)
+            inside_before = await asyncio.to_thread(inside_buckets, server.metrics_url)
             p99, achieved, refused = await run_online_open(
                 server.address,
                 debit_requests(pop, open_n, 65_000_000, rng),
@@ -752,7 +774,11 @@ class _Bench:
                 args.channels,
             )
             after = await asyncio.to_thread(call_buckets, server.metrics_url, method)
+            inside_after = await asyncio.to_thread(inside_buckets, server.metrics_url)
             servicer_p99, servicer_calls = bucket_p99(before, after)
+            (flush_p99, flushes), (lag_p99, lags) = (
+                bucket_p99(b, a) for b, a in zip(inside_before, inside_after, strict=True)
+            )
             if refused:
                 raise RuntimeError(f"{refused} open-loop debits were not approved or failed")
         finally:
@@ -774,6 +800,14 @@ class _Bench:
         print(
             f"  {'open loop, in the servicers':<28}{servicer_calls:>9,} calls"
             f"{'':>21}p99 <= {servicer_p99:g} ms (server histogram: request in, reply after COMMIT)"
+        )
+        print(
+            f"  {'open loop, online flushes':<28}{flushes:>9,} flushes"
+            f"{'':>19}p99 <= {flush_p99:g} ms (one transaction, MAC checks to COMMIT)"
+        )
+        print(
+            f"  {'open loop, event loop lag':<28}{lags:>9,} samples"
+            f"{'':>19}p99 <= {lag_p99:g} ms (a 10 ms timer's lateness in the workers)"
         )
         naive_server = ledger_server(small, key_file, tmp / "srv-naive", "--max-batch", "1")
         try:

@@ -45,6 +45,9 @@ def test_throughput_benchmark_prints_its_four_lines_and_what_limits_them() -> No
     assert "open loop, no-op" in stdout
     # The servicers' own p99 from the server's histogram, beside the client's.
     assert re.search(r"open loop, in the servicers +[\d,]+ calls +p99 <= [\d.]+ ms", stdout)
+    # and where else it could be spent inside the server: flushes, the event loop
+    assert re.search(r"open loop, online flushes +[\d,]+ flushes +p99 <= [\d.]+ ms", stdout)
+    assert re.search(r"open loop, event loop lag +[\d,]+ samples +p99 <= [\d.]+ ms", stdout)
     assert "WAL MB" in stdout
 
 
@@ -65,7 +68,7 @@ def test_online_sweep_prints_both_p99s_per_rate() -> None:
     stdout = _bench("online_sweep", "--rates", "200,400", "--seconds", "1", "--cards", "3000")
     for rate in (200, 400):
         line = rf"sweep {rate}/s: no-op p99 [\d.]+ ms, ledger p99 [\d.]+ ms, [\d.]+x, "
-        line += r"servicers p99 <= [\d.]+ ms"
+        line += r"servicers p99 <= [\d.]+ ms, flushes p99 <= [\d.]+ ms, loop lag p99 <= [\d.]+ ms"
         assert re.search(line, stdout), stdout
 
 

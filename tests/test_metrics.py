@@ -83,12 +83,36 @@ async def test_calls_and_flushes_are_counted_across_workers(
         assert m['onecard_flush_items_sum{committer="group-commit"}'] == 19
         assert m['onecard_flush_duration_seconds_count{committer="group-commit"}'] >= 1
         assert not any(card.card_no in key for key in m)  # no card numbers in labels
+        assert m["onecard_event_loop_lag_seconds_count"] > 0  # sampled in every worker
     finally:
         out = await asyncio.to_thread(stop_cli_server, proc, signal.SIGTERM)
     assert proc.returncode == 0, out
     assert "stopped cleanly" in out
     # The workers' metric files go with the parent.
     assert not list((tmp_path / "data").glob("metrics-*"))
+
+
+async def test_a_stalled_server_shows_in_the_event_loop_lag(db_dsn: str, tmp_path: Path) -> None:
+    """A 0.4 s stall of the server process (SIGSTOP) is one lag sample past 0.25 s."""
+    env = await cli_server_env(db_dsn, tmp_path, ONECARD_METRICS_LISTEN="127.0.0.1:0")
+    proc, banner = await asyncio.to_thread(start_cli_server, [], env)
+    try:
+        url = banner.split("onecard metrics on ")[1].split()[0]
+        late = 'onecard_event_loop_lag_seconds_bucket{le="0.25"}'
+        total = "onecard_event_loop_lag_seconds_count"
+        await asyncio.sleep(0.2)
+        before = await asyncio.to_thread(_scrape, url)
+        proc.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(0.4)
+        proc.send_signal(signal.SIGCONT)
+        await asyncio.sleep(0.2)
+        after = await asyncio.to_thread(_scrape, url)
+        assert before[total] > 0
+        # Samples: one late past 0.25 s; every one before the stall was early enough.
+        assert after[total] - after[late] == before[total] - before[late] + 1
+    finally:
+        out = await asyncio.to_thread(stop_cli_server, proc, signal.SIGTERM)
+    assert proc.returncode == 0, out
 
 
 def test_a_malformed_metrics_address_is_refused_naming_the_flag(

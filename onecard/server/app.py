@@ -30,7 +30,12 @@ from onecard.server.config import ServerConfig
 from onecard.server.desk_service import DeskServicer
 from onecard.server.embedded_pg import EmbeddedPostgres
 from onecard.server.listen import check_port_free, grpc_port_options, is_worker, refused
-from onecard.server.metrics import MetricsServer, observe_flush, recording_for_parent
+from onecard.server.metrics import (
+    MetricsServer,
+    observe_flush,
+    recording_for_parent,
+    watch_loop_lag,
+)
 from onecard.server.terminal_service import TerminalServicer
 from onecard.server.upload_service import UploadServicer
 from onecard.v1 import (
@@ -122,6 +127,8 @@ class RunningServer:
     dsn: str
     #: The Prometheus endpoint, when --metrics-listen asked for one here.
     metrics: MetricsServer | None = None
+    #: Samples the event loop's lag while metrics are recorded (here or for a parent).
+    lag_watch: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -130,6 +137,8 @@ class RunningServer:
 
     async def stop(self) -> None:
         log.info("stopping: draining in-flight calls")
+        if self.lag_watch is not None:
+            self.lag_watch.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.shutdown_grace)
         await self.ledger.close()
@@ -248,6 +257,9 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
         raise
     log.info("card crypto: %s", verifier.name)
     tune_gc()
+    lag_watch = (
+        asyncio.get_running_loop().create_task(watch_loop_lag()) if cfg.metrics_listen else None
+    )
     return RunningServer(
-        cfg, server, port, ledger, pool, keys, health_servicer, embedded, dsn, metrics
+        cfg, server, port, ledger, pool, keys, health_servicer, embedded, dsn, metrics, lag_watch
     )
