@@ -60,6 +60,7 @@ from onecard.ledger.audit import trial_balance
 from onecard.ledger.devdata import DEMO_ISSUER, DEV_KEYS, seed_demo_data
 from onecard.ledger.keys import KeyVersion, MemoryKeyStore, parse_key_document
 from onecard.ledger.storage.migrate import apply_migrations
+from onecard.server.config import ServerConfig
 from onecard.server.embedded_pg import EmbeddedPostgres
 from onecard.v1 import common_pb2, terminal_pb2, terminal_pb2_grpc, upload_pb2, upload_pb2_grpc
 
@@ -215,25 +216,35 @@ class _NoopTerminal(terminal_pb2_grpc.TerminalServiceServicer):  # type: ignore[
         )
 
 
-async def _noop_main(listen: str) -> None:
-    server = grpc.aio.server()
-    terminal_pb2_grpc.add_TerminalServiceServicer_to_server(_NoopTerminal(), server)
-    port = server.add_insecure_port(listen)  # gRPC sets SO_REUSEPORT: several may share it
-    await server.start()
+#: gRPC servers per process, the ledger's default (``onecard serve --acceptors``).
+ACCEPTORS = ServerConfig().acceptors
+
+
+async def _noop_main(listen: str, acceptors: int) -> None:
+    servers = []
+    port = 0
+    for _ in range(acceptors):
+        server = grpc.aio.server()  # gRPC sets SO_REUSEPORT: several may share the port
+        terminal_pb2_grpc.add_TerminalServiceServicer_to_server(_NoopTerminal(), server)
+        port = server.add_insecure_port(listen if not port else f"127.0.0.1:{port}")
+        await server.start()
+        servers.append(server)
     print(f"no-op serving gRPC on 127.0.0.1:{port}", flush=True)
-    await server.wait_for_termination()
+    await servers[0].wait_for_termination()
 
 
-def start_noops(count: int) -> list[ServerProcess]:
+def start_noops(count: int, acceptors: int = ACCEPTORS) -> list[ServerProcess]:
     """``count`` no-op servicer processes sharing one port, as the ledger's workers do.
 
     One process tops out at one core (1.03 cores at 3,860 calls/s), which
     would make the baseline a single process's limit rather than gRPC's cost.
+    Each process runs as many gRPC servers as a ledger worker (``acceptors``),
+    so the baseline takes calls the way the ledger does.
     """
-    noops = [ServerProcess(["-m", "benchmarks.throughput", "--noop-server"])]
-    noop_args = ["-m", "benchmarks.throughput", "--noop-server", "--noop-listen"]
+    noop = ["-m", "benchmarks.throughput", "--noop-server", "--noop-acceptors", str(acceptors)]
+    noops = [ServerProcess(noop)]
     while len(noops) < count:
-        noops.append(ServerProcess([*noop_args, noops[0].address]))
+        noops.append(ServerProcess([*noop, "--noop-listen", noops[0].address]))
     return noops
 
 
@@ -866,11 +877,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--noop-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--noop-listen", default="127.0.0.1:0", help=argparse.SUPPRESS)
+    parser.add_argument("--noop-acceptors", type=int, default=ACCEPTORS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.noop_server:
         import uvloop
 
-        uvloop.run(_noop_main(args.noop_listen))
+        uvloop.run(_noop_main(args.noop_listen, args.noop_acceptors))
         return 0
     global WORKERS
     WORKERS = args.workers

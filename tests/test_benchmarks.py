@@ -114,3 +114,13 @@ def test_metrics_cost_prints_its_line() -> None:
     stdout = _bench("metrics_cost", "--calls", "2000")
     line = r"metrics: [\d.]+ us a call in one process, [\d.]+ us with worker files \(baseline"
     assert re.search(line, stdout), stdout
+
+
+def test_acceptors_benchmark_compares_one_server_a_process_with_the_default() -> None:
+    args = ["--rate", "300", "--seconds", "1", "--closed", "500", "--rounds", "2"]
+    stdout = _bench("acceptors", *args, "--cards", "3000")
+    for name in ("ledger", "no-op"):
+        closed = rf"acceptors closed loop, {name}: 1 -> [\d,]+/s, \d+ -> [\d,]+/s, [\d.]+x"
+        opened = rf"acceptors open loop 300/s, {name}: p99 1 -> [\d.]+ ms, \d+ -> [\d.]+ ms"
+        assert re.search(closed, stdout), stdout
+        assert re.search(opened, stdout), stdout

@@ -50,10 +50,12 @@ async def test_grpc_itself_does_not_share_the_port_of_a_running_server(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A server started between the check and gRPC's bind: gRPC's bind refuses too.
+    """A one-acceptor server started between the check and gRPC's bind: the bind refuses too.
 
-    Without the check, only the socket option keeps the port one server's;
-    the refused start leaves no connection of its pool behind.
+    Without the check, only the socket option keeps the port one server's
+    (a server of several acceptors shares the port among its own, so there
+    the check alone keeps others off); the refused start leaves no
+    connection of its pool behind.
     """
     monkeypatch.setattr(app, "check_port_free", lambda listen: None)
     cfg = ServerConfig(
@@ -61,6 +63,7 @@ async def test_grpc_itself_does_not_share_the_port_of_a_running_server(
         dsn=db_dsn,
         data_dir=tmp_path / "data",
         pii_key_file=pii_key_file(tmp_path / "secrets"),
+        acceptors=1,
     )
     before = await _backends(db_dsn)
     refusal = re.escape(f"--listen: cannot listen on {server.address}: ")

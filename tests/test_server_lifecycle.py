@@ -393,6 +393,7 @@ _COUNT_FLAGS = [
     "--pool-size",
     "--max-batch",
     "--max-pending-calls",
+    "--acceptors",
 ]
 
 
@@ -406,6 +407,16 @@ def test_a_count_below_one_is_refused_naming_the_option(
     err = capsys.readouterr().err
     assert flag in err and "must be at least 1, got 0" in err
     assert not (tmp_path / "pg").exists()  # refused before anything started
+
+
+def test_more_acceptors_than_the_limit_are_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from onecard.server.cli import main
+
+    assert main(["serve", "--data-dir", str(tmp_path), "--acceptors", "17"]) == 2
+    assert "--acceptors: must be at most 16, got 17" in capsys.readouterr().err
+    assert not (tmp_path / "pg").exists()
 
 
 def test_a_negative_linger_is_refused_naming_the_option(

@@ -114,10 +114,43 @@ async def start_embedded_postgres(cfg: ServerConfig) -> tuple[EmbeddedPostgres, 
     return pg, pg.dsn(EMBEDDED_DATABASE)
 
 
+def _grpc_server(
+    cfg: ServerConfig, ledger: Ledger, health: health_aio.HealthServicer
+) -> grpc.aio.Server:
+    """One gRPC server with every service on the one ledger (one of ``--acceptors``)."""
+    options = [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        # Calls gRPC has received but the event loop has not taken yet
+        # (grpc.aio takes one per loop turn). Past the soft limit gRPC
+        # drops arrivals at random, past the hard one all of them, each
+        # answered CANCELLED without reaching the ledger (python -m
+        # benchmarks.pending_backlog measures it by limit).
+        ("grpc.server.max_pending_requests", cfg.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 3 * cfg.max_pending_calls),
+        *grpc_port_options(cfg.acceptors),
+    ]
+    server = grpc.aio.server(options=options)
+    terminal_pb2_grpc.add_TerminalServiceServicer_to_server(TerminalServicer(ledger), server)
+    desk_pb2_grpc.add_DeskServiceServicer_to_server(DeskServicer(ledger), server)
+    upload_pb2_grpc.add_UploadServiceServicer_to_server(UploadServicer(ledger), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server
+
+
 @dataclass
 class RunningServer:
     config: ServerConfig
-    server: grpc.aio.Server
+    #: The ``--acceptors`` servers of this process, all on ``port``.
+    servers: list[grpc.aio.Server]
     port: int
     ledger: Ledger
     pool: asyncpg.Pool
@@ -140,7 +173,7 @@ class RunningServer:
         if self.lag_watch is not None:
             self.lag_watch.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.shutdown_grace)
+        await asyncio.gather(*(s.stop(self.config.shutdown_grace) for s in self.servers))
         await self.ledger.close()
         await self.pool.close()
         if self.metrics is not None:
@@ -193,6 +226,7 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
     embedded: EmbeddedPostgres | None = None
     pool: asyncpg.Pool | None = None
     ledger: Ledger | None = None
+    servers: list[grpc.aio.Server] = []
     dsn = cfg.dsn
     try:
         if not dsn:
@@ -208,44 +242,28 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
         ledger = await Ledger.open(
             pool, keys, verifier, cfg.limits, cfg.batching, desk, on_flush=observe_flush
         )
-        options = [
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
-            # Calls gRPC has received but the event loop has not taken yet
-            # (grpc.aio takes one per loop turn). Past the soft limit gRPC
-            # drops arrivals at random, past the hard one all of them, each
-            # answered CANCELLED without reaching the ledger (python -m
-            # benchmarks.pending_backlog measures it by limit).
-            ("grpc.server.max_pending_requests", cfg.max_pending_calls),
-            ("grpc.server.max_pending_requests_hard_limit", 3 * cfg.max_pending_calls),
-            *grpc_port_options(),
-        ]
-        server = grpc.aio.server(options=options)
-        terminal_pb2_grpc.add_TerminalServiceServicer_to_server(TerminalServicer(ledger), server)
-        desk_pb2_grpc.add_DeskServiceServicer_to_server(DeskServicer(ledger), server)
-        upload_pb2_grpc.add_UploadServiceServicer_to_server(UploadServicer(ledger), server)
         health_servicer = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
-        try:
-            port = server.add_insecure_port(cfg.listen)
-        except RuntimeError:
-            # Taken between the check above and now; gRPC says no more than that.
-            raise refused(cfg.listen, "address already in use or not available") from None
-        await server.start()
+        port = 0
+        for _ in range(cfg.acceptors):
+            server = _grpc_server(cfg, ledger, health_servicer)
+            servers.append(server)
+            # The first binds the address asked for (port 0: a free one), the
+            # others the port it got.
+            address = cfg.listen if not port else f"{cfg.listen.rsplit(':', 1)[0]}:{port}"
+            try:
+                port = server.add_insecure_port(address)
+            except RuntimeError:
+                # Taken between the check above and now; gRPC says no more than that.
+                raise refused(cfg.listen, "address already in use or not available") from None
+            await server.start()
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     except BaseException:
         # Undone in reverse, as RunningServer.stop does: a refusal at the
         # last step (the gRPC port) must not leave the ledger's flushers
         # and connections behind, nor the embedded database running.
+        for server in servers:
+            await server.stop(None)
         if ledger is not None:
             await ledger.close()
         if pool is not None:
@@ -261,5 +279,5 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
         asyncio.get_running_loop().create_task(watch_loop_lag()) if cfg.metrics_listen else None
     )
     return RunningServer(
-        cfg, server, port, ledger, pool, keys, health_servicer, embedded, dsn, metrics, lag_watch
+        cfg, servers, port, ledger, pool, keys, health_servicer, embedded, dsn, metrics, lag_watch
     )

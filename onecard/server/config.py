@@ -29,6 +29,13 @@ class ServerConfig:
     #: it, as gRPC's defaults 1,000 and 3,000 are). Past it gRPC sheds calls
     #: with CANCELLED before they reach the ledger (README, Performance).
     max_pending_calls: int = 1000
+    #: gRPC servers in each process, all on the one port. grpc.aio asks gRPC
+    #: core for the next call of a method only once the previous one has
+    #: reached the event loop (a hop through gRPC's poller thread), so one
+    #: server takes calls single file; under load they wait in gRPC's backlog
+    #: while the ledger has room. Two servers take them two at a time
+    #: (python -m benchmarks.acceptors measures it against one).
+    acceptors: int = 2
     limits: Limits = field(default_factory=Limits)
     batching: BatchSettings = field(default_factory=BatchSettings)
     shutdown_grace: float = 10.0
@@ -210,7 +217,17 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
         help="calls a process holds before its event loop takes them; past this gRPC "
         "drops some as CANCELLED, all past three times it",
     )
+    add_option(
+        p,
+        "--acceptors",
+        type=int,
+        default=d.acceptors,
+        help="gRPC servers per process on the one port, each taking calls as they come",
+    )
 
+
+#: More servers per process than this only add idle requests for calls.
+MAX_ACCEPTORS = 16
 
 #: Options that count something the server cannot run with none of.
 _COUNTS = (
@@ -222,6 +239,7 @@ _COUNTS = (
     "--max-upload-batch",
     "--max-upload-queue",
     "--max-pending-calls",
+    "--acceptors",
 )
 
 
@@ -241,6 +259,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     parse_host_port("--listen", args.listen)
     if args.metrics_listen:
         parse_host_port("--metrics-listen", args.metrics_listen)
+    if args.acceptors > MAX_ACCEPTORS:
+        raise FieldError("--acceptors", f"must be at most {MAX_ACCEPTORS}, got {args.acceptors}")
     if not 0 <= args.linger_ms <= 1000:
         raise FieldError("--linger-ms", f"must be between 0 and 1000, got {args.linger_ms}")
     return ServerConfig(
@@ -253,6 +273,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         pool_size=args.pool_size,
         max_message_bytes=args.max_message_bytes,
         max_pending_calls=args.max_pending_calls,
+        acceptors=args.acceptors,
         limits=Limits(max_amount=args.max_amount, max_upload_batch=args.max_upload_batch),
         batching=BatchSettings(
             max_batch=args.max_batch,

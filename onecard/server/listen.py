@@ -3,10 +3,11 @@
 gRPC sets SO_REUSEPORT on every listening socket by default on Linux, so a
 second server started on a port already served (a forgotten instance, one
 pointed at another database) bound without complaint, and the kernel then
-handed it half of the terminals' connections. A server now binds without
-SO_REUSEPORT unless it is a worker of ``--workers N``, and before anything
-starts it checks that the port is free with a socket that shares nothing:
+handed it half of the terminals' connections. Before anything starts, a
+server now checks that the port is free with a socket that shares nothing:
 the kernel refuses that bind while any server, of any kind, listens there.
+Only then do its own servers (``--acceptors`` per process, ``--workers``
+processes) bind it together.
 """
 
 from __future__ import annotations
@@ -26,9 +27,15 @@ def is_worker() -> bool:
     return os.environ.get(WORKER_ENV) == "1"
 
 
-def grpc_port_options() -> list[tuple[str, int]]:
-    """The server options that decide whether the port may be shared."""
-    return [("grpc.so_reuseport", 1 if is_worker() else 0)]
+def grpc_port_options(acceptors: int) -> list[tuple[str, int]]:
+    """The server options that decide whether the port may be shared.
+
+    Shared by the workers of one ``onecard serve`` and by the ``acceptors``
+    servers of one process. With one server in one process the kernel
+    itself refuses any other; otherwise only the check before starting
+    (``check_port_free``) keeps other servers off the port.
+    """
+    return [("grpc.so_reuseport", 1 if is_worker() or acceptors > 1 else 0)]
 
 
 def refused(listen: str, reason: str) -> FieldError:
