@@ -40,23 +40,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks import throughput as bt
-from onecard.clients.population import BUS_TERMINALS, METRO_TERMINALS, Population, Zipf
+from onecard.clients.population import Population
 from onecard.server.embedded_pg import EmbeddedPostgres
-from onecard.v1 import terminal_pb2
 
 #: Fen a debit: small, so the hottest cards (Zipf s = 1) last every round.
 FARE = 2
-
-
-def debits(
-    pop: Population, n: int, seq_base: int, rng: random.Random
-) -> list[terminal_pb2.DebitRequest]:
-    zipf = Zipf(pop.count, 1.0, rng)
-    gates = METRO_TERMINALS + BUS_TERMINALS
-    return [
-        pop.debit_request(zipf.draw(), FARE, gates[i % len(gates)], seq_base + i, bt.WHEN)
-        for i in range(n)
-    ]
 
 
 async def run(args: argparse.Namespace) -> list[str]:
@@ -85,19 +73,20 @@ async def run(args: argparse.Namespace) -> list[str]:
         try:
             for addresses in pairs.values():
                 for address in addresses:
-                    await bt.run_online(address, debits(pop, 2_000, seq, rng), 64, args.channels)
+                    warm = bt.debit_requests(pop, 2_000, seq, rng, fare=FARE)
+                    await bt.run_online(address, warm, 64, args.channels)
                     seq += 2_000
             n_open = int(args.rate * args.seconds)
             for i in range(args.rounds):
                 for name, addresses in pairs.items():
                     order = (0, 1) if i % 2 == 0 else (1, 0)
                     for j in order:
-                        reqs = debits(pop, args.closed, seq, rng)
+                        reqs = bt.debit_requests(pop, args.closed, seq, rng, fare=FARE)
                         seq += args.closed
                         rate = await bt.run_online(addresses[j], reqs, 128, args.channels)
                         closed[name][j].append(rate.per_second)
                     for j in order:
-                        reqs = debits(pop, n_open, seq, rng)
+                        reqs = bt.debit_requests(pop, n_open, seq, rng, fare=FARE)
                         seq += n_open
                         p99, _, refused = await bt.run_online_open(
                             addresses[j], reqs, args.rate, args.channels

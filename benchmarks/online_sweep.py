@@ -34,20 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks import throughput as bt
-from onecard.clients.population import BUS_TERMINALS, METRO_TERMINALS, Population, Zipf
+from onecard.clients.population import Population
 from onecard.server.embedded_pg import EmbeddedPostgres
-from onecard.v1 import terminal_pb2
-
-
-def debits(
-    pop: Population, n: int, seq_base: int, zipf_s: float, rng: random.Random
-) -> list[terminal_pb2.DebitRequest]:
-    zipf = Zipf(pop.count, zipf_s, rng)
-    gates = METRO_TERMINALS + BUS_TERMINALS
-    return [
-        pop.debit_request(zipf.draw(), 20, gates[i % len(gates)], seq_base + i, bt.WHEN)
-        for i in range(n)
-    ]
 
 
 async def run(
@@ -69,7 +57,7 @@ async def run(
         assert server.metrics_url is not None
         method = "TerminalServicer.Debit"
         try:
-            warm = debits(pop, 2_000, 50_000_000, args.zipf, rng)
+            warm = bt.debit_requests(pop, 2_000, 50_000_000, rng, zipf_s=args.zipf)
             await bt.run_online(server.address, warm, 64, args.channels)
             seq = 1_000_000
             for rate in args.rates:
@@ -80,7 +68,7 @@ async def run(
                 inside_before = await asyncio.to_thread(bt.inside_buckets, server.metrics_url)
                 for address in (noops[0].address, server.address):
                     seq += n
-                    reqs = debits(pop, n, seq, args.zipf, rng)
+                    reqs = bt.debit_requests(pop, n, seq, rng, zipf_s=args.zipf)
                     p99, _, refused = await bt.run_online_open(address, reqs, rate, args.channels)
                     p99s.append(p99)
                 after = await asyncio.to_thread(bt.call_buckets, server.metrics_url, method)

@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks import throughput as bt
-from benchmarks.online_sweep import debits
 from onecard.clients.loadtest import Op, run_ops
 from onecard.clients.population import Population
 from onecard.server.embedded_pg import EmbeddedPostgres
@@ -82,7 +81,7 @@ async def run(args: argparse.Namespace) -> list[tuple[str, int, int, float]]:
         seq = 1_000_000
         noops = bt.start_noops(bt.WORKERS)
         try:
-            reqs = debits(pop, n, seq, args.zipf, rng)
+            reqs = bt.debit_requests(pop, n, seq, rng, zipf_s=args.zipf)
             seq += n
             res = await _offer(noops[0].address, reqs, args.rate, args.channels, nice)
             out.append(("no-op", *res))
@@ -95,10 +94,10 @@ async def run(args: argparse.Namespace) -> list[tuple[str, int, int, float]]:
             )
             try:
                 # One call at a time: a backlog of one must not shed the warm-up.
-                warm = debits(pop, 500, seq, args.zipf, rng)
+                warm = bt.debit_requests(pop, 500, seq, rng, zipf_s=args.zipf)
                 seq += 500
                 await bt.run_online(server.address, warm, 1, 1)
-                reqs = debits(pop, n, seq, args.zipf, rng)
+                reqs = bt.debit_requests(pop, n, seq, rng, zipf_s=args.zipf)
                 seq += n
                 res = await _offer(server.address, reqs, args.rate, args.channels, nice)
                 out.append((str(limit), *res))

@@ -370,12 +370,19 @@ async def run_upload(address: str, streams: list[list[upload_pb2.UploadBatch]]) 
 
 
 def debit_requests(
-    pop: Population, n: int, seq_base: int, rng: random.Random
+    pop: Population,
+    n: int,
+    seq_base: int,
+    rng: random.Random,
+    *,
+    zipf_s: float = 1.0,
+    fare: int = 20,
 ) -> list[terminal_pb2.DebitRequest]:
-    zipf = Zipf(pop.count, 1.0, rng)
+    """``n`` signed debits at the gates, cards drawn by popularity (Zipf, ``zipf_s``)."""
+    zipf = Zipf(pop.count, zipf_s, rng)
     gates = METRO_TERMINALS + BUS_TERMINALS
     return [
-        pop.debit_request(zipf.draw(), 20, gates[i % len(gates)], seq_base + i, WHEN)
+        pop.debit_request(zipf.draw(), fare, gates[i % len(gates)], seq_base + i, WHEN)
         for i in range(n)
     ]
 

@@ -70,6 +70,17 @@ async def assert_books_balance(dsn: str) -> None:
         await conn.close()
 
 
+async def assert_card_paid(dsn: str, card: SimulatedCard, purchases: int, balance: int) -> None:
+    """The card's purse holds ``balance``, its purchases were each posted once, books balance."""
+    posted = await fetch(
+        dsn, "SELECT count(*) AS n FROM postings WHERE card_no = $1 AND kind = 1", int(card.card_no)
+    )
+    assert posted[0]["n"] == purchases
+    rows = await fetch(dsn, "SELECT purse_balance FROM cards WHERE card_no = $1", int(card.card_no))
+    assert rows[0]["purse_balance"] == balance
+    await assert_books_balance(dsn)
+
+
 async def fetch(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(dsn)
     try:

@@ -16,7 +16,7 @@ from onecard.clients.terminal import Terminal
 from onecard.server.cli import main as cli_main
 from onecard.v1 import common_pb2, terminal_pb2, terminal_pb2_grpc
 from tests.support import (
-    assert_books_balance,
+    assert_card_paid,
     cli_server_env,
     dev_keys,
     fetch,
@@ -181,11 +181,7 @@ async def test_calls_past_the_pending_backlog_are_shed_cancelled_and_a_retry_pos
                 assert (await stub.Debit(r)).status == common_pb2.TXN_STATUS_APPROVED
             for r in requests:  # and every one of the 40 again is a duplicate
                 assert (await stub.Debit(r)).status == common_pb2.TXN_STATUS_DUPLICATE
-        balance = await fetch(
-            db_dsn, "SELECT purse_balance FROM cards WHERE card_no = $1", int(card.card_no)
-        )
-        assert balance[0]["purse_balance"] == 10_000 - 40 * 10
-        await assert_books_balance(db_dsn)
+        await assert_card_paid(db_dsn, card, purchases=40, balance=10_000 - 40 * 10)
     finally:
         out = await asyncio.to_thread(stop_cli_server, proc, signal.SIGTERM)
     assert proc.returncode == 0, out

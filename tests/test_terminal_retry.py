@@ -17,6 +17,7 @@ from onecard.server.app import RunningServer
 from onecard.v1 import common_pb2, terminal_pb2
 from tests.support import (
     assert_books_balance,
+    assert_card_paid,
     cli_server_env,
     dev_keys,
     fetch,
@@ -57,17 +58,7 @@ async def test_calls_shed_from_the_backlog_are_resent_and_each_posts_once(
                 proc.send_signal(signal.SIGCONT)
             replies = await sending
         assert [getattr(r, "status", r) for r in replies] == [APPROVED] * 40
-        posted = await fetch(
-            db_dsn,
-            "SELECT count(*) AS n FROM postings WHERE card_no = $1 AND kind = 1",
-            int(card.card_no),
-        )
-        assert posted[0]["n"] == 40
-        balance = await fetch(
-            db_dsn, "SELECT purse_balance FROM cards WHERE card_no = $1", int(card.card_no)
-        )
-        assert balance[0]["purse_balance"] == 10_000 - 40 * 10
-        await assert_books_balance(db_dsn)
+        await assert_card_paid(db_dsn, card, purchases=40, balance=10_000 - 40 * 10)
     finally:
         out = await asyncio.to_thread(stop_cli_server, proc, signal.SIGTERM)
     assert proc.returncode == 0, out
