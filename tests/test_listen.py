@@ -26,13 +26,14 @@ from tests.support import fetch, pii_key_file
 def test_a_second_server_on_a_served_port_is_refused_naming_the_flag(
     server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str
 ) -> None:
+    other = tmp_path / "other"  # the running server's files are in tmp_path
     code = cli_main(
-        ["serve", "--workers", workers, "--data-dir", str(tmp_path), "--listen", server.address]
+        ["serve", "--workers", workers, "--data-dir", str(other), "--listen", server.address]
     )
     err = capsys.readouterr().err
     assert code == 2, err
     assert f"--listen: cannot listen on {server.address}: Address already in use" in err
-    assert not (tmp_path / "pg").exists()  # refused before the embedded PostgreSQL started
+    assert not other.exists()  # refused before any key file or database was made
 
 
 def test_a_malformed_listen_address_is_refused_naming_the_flag(

@@ -208,16 +208,18 @@ def tune_gc() -> None:
 
 async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) -> RunningServer:
     """Start everything; ``keys`` overrides the configured key source (tests)."""
+    # The gRPC port first: a server refused for a port taken by another
+    # writes nothing (no development key file, no personal-data key). A
+    # worker's parent checked the port the workers share.
+    if not is_worker():
+        check_port_free(cfg.listen)
     dev_keys = False
     if keys is None:
         keys, dev_keys = load_keys(cfg)
     verifier = make_verifier(keys, cfg.key_cache_size, cfg.allow_slow_crypto)
     pii_key = load_pii_key(cfg)  # refused before anything touches the database
-    # The ports first, so that a taken one is refused before the database
-    # starts. A worker's parent checked the port the workers share; a worker
-    # records metrics for its parent, which serves the sum of all workers.
-    if not is_worker():
-        check_port_free(cfg.listen)
+    # Before the database starts, so that a taken port is refused first. A
+    # worker records metrics for its parent, which serves the sum of all.
     metrics = (
         MetricsServer(cfg.metrics_listen)
         if cfg.metrics_listen and not recording_for_parent()
