@@ -8,9 +8,10 @@ books must balance and each card must hold what the model says.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -22,13 +23,14 @@ from hypothesis import strategies as st
 from onecard.clients.card import SimulatedCard
 from onecard.ledger.crypto.verifier import ReferenceVerifier
 from onecard.ledger.devdata import seed_demo_data
-from onecard.ledger.engine import Ledger
+from onecard.ledger.engine import BatchSettings, Ledger
 from onecard.ledger.model import (
     CardIssue,
     Debit,
     DeskStatus,
     Load,
     PaymentChannel,
+    RecordOutcome,
     TxnResult,
     TxnStatus,
 )
@@ -227,24 +229,46 @@ async def test_a_full_upload_queue_refuses_before_checking_any_mac(db_dsn: str) 
             CountingVerifier.checked += len(checks)
             return super().verify_purchases(checks)
 
-    pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=2)
+    def records(first_seq: int, n: int) -> list[OfflineRecord]:
+        card, when = "3104123456789012", "20261122083015"
+        return [
+            OfflineRecord(card, 200, 0x06, "310400000001", seq, when, 1, bytes(4), 1, 1_000)
+            for seq in range(first_seq, first_seq + n)
+        ]
+
+    pool = await asyncpg.create_pool(db_dsn, min_size=2, max_size=2)
     async with pool.acquire() as conn:
         await seed_demo_data(conn)
-    ledger = await Ledger.open(pool, keys, CountingVerifier(keys))
+    batching = BatchSettings(upload_max_queue=10, upload_flushers=1)
+    ledger = await Ledger.open(pool, keys, CountingVerifier(keys), batching=batching)
     try:
-        uploads = ledger._uploads
-        uploads._queued_items = uploads.max_queue  # as if other gateways had filled it
-        record = OfflineRecord(
-            "3104123456789012", 200, 0x06, "310400000001", 42, "20261122083015", 1,
-            bytes(4), 1, 1_000,
-        )  # fmt: skip
+        # Every connection held: the flusher takes the first batch and waits
+        # for one, the second batch fills the queue, the third meets it full.
+        held = [await pool.acquire() for _ in range(2)]
+        first = asyncio.create_task(ledger.submit_offline_records(records(1, 1)))
+        await _until(lambda: CountingVerifier.checked == 1 and ledger.queued_upload_records == 0)
+        second = asyncio.create_task(ledger.submit_offline_records(records(2, 10)))
+        await _until(lambda: ledger.queued_upload_records == 10)
         with pytest.raises(Overloaded, match="queue is full"):
-            await ledger.submit_offline_records([record] * 10)
-        assert CountingVerifier.checked == 0
-        assert uploads._queued_items == uploads.max_queue  # nothing of it was queued
-        uploads._queued_items = 0
+            await ledger.submit_offline_records(records(12, 10))
+        assert CountingVerifier.checked == 11  # the refused batch's MACs were never checked
+        assert ledger.queued_upload_records == 10  # and nothing of it was queued
+        for conn in held:
+            await pool.release(conn)
+        replies = await first + await second
+        assert [r.outcome for r in replies] == [RecordOutcome.QUARANTINED] * 11  # unknown card
     finally:
         await ledger.close()
         await pool.close()
+    rows = await fetch(db_dsn, "SELECT count(*) AS n FROM quarantine")
+    assert rows[0]["n"] == 11  # the two taken batches, kept; the refused one nowhere
     rows = await fetch(db_dsn, "SELECT count(*) AS n FROM terminal_txns")
     assert rows[0]["n"] == 0
+
+
+async def _until(done: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a state of the ledger another task brings about."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not done():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.001)

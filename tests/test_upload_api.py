@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,9 +15,18 @@ from onecard.clients.card import SimulatedCard
 from onecard.clients.gateway import Gateway, make_batch, offline_record
 from onecard.clients.terminal import CHINA_TIME, Terminal, now_bcd_text
 from onecard.ledger.accounts import purse_account
-from onecard.server.app import RunningServer
+from onecard.ledger.engine import BatchSettings
+from onecard.ledger.keys import MemoryKeyStore
+from onecard.server.app import RunningServer, start_server
+from onecard.server.config import ServerConfig
 from onecard.v1 import common_pb2, upload_pb2
-from tests.support import assert_books_balance, fetch, issue
+from tests.support import (
+    assert_books_balance,
+    fetch,
+    issue,
+    pii_key_file,
+    seed_with_dev_keys,
+)
 
 BUS = "310400000001"
 POSTED = upload_pb2.RECORD_OUTCOME_POSTED
@@ -551,29 +561,69 @@ async def test_concurrent_streams_lose_and_double_nothing(
 
 
 async def test_a_full_queue_still_names_what_is_wrong_with_a_malformed_batch(
-    server: RunningServer, channel, keys
+    db_dsn: str, keys: MemoryKeyStore, tmp_path: Path
 ) -> None:
     """A gateway must learn that a batch can never be taken, not to retry it later.
 
     Malformed is INVALID_ARGUMENT whatever the load; only a well-formed batch
-    meets the full queue (RESOURCE_EXHAUSTED, retry later). Nothing is written.
+    meets the full queue (RESOURCE_EXHAUSTED, retry later). Nothing of either
+    is written, and the batches the ledger had taken post once.
+
+    The queue is really full: a server whose upload queue holds one record,
+    every database connection held by the test, so its flusher takes one
+    gateway's batch and waits while a second gateway's batch fills the queue.
+    Its linger is long, so the test can see the first batch queued, then taken.
     """
-    card = await funded(channel, keys)
-    uploads = server.ledger._uploads
-    uploads._queued_items = uploads.max_queue  # as if other gateways had filled it
+    await seed_with_dev_keys(db_dsn, tmp_path)
+    cfg = ServerConfig(
+        listen="127.0.0.1:0",
+        dsn=db_dsn,
+        data_dir=tmp_path / "data",
+        pii_key_file=pii_key_file(tmp_path / "secrets"),
+        batching=BatchSettings(upload_max_queue=1, upload_flushers=1, linger=0.3),
+    )
+    server = await start_server(cfg, keys=keys)
     try:
-        miscounted = make_batch("n", [ride(card, 100)])
-        miscounted.claimed_count = 2
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await Gateway(channel).upload([miscounted])
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "claimed_count" in (info.value.details() or "")
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await Gateway(channel).upload([make_batch("ok", [ride(card, 100)])])
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "queue is full" in (info.value.details() or "")
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            cards = [await funded(channel, keys) for _ in range(3)]
+            ledger = server.ledger
+            held = [await server.pool.acquire() for _ in range(server.pool.get_max_size())]
+            taken = asyncio.create_task(
+                Gateway(channel).upload([make_batch("a", [ride(cards[0])])])
+            )
+            await _until(lambda: ledger.queued_upload_records == 1)
+            await _until(lambda: ledger.queued_upload_records == 0)  # in the flusher's hands
+            queued = asyncio.create_task(
+                Gateway(channel).upload([make_batch("b", [ride(cards[1])])])
+            )
+            await _until(lambda: ledger.queued_upload_records == 1)
+
+            miscounted = make_batch("n", [ride(cards[2], 100)])
+            miscounted.claimed_count = 2
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await Gateway(channel).upload([miscounted])
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "claimed_count" in (info.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await Gateway(channel).upload([make_batch("ok", [ride(cards[2], 100)])])
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue is full" in (info.value.details() or "")
+
+            for conn in held:
+                await server.pool.release(conn)
+            for done in (await taken, await queued):
+                assert [r.outcome for r in done[0].results] == [POSTED]
     finally:
-        uploads._queued_items = 0
-    assert await balance_of(server.dsn, card) == 5000
-    rows = await fetch(server.dsn, "SELECT count(*) AS n FROM terminal_txns WHERE kind = 3")
-    assert rows[0]["n"] == 0
+        await server.stop()
+    assert [await balance_of(db_dsn, c) for c in cards] == [5000 - 200, 5000 - 200, 5000]
+    rows = await fetch(db_dsn, "SELECT count(*) AS n FROM terminal_txns WHERE kind = 3")
+    assert rows[0]["n"] == 2
+    await assert_books_balance(db_dsn)
+
+
+async def _until(done: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a state of the server the test's other tasks bring about."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not done():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.001)

@@ -198,6 +198,11 @@ class Ledger:
     def committer(self) -> GroupCommitter[Debit | Load, TxnResult]:
         return self._committer
 
+    @property
+    def queued_upload_records(self) -> int:
+        """Upload records waiting for a transaction; those in one now are not counted."""
+        return len(self._uploads)
+
     # -- terminal transactions ---------------------------------------------
 
     async def submit_debit(self, debit: Debit) -> TxnResult:
