@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -79,6 +81,14 @@ async def assert_card_paid(dsn: str, card: SimulatedCard, purchases: int, balanc
     rows = await fetch(dsn, "SELECT purse_balance FROM cards WHERE card_no = $1", int(card.card_no))
     assert rows[0]["purse_balance"] == balance
     await assert_books_balance(dsn)
+
+
+async def wait_until(done: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a state of the ledger that another task of the test brings about."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not done():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.001)
 
 
 async def fetch(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:

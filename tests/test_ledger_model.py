@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
@@ -34,7 +34,7 @@ from onecard.ledger.model import (
     TxnResult,
     TxnStatus,
 )
-from tests.support import assert_books_balance, dev_keys, fetch, new_card_number
+from tests.support import assert_books_balance, dev_keys, fetch, new_card_number, wait_until
 
 BUS, TOPUP = "310400000001", "310400000009"
 TXN_MAX, PURSE_MAX = 20_000, 50_000  # the demo "senior" product (no deposit)
@@ -246,9 +246,11 @@ async def test_a_full_upload_queue_refuses_before_checking_any_mac(db_dsn: str) 
         # for one, the second batch fills the queue, the third meets it full.
         held = [await pool.acquire() for _ in range(2)]
         first = asyncio.create_task(ledger.submit_offline_records(records(1, 1)))
-        await _until(lambda: CountingVerifier.checked == 1 and ledger.queued_upload_records == 0)
+        await wait_until(
+            lambda: CountingVerifier.checked == 1 and ledger.queued_upload_records == 0
+        )
         second = asyncio.create_task(ledger.submit_offline_records(records(2, 10)))
-        await _until(lambda: ledger.queued_upload_records == 10)
+        await wait_until(lambda: ledger.queued_upload_records == 10)
         with pytest.raises(Overloaded, match="queue is full"):
             await ledger.submit_offline_records(records(12, 10))
         assert CountingVerifier.checked == 11  # the refused batch's MACs were never checked
@@ -264,11 +266,3 @@ async def test_a_full_upload_queue_refuses_before_checking_any_mac(db_dsn: str) 
     assert rows[0]["n"] == 11  # the two taken batches, kept; the refused one nowhere
     rows = await fetch(db_dsn, "SELECT count(*) AS n FROM terminal_txns")
     assert rows[0]["n"] == 0
-
-
-async def _until(done: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for a state of the ledger another task brings about."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not done():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.001)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -26,6 +26,7 @@ from tests.support import (
     issue,
     pii_key_file,
     seed_with_dev_keys,
+    wait_until,
 )
 
 BUS = "310400000001"
@@ -591,12 +592,12 @@ async def test_a_full_queue_still_names_what_is_wrong_with_a_malformed_batch(
             taken = asyncio.create_task(
                 Gateway(channel).upload([make_batch("a", [ride(cards[0])])])
             )
-            await _until(lambda: ledger.queued_upload_records == 1)
-            await _until(lambda: ledger.queued_upload_records == 0)  # in the flusher's hands
+            await wait_until(lambda: ledger.queued_upload_records == 1)
+            await wait_until(lambda: ledger.queued_upload_records == 0)  # in the flusher's hands
             queued = asyncio.create_task(
                 Gateway(channel).upload([make_batch("b", [ride(cards[1])])])
             )
-            await _until(lambda: ledger.queued_upload_records == 1)
+            await wait_until(lambda: ledger.queued_upload_records == 1)
 
             miscounted = make_batch("n", [ride(cards[2], 100)])
             miscounted.claimed_count = 2
@@ -619,11 +620,3 @@ async def test_a_full_queue_still_names_what_is_wrong_with_a_malformed_batch(
     rows = await fetch(db_dsn, "SELECT count(*) AS n FROM terminal_txns WHERE kind = 3")
     assert rows[0]["n"] == 2
     await assert_books_balance(db_dsn)
-
-
-async def _until(done: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for a state of the server the test's other tasks bring about."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not done():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.001)
