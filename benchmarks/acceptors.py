@@ -69,6 +69,7 @@ async def run(args: argparse.Namespace) -> list[str]:
         }
         closed: dict[str, list[list[float]]] = {k: [[], []] for k in pairs}
         p99s: dict[str, list[list[float]]] = {k: [[], []] for k in pairs}
+        not_approved: dict[str, list[int]] = {k: [0, 0] for k in pairs}
         seq = 1_000_000
         try:
             for addresses in pairs.values():
@@ -91,8 +92,9 @@ async def run(args: argparse.Namespace) -> list[str]:
                         p99, _, refused = await bt.run_online_open(
                             addresses[j], reqs, args.rate, args.channels
                         )
-                        if refused:
-                            raise RuntimeError(f"{refused} open-loop debits were not approved")
+                        # Past what the machine takes, gRPC sheds calls (CANCELLED)
+                        # or the queue refuses them: a result, said on the line.
+                        not_approved[name][j] += refused
                         p99s[name][j].append(p99)
         finally:
             for ledger in ledgers:
@@ -110,9 +112,15 @@ async def run(args: argparse.Namespace) -> list[str]:
             )
         for name in pairs:
             one, k = (statistics.median(r) for r in p99s[name])
+            lost = not_approved[name]
+            note = (
+                f" ({lost[0]:,} and {lost[1]:,} of {n_open * args.rounds:,} not approved)"
+                if any(lost)
+                else ""
+            )
             lines.append(
                 f"acceptors open loop {args.rate:g}/s, {name}: p99 1 -> {one:.1f} ms, "
-                f"{many} -> {k:.1f} ms, {k / one:.2f}x {_rounds(p99s[name], '{:.1f}')}"
+                f"{many} -> {k:.1f} ms, {k / one:.2f}x {_rounds(p99s[name], '{:.1f}')}{note}"
             )
     finally:
         await asyncio.to_thread(pg.stop)
