@@ -84,6 +84,15 @@ async def test_calls_and_flushes_are_counted_across_workers(
         assert m['onecard_flush_duration_seconds_count{committer="group-commit"}'] >= 1
         assert not any(card.card_no in key for key in m)  # no card numbers in labels
         assert m["onecard_event_loop_lag_seconds_count"] > 0  # sampled in every worker
+        # Nothing waits once every call has its reply (the gauge is sampled every 10 ms).
+        queued = ['onecard_queued_items{committer="group-commit"}']
+        queued.append('onecard_queued_items{committer="group-commit-uploads"}')
+        for _ in range(100):
+            m = await asyncio.to_thread(_scrape, url)
+            if [m[q] for q in queued] == [0, 0]:
+                break
+            await asyncio.sleep(0.02)
+        assert [m[q] for q in queued] == [0, 0]
     finally:
         out = await asyncio.to_thread(stop_cli_server, proc, signal.SIGTERM)
     assert proc.returncode == 0, out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -582,6 +583,7 @@ async def test_a_full_queue_still_names_what_is_wrong_with_a_malformed_batch(
         data_dir=tmp_path / "data",
         pii_key_file=pii_key_file(tmp_path / "secrets"),
         batching=BatchSettings(upload_max_queue=1, upload_flushers=1, linger=0.3),
+        metrics_listen="127.0.0.1:0",
     )
     server = await start_server(cfg, keys=keys)
     try:
@@ -598,6 +600,15 @@ async def test_a_full_queue_still_names_what_is_wrong_with_a_malformed_batch(
                 Gateway(channel).upload([make_batch("b", [ride(cards[1])])])
             )
             await wait_until(lambda: ledger.queued_upload_records == 1)
+            # and the operator's gauge shows the full queue (sampled every 10 ms)
+            assert server.metrics is not None
+            gauge = 'onecard_queued_items{committer="group-commit-uploads"} 1.0'
+            for _ in range(200):
+                if gauge in await asyncio.to_thread(_scrape, server.metrics.url):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError(f"{gauge} never scraped")
 
             miscounted = make_batch("n", [ride(cards[2], 100)])
             miscounted.claimed_count = 2
@@ -620,3 +631,8 @@ async def test_a_full_queue_still_names_what_is_wrong_with_a_malformed_batch(
     rows = await fetch(db_dsn, "SELECT count(*) AS n FROM terminal_txns WHERE kind = 3")
     assert rows[0]["n"] == 2
     await assert_books_balance(db_dsn)
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return str(resp.read().decode())

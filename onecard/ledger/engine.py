@@ -203,6 +203,10 @@ class Ledger:
         """Upload records waiting for a transaction; those in one now are not counted."""
         return len(self._uploads)
 
+    def queued(self) -> dict[str, int]:
+        """Items waiting for a transaction, by committer name (the server's metrics)."""
+        return {c.name: len(c) for c in (self._committer, self._uploads)}
+
     # -- terminal transactions ---------------------------------------------
 
     async def submit_debit(self, debit: Debit) -> TxnResult:

@@ -278,7 +278,9 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
     log.info("card crypto: %s", verifier.name)
     tune_gc()
     lag_watch = (
-        asyncio.get_running_loop().create_task(watch_loop_lag()) if cfg.metrics_listen else None
+        asyncio.get_running_loop().create_task(watch_loop_lag(ledger.queued))
+        if cfg.metrics_listen
+        else None
     )
     return RunningServer(
         cfg, servers, port, ledger, pool, keys, health_servicer, embedded, dsn, metrics, lag_watch

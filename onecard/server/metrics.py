@@ -26,7 +26,7 @@ from pathlib import Path
 from types import CodeType
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from onecard.ledger.crypto.encoding import FieldError
@@ -70,6 +70,13 @@ LOOP_LAG_SECONDS = Histogram(
     buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
 )
 
+QUEUED_ITEMS = Gauge(
+    "onecard_queued_items",
+    "Requests or records waiting for a group-commit transaction, sampled every 10 ms",
+    ["committer"],
+    multiprocess_mode="livesum",
+)
+
 _METHODS: dict[CodeType, str] = {}
 
 
@@ -91,8 +98,14 @@ def observe_flush(committer: str, items: int, seconds: float) -> None:
     FLUSH_SECONDS.labels(committer).observe(seconds)
 
 
-async def watch_loop_lag(interval: float = LAG_INTERVAL) -> None:
+async def watch_loop_lag(
+    queued: Callable[[], dict[str, int]] | None = None, interval: float = LAG_INTERVAL
+) -> None:
     """Record, until cancelled, how much later than asked each timer of ``interval`` ran.
+
+    On each tick it also records ``queued()`` (committer name -> items
+    waiting), so an operator who sees RESOURCE_EXHAUSTED sees the queue it
+    came from; sampling keeps the cost off every request.
 
     A timer runs only once the loop has finished what was ready before it,
     so its lateness is how long a call's next step could wait in this
@@ -105,6 +118,9 @@ async def watch_loop_lag(interval: float = LAG_INTERVAL) -> None:
         began = time.perf_counter()
         await asyncio.sleep(interval)
         LOOP_LAG_SECONDS.observe(max(0.0, time.perf_counter() - began - interval))
+        if queued is not None:
+            for committer, items in queued().items():
+                QUEUED_ITEMS.labels(committer).set(items)
 
 
 class MetricsServer:
