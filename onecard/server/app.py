@@ -121,8 +121,10 @@ def _grpc_server(
     options = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
-        # Calls gRPC has received but the event loop has not taken yet
-        # (grpc.aio takes one per loop turn). Past the soft limit gRPC
+        # Calls gRPC has received but no servicer has taken yet (each
+        # server takes a method's calls one at a time, through the event
+        # loop; --acceptors servers take them that many at a time, each
+        # with its own backlog of this bound). Past the soft limit gRPC
         # drops arrivals at random, past the hard one all of them, each
         # answered CANCELLED without reaching the ledger (python -m
         # benchmarks.pending_backlog measures it by limit).
