@@ -24,8 +24,8 @@ class ServerConfig:
     key_cache_size: int = 1_000_000
     pool_size: int = 8
     max_message_bytes: int = 4 * 1024 * 1024
-    #: gRPC's own backlog of calls received but not yet taken by the event
-    #: loop (grpc.server.max_pending_requests; the hard limit is three times
+    #: gRPC's own backlog, per gRPC server (``acceptors`` a process), of calls
+    #: received but not yet taken (grpc.server.max_pending_requests; the hard limit is three times
     #: it, as gRPC's defaults 1,000 and 3,000 are). Past it gRPC sheds calls
     #: with CANCELLED before they reach the ledger (README, Performance).
     max_pending_calls: int = 1000
@@ -214,8 +214,8 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
         "--max-pending-calls",
         type=int,
         default=d.max_pending_calls,
-        help="calls a process holds before its event loop takes them; past this gRPC "
-        "drops some as CANCELLED, all past three times it",
+        help="calls each gRPC server (--acceptors a process) holds before a servicer takes "
+        "them; past this gRPC drops some as CANCELLED, all past three times it",
     )
     add_option(
         p,
