@@ -58,6 +58,7 @@ from onecard.clients.loadtest import Op, collector_quiet, open_channels, run_ops
 from onecard.clients.population import BUS_TERMINALS, METRO_TERMINALS, Population, Zipf, seed_cards
 from onecard.ledger.audit import trial_balance
 from onecard.ledger.devdata import DEMO_ISSUER, DEV_KEYS, seed_demo_data
+from onecard.ledger.engine import ONLINE_COMMITTER
 from onecard.ledger.keys import KeyVersion, MemoryKeyStore, parse_key_document
 from onecard.ledger.storage.migrate import apply_migrations
 from onecard.server.config import ServerConfig
@@ -275,7 +276,7 @@ def call_buckets(url: str, method: str) -> dict[float, float]:
 #: What the open-loop run scrapes besides the calls: the online flushes and
 #: the workers' event-loop lag, so the p99 can be split by where it was spent.
 INSIDE_HISTOGRAMS = (
-    ("onecard_flush_duration_seconds", {"committer": "group-commit"}),
+    ("onecard_flush_duration_seconds", {"committer": ONLINE_COMMITTER}),
     ("onecard_event_loop_lag_seconds", {}),
 )
 

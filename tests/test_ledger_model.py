@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from onecard.clients.card import SimulatedCard
 from onecard.ledger.crypto.verifier import ReferenceVerifier
 from onecard.ledger.devdata import seed_demo_data
-from onecard.ledger.engine import BatchSettings, Ledger
+from onecard.ledger.engine import UPLOAD_COMMITTER, BatchSettings, Ledger
 from onecard.ledger.model import (
     CardIssue,
     Debit,
@@ -247,14 +247,14 @@ async def test_a_full_upload_queue_refuses_before_checking_any_mac(db_dsn: str) 
         held = [await pool.acquire() for _ in range(2)]
         first = asyncio.create_task(ledger.submit_offline_records(records(1, 1)))
         await wait_until(
-            lambda: CountingVerifier.checked == 1 and ledger.queued_upload_records == 0
+            lambda: CountingVerifier.checked == 1 and ledger.queued()[UPLOAD_COMMITTER] == 0
         )
         second = asyncio.create_task(ledger.submit_offline_records(records(2, 10)))
-        await wait_until(lambda: ledger.queued_upload_records == 10)
+        await wait_until(lambda: ledger.queued()[UPLOAD_COMMITTER] == 10)
         with pytest.raises(Overloaded, match="queue is full"):
             await ledger.submit_offline_records(records(12, 10))
         assert CountingVerifier.checked == 11  # the refused batch's MACs were never checked
-        assert ledger.queued_upload_records == 10  # and nothing of it was queued
+        assert ledger.queued()[UPLOAD_COMMITTER] == 10  # and nothing of it was queued
         for conn in held:
             await pool.release(conn)
         replies = await first + await second

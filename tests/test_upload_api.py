@@ -16,7 +16,7 @@ from onecard.clients.card import SimulatedCard
 from onecard.clients.gateway import Gateway, make_batch, offline_record
 from onecard.clients.terminal import CHINA_TIME, Terminal, now_bcd_text
 from onecard.ledger.accounts import purse_account
-from onecard.ledger.engine import BatchSettings
+from onecard.ledger.engine import UPLOAD_COMMITTER, BatchSettings
 from onecard.ledger.keys import MemoryKeyStore
 from onecard.server.app import RunningServer, start_server
 from onecard.server.config import ServerConfig
@@ -594,12 +594,13 @@ async def test_a_full_queue_still_names_what_is_wrong_with_a_malformed_batch(
             taken = asyncio.create_task(
                 Gateway(channel).upload([make_batch("a", [ride(cards[0])])])
             )
-            await wait_until(lambda: ledger.queued_upload_records == 1)
-            await wait_until(lambda: ledger.queued_upload_records == 0)  # in the flusher's hands
+            await wait_until(lambda: ledger.queued()[UPLOAD_COMMITTER] == 1)
+            # then in the flusher's hands
+            await wait_until(lambda: ledger.queued()[UPLOAD_COMMITTER] == 0)
             queued = asyncio.create_task(
                 Gateway(channel).upload([make_batch("b", [ride(cards[1])])])
             )
-            await wait_until(lambda: ledger.queued_upload_records == 1)
+            await wait_until(lambda: ledger.queued()[UPLOAD_COMMITTER] == 1)
             # and the operator's gauge shows the full queue (sampled every 10 ms)
             assert server.metrics is not None
             gauge = 'onecard_queued_items{committer="group-commit-uploads"} 1.0'

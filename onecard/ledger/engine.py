@@ -77,6 +77,11 @@ class BatchSettings:
     upload_flushers: int = 2
 
 
+#: Committer names, as metrics and logs label them.
+ONLINE_COMMITTER = "group-commit"
+UPLOAD_COMMITTER = "group-commit-uploads"
+
+
 def _txn_time(s: str) -> dt.datetime:
     return parse_datetime(s)  # validated already; cached
 
@@ -155,6 +160,7 @@ class Ledger:
             max_batch=b.max_batch,
             max_queue=b.max_queue,
             linger=b.linger,
+            name=ONLINE_COMMITTER,
             on_flush=on_flush,
         )
         self._uploads: GroupCommitter[PreparedRecord, OfflineResult] = GroupCommitter(
@@ -162,7 +168,7 @@ class Ledger:
             max_batch=b.upload_max_batch,
             max_queue=b.upload_max_queue,
             linger=b.linger,
-            name="group-commit-uploads",
+            name=UPLOAD_COMMITTER,
             flushers=b.upload_flushers,
             on_flush=on_flush,
         )
@@ -198,13 +204,8 @@ class Ledger:
     def committer(self) -> GroupCommitter[Debit | Load, TxnResult]:
         return self._committer
 
-    @property
-    def queued_upload_records(self) -> int:
-        """Upload records waiting for a transaction; those in one now are not counted."""
-        return len(self._uploads)
-
     def queued(self) -> dict[str, int]:
-        """Items waiting for a transaction, by committer name (the server's metrics)."""
+        """Items waiting for a transaction (not those in one), by committer name."""
         return {c.name: len(c) for c in (self._committer, self._uploads)}
 
     # -- terminal transactions ---------------------------------------------

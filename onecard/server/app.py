@@ -34,7 +34,7 @@ from onecard.server.metrics import (
     MetricsServer,
     observe_flush,
     recording_for_parent,
-    watch_loop_lag,
+    sample_process,
 )
 from onecard.server.terminal_service import TerminalServicer
 from onecard.server.upload_service import UploadServicer
@@ -162,8 +162,9 @@ class RunningServer:
     dsn: str
     #: The Prometheus endpoint, when --metrics-listen asked for one here.
     metrics: MetricsServer | None = None
-    #: Samples the event loop's lag while metrics are recorded (here or for a parent).
-    lag_watch: asyncio.Task[None] | None = None
+    #: Samples the event loop's lag and the queues while metrics are recorded
+    #: (here or for a parent).
+    sampler: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -172,8 +173,8 @@ class RunningServer:
 
     async def stop(self) -> None:
         log.info("stopping: draining in-flight calls")
-        if self.lag_watch is not None:
-            self.lag_watch.cancel()
+        if self.sampler is not None:
+            self.sampler.cancel()
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(*(s.stop(self.config.shutdown_grace) for s in self.servers))
         await self.ledger.close()
@@ -279,11 +280,11 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
         raise
     log.info("card crypto: %s", verifier.name)
     tune_gc()
-    lag_watch = (
-        asyncio.get_running_loop().create_task(watch_loop_lag(ledger.queued))
+    sampler = (
+        asyncio.get_running_loop().create_task(sample_process(ledger.queued))
         if cfg.metrics_listen
         else None
     )
     return RunningServer(
-        cfg, servers, port, ledger, pool, keys, health_servicer, embedded, dsn, metrics, lag_watch
+        cfg, servers, port, ledger, pool, keys, health_servicer, embedded, dsn, metrics, sampler
     )

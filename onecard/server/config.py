@@ -24,10 +24,11 @@ class ServerConfig:
     key_cache_size: int = 1_000_000
     pool_size: int = 8
     max_message_bytes: int = 4 * 1024 * 1024
-    #: gRPC's own backlog, per gRPC server (``acceptors`` a process), of calls
-    #: received but not yet taken (grpc.server.max_pending_requests; the hard limit is three times
-    #: it, as gRPC's defaults 1,000 and 3,000 are). Past it gRPC sheds calls
-    #: with CANCELLED before they reach the ledger (README, Performance).
+    #: gRPC's own backlog, per gRPC server (``acceptors`` a process), of
+    #: calls received but not yet taken (grpc.server.max_pending_requests;
+    #: the hard limit is three times it, as gRPC's defaults 1,000 and 3,000
+    #: are). Past it gRPC sheds calls with CANCELLED before they reach the
+    #: ledger (README, Performance).
     max_pending_calls: int = 1000
     #: gRPC servers in each process, all on the one port. grpc.aio asks gRPC
     #: core for the next call of a method only once the previous one has

@@ -98,14 +98,14 @@ def observe_flush(committer: str, items: int, seconds: float) -> None:
     FLUSH_SECONDS.labels(committer).observe(seconds)
 
 
-async def watch_loop_lag(
-    queued: Callable[[], dict[str, int]] | None = None, interval: float = LAG_INTERVAL
+async def sample_process(
+    queued: Callable[[], dict[str, int]], interval: float = LAG_INTERVAL
 ) -> None:
-    """Record, until cancelled, how much later than asked each timer of ``interval`` ran.
+    """Until cancelled, every ``interval``: the event loop's lag and the queues' depths.
 
-    On each tick it also records ``queued()`` (committer name -> items
-    waiting), so an operator who sees RESOURCE_EXHAUSTED sees the queue it
-    came from; sampling keeps the cost off every request.
+    The depths (``queued()``: committer name -> items waiting) tell an
+    operator who sees RESOURCE_EXHAUSTED which queue it came from; sampling
+    them on this tick keeps the cost off every request.
 
     A timer runs only once the loop has finished what was ready before it,
     so its lateness is how long a call's next step could wait in this
@@ -118,9 +118,8 @@ async def watch_loop_lag(
         began = time.perf_counter()
         await asyncio.sleep(interval)
         LOOP_LAG_SECONDS.observe(max(0.0, time.perf_counter() - began - interval))
-        if queued is not None:
-            for committer, items in queued().items():
-                QUEUED_ITEMS.labels(committer).set(items)
+        for committer, items in queued().items():
+            QUEUED_ITEMS.labels(committer).set(items)
 
 
 class MetricsServer:
@@ -168,6 +167,6 @@ __all__ = [
     "observe_call",
     "observe_flush",
     "recording_for_parent",
-    "watch_loop_lag",
+    "sample_process",
     "workers_dir",
 ]
