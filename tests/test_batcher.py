@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from onecard.ledger.batcher import GroupCommitter, Overloaded
+from onecard.ledger.batcher import GroupCommitter, Overloaded, ShuttingDown
 
 
 async def test_groups_merge_but_never_split_and_results_align() -> None:
@@ -71,8 +71,29 @@ async def test_a_failed_flush_fails_its_callers_and_the_next_batch_goes_on() -> 
         await gc.submit_many([1, 2])
     assert await gc.submit(3) == 3
     await gc.close()
-    with pytest.raises(Overloaded):
-        await gc.submit(4)  # closed: refuses instead of hanging
+    with pytest.raises(ShuttingDown):
+        await gc.submit(4)  # closed: refuses instead of hanging, and not as "queue full"
+
+
+async def test_a_failing_flush_recorder_answers_the_batch_and_flushing_goes_on() -> None:
+    """The recorder (metrics) runs after COMMIT: its failure must not strand callers.
+
+    It used to run before the replies were set and outside any guard: a
+    metrics write that failed (a full disk) ended the only flusher, the
+    committed batch was never answered and every later call waited.
+    """
+
+    async def flush(items: list[int]) -> list[int]:
+        return [i * 10 for i in items]
+
+    def record(name: str, items: int, seconds: float) -> None:
+        raise OSError("No space left on device")
+
+    gc: GroupCommitter[int, int] = GroupCommitter(flush, on_flush=record)
+    gc.start()
+    assert await asyncio.wait_for(gc.submit_many([1, 2]), 5) == [10, 20]
+    assert await asyncio.wait_for(gc.submit(3), 5) == 30
+    await gc.close()
 
 
 async def test_check_room_applies_the_submit_rule_without_queueing() -> None:
@@ -98,5 +119,5 @@ async def test_check_room_applies_the_submit_rule_without_queueing() -> None:
     assert await busy == 0
     assert await waiting == [1, 2]
     await gc.close()
-    with pytest.raises(Overloaded):
+    with pytest.raises(ShuttingDown):
         gc.check_room(1)  # closing: refused like a submission

@@ -29,6 +29,17 @@ class Overloaded(Exception):
         self.limit = limit
 
 
+class ShuttingDown(Exception):
+    """The committer is closing: the caller should retry against another server.
+
+    Not Overloaded: a queue that is merely full asks for backing off, a server
+    going away asks for going elsewhere, and the two map to different statuses.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("server is shutting down; retry (another server takes the call)")
+
+
 class GroupCommitter(Generic[T, R]):
     """Merges concurrent submissions into batches, one flush (transaction) each.
 
@@ -94,7 +105,7 @@ class GroupCommitter(Generic[T, R]):
         empty queue takes any group, however large.
         """
         if self._closing:
-            raise Overloaded(0)
+            raise ShuttingDown()
         if self._queued_items + count > self.max_queue and self._queued_items:
             raise Overloaded(self.max_queue)
 
@@ -149,11 +160,24 @@ class GroupCommitter(Generic[T, R]):
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            took = time.perf_counter() - began
+            # Committed: answer every caller before anything else can fail.
+            start = 0
+            for group, fut in groups:
+                end = start + len(group)
+                if not fut.done():
+                    fut.set_result(list(results[start:end]))
+                start = end
             self.batches += 1
             self.items += len(items)
-            took = time.perf_counter() - began
             if self._on_flush is not None:
-                self._on_flush(self.name, len(items), took)
+                try:
+                    self._on_flush(self.name, len(items), took)
+                except Exception:
+                    # A metrics write that fails (a full disk under the
+                    # multiprocess files) must not end the only flusher: every
+                    # later caller would wait until the queue refused them all.
+                    log.exception("%s: recording a flush failed; flushing goes on", self.name)
             log.debug(
                 "%s: %d items in %.1f ms, %d queued",
                 self.name,
@@ -161,9 +185,3 @@ class GroupCommitter(Generic[T, R]):
                 took * 1e3,
                 self._queued_items,
             )
-            start = 0
-            for group, fut in groups:
-                end = start + len(group)
-                if not fut.done():
-                    fut.set_result(list(results[start:end]))
-                start = end

@@ -3,7 +3,8 @@
 Business outcomes never come through here: they are statuses in replies.
 What does: malformed fields (INVALID_ARGUMENT naming the field), a full
 queue (RESOURCE_EXHAUSTED, at once), and a database that cannot be reached
-(UNAVAILABLE — safe to retry, since every write is idempotent).
+or a server going away (UNAVAILABLE — safe to retry, since every write is
+idempotent).
 """
 
 from __future__ import annotations
@@ -17,19 +18,28 @@ from typing import Any, TypeVar
 import asyncpg
 import grpc
 
-from onecard.ledger.batcher import Overloaded
+from onecard.ledger.batcher import Overloaded, ShuttingDown
 from onecard.ledger.crypto.encoding import FieldError
+from onecard.ledger.storage import Contention
 from onecard.server.metrics import observe_call
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: Whatever a retry may cure: the database unreachable, restarting after a
+#: crash (57P02), shut down or cancelling statements (class 57), a standby
+#: promoted under us answering read-only, out of connections, a transaction
+#: rolled back for a deadlock or a serialization failure (class 40), writers
+#: racing each other. Every write is idempotent, so UNAVAILABLE (which
+#: clients retry) is the honest answer; UNKNOWN would make a terminal give up.
 _OUTAGE = (
     asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
     asyncpg.InterfaceError,
-    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.TransactionRollbackError,
+    Contention,
     ConnectionError,
     OSError,
     TimeoutError,
@@ -57,6 +67,9 @@ async def guarded(
     except Overloaded as exc:
         code = "RESOURCE_EXHAUSTED"
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    except ShuttingDown as exc:
+        code = "UNAVAILABLE"
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     except _OUTAGE as exc:
         code = "UNAVAILABLE"
         log.warning("database unavailable: %s", type(exc).__name__)

@@ -25,7 +25,7 @@ from onecard.ledger.model import (
     PostingKind,
 )
 from onecard.ledger.refdata import ReferenceData
-from onecard.ledger.storage import Conn
+from onecard.ledger.storage import Conn, Contention
 
 _CARD_COLUMNS = """card_no, issuer_code, key_version, product_code, status, purse_balance,
     deposit_balance, online_counter, offline_counter, issued_at, last_used_at"""
@@ -136,7 +136,7 @@ async def issue_card(pool: asyncpg.Pool, ref: ReferenceData, issue: CardIssue) -
                     return result
             except asyncpg.UniqueViolationError:
                 continue  # a concurrent retry of the same request committed first
-    raise RuntimeError("issue_card kept racing a concurrent request")
+    raise Contention("issue_card kept racing a concurrent request; retry")
 
 
 async def _issue_in_tx(

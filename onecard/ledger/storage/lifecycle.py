@@ -46,7 +46,7 @@ from onecard.ledger.lifecycle import (
 from onecard.ledger.model import CardStatus, CardView, DeskStatus, PaymentChannel, PostingKind
 from onecard.ledger.pii import PiiProtector
 from onecard.ledger.refdata import ReferenceData
-from onecard.ledger.storage import Conn
+from onecard.ledger.storage import Conn, Contention
 from onecard.ledger.storage.cards import view_from_json, view_json
 
 _VIEW = """
@@ -194,7 +194,7 @@ async def run_action(
                     return outcome
             except asyncpg.UniqueViolationError:
                 continue  # a concurrent retry of the same request committed first
-    raise RuntimeError(f"{operation} kept racing a concurrent request")
+    raise Contention(f"{operation} kept racing a concurrent request; retry")
 
 
 async def audit(
@@ -673,7 +673,7 @@ async def refund_posting(ctx: Context, conn: Conn, req: DisputeRefund) -> DeskOu
             break
         chain = await _chain(conn, card_no)
     else:
-        raise RuntimeError("replacement chain kept changing while refunding")
+        raise Contention("replacement chain kept changing while refunding; retry")
     target = chain[-1]
     before = await load_view(conn, card_no)
     assert before is not None
