@@ -294,6 +294,7 @@ async def test_fifty_concurrent_debits_funds_for_thirty(
 BAD_DEBITS = [
     ("card_number", {"card_number": "31041234"}, "16 decimal digits"),
     ("card_number", {"card_number": "310412345678901X"}, "16 decimal digits"),
+    ("card_number", {"card_number": "9999123456789012"}, "issuer code 9999"),
     ("terminal_id", {"terminal_id": "12345"}, "12 decimal digits"),
     ("amount", {"amount": 0}, "positive"),
     ("amount", {"amount": 1_000_001}, "system limit of 1000000"),

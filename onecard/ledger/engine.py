@@ -36,8 +36,8 @@ from onecard.ledger.model import (
     TxnResult,
     TxnStatus,
 )
-from onecard.ledger.refdata import ReferenceData
-from onecard.ledger.storage import Conn
+from onecard.ledger.refdata import ReferenceData, StaleReference
+from onecard.ledger.storage import Conn, Contention
 from onecard.ledger.storage import cards as card_store
 from onecard.ledger.storage.offline_batch import (
     PreparedRecord,
@@ -309,17 +309,32 @@ class Ledger:
         prepared: list[P],
         terminals: set[int],
     ) -> list[R]:
-        """Run one batch transaction; again (as duplicates) if another writer raced it."""
+        """Run one batch transaction; again if another writer raced it.
+
+        Each failure below rolled the transaction back whole, so running the
+        batch again is safe: a (terminal, seq) another writer committed
+        meanwhile is answered as a duplicate, a deadlock victim (two flushes
+        of other processes meeting in the other order) just runs again, and
+        reference data another process added is read before the rerun.
+        """
         async with self.pool.acquire() as conn:
             if terminals - self.ref.terminal_operator.keys():
                 await self.ref.refresh(conn)  # a terminal registered since we last looked
+            refreshed = False
             for attempt in range(5):
                 try:
                     return await apply(conn, self.ref, prepared)
-                except BatchRaced:
-                    log.info("batch raced another writer on a (terminal, seq); retry %d", attempt)
+                except (BatchRaced, asyncpg.DeadlockDetectedError) as exc:
+                    log.info(
+                        "batch raced another writer (%s); retry %d", type(exc).__name__, attempt
+                    )
                     await asyncio.sleep(0.001 * (attempt + 1))
-            raise RuntimeError("batch kept racing concurrent writers; giving up")
+                except StaleReference:
+                    if refreshed:
+                        raise
+                    await self.ref.refresh(conn)
+                    refreshed = True
+            raise Contention("batch kept racing concurrent writers; retry")
 
     # -- offline uploads -------------------------------------------------------
 

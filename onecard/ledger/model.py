@@ -29,6 +29,8 @@ class TxnStatus(enum.IntEnum):
     NOT_REVERSIBLE = 11
     #: The original was reversed before (by another reversal request).
     ALREADY_REVERSED = 12
+    #: A load whose online counter an earlier approved load used already.
+    STALE_COUNTER = 13
 
 
 class CardStatus(enum.IntEnum):
@@ -235,6 +237,12 @@ class QuarantineReason(enum.IntEnum):
     KEY_VERSION_UNKNOWN = 2
     UNKNOWN_CARD = 3
     UNKNOWN_TERMINAL = 4
+    #: A genuine record under a (terminal, seq) other content holds (CONFLICT).
+    IDENTITY_CONFLICT = 5
+    #: The same record was refused online; finance settles it.
+    REFUSED_ONLINE = 6
+    #: The record's key version is not the card's.
+    KEY_VERSION_MISMATCH = 7
 
 
 class RecordException(enum.IntEnum):

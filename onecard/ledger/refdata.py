@@ -14,6 +14,15 @@ from onecard.ledger.model import Product
 from onecard.ledger.storage import Conn
 
 
+class StaleReference(LookupError):
+    """A batch met reference data (a product, a system account) this copy lacks.
+
+    Another process added it after this one last read: the batch is rolled
+    back, the copy re-read, and the batch run again. Raised twice in a row it
+    is a real inconsistency and reaches the caller.
+    """
+
+
 @dataclass
 class ReferenceData:
     issuers: dict[str, str] = field(default_factory=dict)
@@ -31,27 +40,32 @@ class ReferenceData:
         return ref
 
     async def refresh(self, conn: Conn) -> None:
-        self.issuers = {
-            r["issuer_code"]: r["name"] for r in await conn.fetch("SELECT * FROM issuers")
-        }
-        self.products = {
+        """Re-read everything, then swap it in at once.
+
+        No await between the assignments: a flusher of this process must never
+        see a new terminal without its operator's payable account.
+        """
+        issuers = {r["issuer_code"]: r["name"] for r in await conn.fetch("SELECT * FROM issuers")}
+        products = {
             r["product_code"]: Product(
                 r["product_code"], r["name"], r["deposit"], r["purse_max"], r["txn_max"]
             )
             for r in await conn.fetch("SELECT * FROM products")
         }
-        self.terminal_operator = {
+        terminal_operator = {
             r["terminal_id"]: r["operator_id"]
             for r in await conn.fetch("SELECT terminal_id, operator_id FROM terminals")
         }
-        self.account_ids = {
+        account_ids = {
             r["code"]: r["account_id"]
             for r in await conn.fetch("SELECT account_id, code FROM accounts")
         }
+        self.issuers, self.products = issuers, products
+        self.terminal_operator, self.account_ids = terminal_operator, account_ids
         self.terminal_payable = {
-            terminal: self.account_ids[code]
-            for terminal, operator in self.terminal_operator.items()
-            if (code := payable_code(operator)) in self.account_ids
+            terminal: account_ids[code]
+            for terminal, operator in terminal_operator.items()
+            if (code := payable_code(operator)) in account_ids
         }
 
     def payable_of(self, terminal_id: int, operator: str) -> int:
@@ -63,4 +77,10 @@ class ReferenceData:
         try:
             return self.account_ids[code]
         except KeyError:
-            raise LookupError(f"system account {code} does not exist") from None
+            raise StaleReference(f"system account {code} does not exist") from None
+
+    def product(self, code: str) -> Product:
+        try:
+            return self.products[code]
+        except KeyError:
+            raise StaleReference(f"card product {code} does not exist") from None

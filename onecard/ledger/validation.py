@@ -45,9 +45,16 @@ def check_amount(amount: int, limits: Limits, field: str = "amount") -> None:
 
 
 def suite_for(keys: KeyStore, card_no: str, kv: int, field: str = "key_version") -> Suite:
-    version = keys.get(issuer_of(card_no), kv)
+    issuer = issuer_of(card_no)
+    version = keys.get(issuer, kv)
     if version is None:
-        raise FieldError(field, f"unknown key version {kv} for issuer {issuer_of(card_no)}")
+        # Name the field that is wrong: a card number of an issuer this ledger
+        # holds no keys for is not a key version problem.
+        if not any(v.issuer == issuer for v in keys.versions()):
+            raise FieldError(
+                "card_number", f"issuer code {issuer} (first 4 digits) has no keys here"
+            )
+        raise FieldError(field, f"unknown key version {kv} for issuer {issuer}")
     return version.suite
 
 

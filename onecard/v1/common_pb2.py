@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17onecard/v1/common.proto\x12\nonecard.v1*\xf1\x02\n\tTxnStatus\x12\x1a\n\x16TXN_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TXN_STATUS_APPROVED\x10\x01\x12!\n\x1dTXN_STATUS_INSUFFICIENT_FUNDS\x10\x02\x12\x1b\n\x17TXN_STATUS_UNKNOWN_CARD\x10\x03\x12\x1e\n\x1aTXN_STATUS_CARD_NOT_ACTIVE\x10\x04\x12\x1a\n\x16TXN_STATUS_MAC_INVALID\x10\x05\x12\x19\n\x15TXN_STATUS_OVER_LIMIT\x10\x06\x12\x18\n\x14TXN_STATUS_DUPLICATE\x10\x07\x12\x17\n\x13TXN_STATUS_CONFLICT\x10\x08\x12\x1f\n\x1bTXN_STATUS_UNKNOWN_TERMINAL\x10\t\x12\x1d\n\x19TXN_STATUS_NOT_REVERSIBLE\x10\x0b\x12\x1f\n\x1bTXN_STATUS_ALREADY_REVERSED\x10\x0c\"\x04\x08\n\x10\n*\xa6\x01\n\x0ePaymentChannel\x12\x1f\n\x1bPAYMENT_CHANNEL_UNSPECIFIED\x10\x00\x12\x18\n\x14PAYMENT_CHANNEL_CASH\x10\x01\x12\x1d\n\x19PAYMENT_CHANNEL_BANK_CARD\x10\x02\x12\x1a\n\x16PAYMENT_CHANNEL_ALIPAY\x10\x03\x12\x1e\n\x1aPAYMENT_CHANNEL_WECHAT_PAY\x10\x04*\x88\x01\n\nCardStatus\x12\x1b\n\x17\x43\x41RD_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_STATUS_ACTIVE\x10\x01\x12\x14\n\x10\x43\x41RD_STATUS_LOST\x10\x02\x12\x17\n\x13\x43\x41RD_STATUS_BLOCKED\x10\x03\x12\x16\n\x12\x43\x41RD_STATUS_CLOSED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17onecard/v1/common.proto\x12\nonecard.v1*\x8f\x03\n\tTxnStatus\x12\x1a\n\x16TXN_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TXN_STATUS_APPROVED\x10\x01\x12!\n\x1dTXN_STATUS_INSUFFICIENT_FUNDS\x10\x02\x12\x1b\n\x17TXN_STATUS_UNKNOWN_CARD\x10\x03\x12\x1e\n\x1aTXN_STATUS_CARD_NOT_ACTIVE\x10\x04\x12\x1a\n\x16TXN_STATUS_MAC_INVALID\x10\x05\x12\x19\n\x15TXN_STATUS_OVER_LIMIT\x10\x06\x12\x18\n\x14TXN_STATUS_DUPLICATE\x10\x07\x12\x17\n\x13TXN_STATUS_CONFLICT\x10\x08\x12\x1f\n\x1bTXN_STATUS_UNKNOWN_TERMINAL\x10\t\x12\x1d\n\x19TXN_STATUS_NOT_REVERSIBLE\x10\x0b\x12\x1f\n\x1bTXN_STATUS_ALREADY_REVERSED\x10\x0c\x12\x1c\n\x18TXN_STATUS_STALE_COUNTER\x10\r\"\x04\x08\n\x10\n*\xa6\x01\n\x0ePaymentChannel\x12\x1f\n\x1bPAYMENT_CHANNEL_UNSPECIFIED\x10\x00\x12\x18\n\x14PAYMENT_CHANNEL_CASH\x10\x01\x12\x1d\n\x19PAYMENT_CHANNEL_BANK_CARD\x10\x02\x12\x1a\n\x16PAYMENT_CHANNEL_ALIPAY\x10\x03\x12\x1e\n\x1aPAYMENT_CHANNEL_WECHAT_PAY\x10\x04*\x88\x01\n\nCardStatus\x12\x1b\n\x17\x43\x41RD_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_STATUS_ACTIVE\x10\x01\x12\x14\n\x10\x43\x41RD_STATUS_LOST\x10\x02\x12\x17\n\x13\x43\x41RD_STATUS_BLOCKED\x10\x03\x12\x16\n\x12\x43\x41RD_STATUS_CLOSED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'onecard.v1.common_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TXNSTATUS']._serialized_start=40
-  _globals['_TXNSTATUS']._serialized_end=409
-  _globals['_PAYMENTCHANNEL']._serialized_start=412
-  _globals['_PAYMENTCHANNEL']._serialized_end=578
-  _globals['_CARDSTATUS']._serialized_start=581
-  _globals['_CARDSTATUS']._serialized_end=717
+  _globals['_TXNSTATUS']._serialized_end=439
+  _globals['_PAYMENTCHANNEL']._serialized_start=442
+  _globals['_PAYMENTCHANNEL']._serialized_end=608
+  _globals['_CARDSTATUS']._serialized_start=611
+  _globals['_CARDSTATUS']._serialized_end=747
 # @@protoc_insertion_point(module_scope)

@@ -18,6 +18,7 @@ class TxnStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TXN_STATUS_UNKNOWN_TERMINAL: _ClassVar[TxnStatus]
     TXN_STATUS_NOT_REVERSIBLE: _ClassVar[TxnStatus]
     TXN_STATUS_ALREADY_REVERSED: _ClassVar[TxnStatus]
+    TXN_STATUS_STALE_COUNTER: _ClassVar[TxnStatus]
 
 class PaymentChannel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -46,6 +47,7 @@ TXN_STATUS_CONFLICT: TxnStatus
 TXN_STATUS_UNKNOWN_TERMINAL: TxnStatus
 TXN_STATUS_NOT_REVERSIBLE: TxnStatus
 TXN_STATUS_ALREADY_REVERSED: TxnStatus
+TXN_STATUS_STALE_COUNTER: TxnStatus
 PAYMENT_CHANNEL_UNSPECIFIED: PaymentChannel
 PAYMENT_CHANNEL_CASH: PaymentChannel
 PAYMENT_CHANNEL_BANK_CARD: PaymentChannel

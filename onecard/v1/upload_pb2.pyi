@@ -23,6 +23,9 @@ class QuarantineReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     QUARANTINE_REASON_KEY_VERSION_UNKNOWN: _ClassVar[QuarantineReason]
     QUARANTINE_REASON_UNKNOWN_CARD: _ClassVar[QuarantineReason]
     QUARANTINE_REASON_UNKNOWN_TERMINAL: _ClassVar[QuarantineReason]
+    QUARANTINE_REASON_IDENTITY_CONFLICT: _ClassVar[QuarantineReason]
+    QUARANTINE_REASON_REFUSED_ONLINE: _ClassVar[QuarantineReason]
+    QUARANTINE_REASON_KEY_VERSION_MISMATCH: _ClassVar[QuarantineReason]
 
 class RecordException(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -44,6 +47,9 @@ QUARANTINE_REASON_TAC_INVALID: QuarantineReason
 QUARANTINE_REASON_KEY_VERSION_UNKNOWN: QuarantineReason
 QUARANTINE_REASON_UNKNOWN_CARD: QuarantineReason
 QUARANTINE_REASON_UNKNOWN_TERMINAL: QuarantineReason
+QUARANTINE_REASON_IDENTITY_CONFLICT: QuarantineReason
+QUARANTINE_REASON_REFUSED_ONLINE: QuarantineReason
+QUARANTINE_REASON_KEY_VERSION_MISMATCH: QuarantineReason
 RECORD_EXCEPTION_UNSPECIFIED: RecordException
 RECORD_EXCEPTION_CARD_LOST: RecordException
 RECORD_EXCEPTION_CARD_BLOCKED: RecordException

@@ -4,8 +4,10 @@ The reversal is itself a terminal transaction with its own (terminal id,
 terminal seq), stored in terminal_txns like a debit: a retry is a DUPLICATE
 with the first outcome, other content under that identity is a CONFLICT.
 The original gets the reversal's seq in ``reversed_by_seq``, so a second
-reversal of it, under another seq, is ALREADY_REVERSED. The money goes back
-by a REVERSAL posting whose ``corrects`` names the original posting.
+reversal of it, under another seq, is ALREADY_REVERSED, and so is a retry of
+the original itself (which must not hand out a reversed load's MAC2). The
+money goes back by a REVERSAL posting whose ``corrects`` names the original
+posting; a reversed load gives the card's online counter back.
 
 Rare next to debits, so it is one small transaction of its own, taking the
 card row lock first and system accounts after, the order the batches use.
@@ -22,7 +24,7 @@ from onecard.ledger.crypto.encoding import parse_datetime
 from onecard.ledger.lifecycle import Reversal
 from onecard.ledger.model import PostingKind, TxnKind, TxnResult, TxnStatus
 from onecard.ledger.refdata import ReferenceData
-from onecard.ledger.storage import Conn
+from onecard.ledger.storage import Conn, Contention
 from onecard.ledger.storage.lifecycle import Mover, audit, load_view
 
 
@@ -41,7 +43,7 @@ async def reverse(pool: asyncpg.Pool, ref: ReferenceData, r: Reversal, window: f
                     return await _reverse(conn, ref, r, window)
             except asyncpg.UniqueViolationError:
                 continue  # a concurrent retry stored it first: answer as a duplicate
-    raise RuntimeError("reversal kept racing a concurrent retry")
+    raise Contention("reversal kept racing a concurrent retry; retry")
 
 
 async def _reverse(conn: Conn, ref: ReferenceData, r: Reversal, window: float) -> TxnResult:
@@ -97,6 +99,19 @@ async def _reverse(conn: Conn, ref: ReferenceData, r: Reversal, window: float) -
             terminal_id,
             r.original_seq,
             r.terminal_seq,
+        )
+        # A reversed load was never completed by the card, whose next load
+        # uses the same online counter again: give it back, unless a later
+        # load has used the next one since.
+        await conn.execute(
+            """UPDATE cards SET online_counter = t.online_counter
+               FROM terminal_txns t
+               WHERE t.terminal_id = $1 AND t.terminal_seq = $2 AND t.kind = $4
+                 AND cards.card_no = $3 AND cards.online_counter = t.online_counter + 1""",
+            terminal_id,
+            r.original_seq,
+            card_no,
+            int(TxnKind.LOAD),
         )
         after = await load_view(conn, card_no)
         await audit(

@@ -59,6 +59,7 @@ class _Card:
     balance: int
     product: str
     online_counter: int
+    key_version: int
     delta: int = 0
     purchases: int = 0
     touched: bool = False
@@ -66,12 +67,15 @@ class _Card:
 
 @dataclass(slots=True)
 class _Writes:
-    txns: list[list[object]] = field(default_factory=lambda: [[] for _ in range(11)])
+    txns: list[list[object]] = field(default_factory=lambda: [[] for _ in range(12)])
     postings: list[list[object]] = field(default_factory=lambda: [[] for _ in range(7)])
     accounts: dict[int, int] = field(default_factory=dict)
 
     def outcome(self, p: Prepared, status: TxnStatus, balance: int, mac2: bytes | None) -> None:
-        card_balance = p.request.old_balance if isinstance(p.request, Load) else None
+        req = p.request
+        card_balance, counter = (
+            (req.old_balance, req.online_counter) if isinstance(req, Load) else (None, None)
+        )
         row = (
             p.terminal_id,
             p.request.terminal_seq,
@@ -84,6 +88,7 @@ class _Writes:
             mac2,
             card_balance,
             p.txn_time,
+            counter,
         )
         for col, value in zip(self.txns, row, strict=True):
             col.append(value)
@@ -137,20 +142,23 @@ def hot_accounts(first: int) -> str:
 # Rows of the first kind have k = 1, of the second k = 2.
 _READ = """
 WITH earlier AS (
-    SELECT t.terminal_id, t.terminal_seq, t.fingerprint, t.status, t.balance_after, t.mac2
+    SELECT t.terminal_id, t.terminal_seq, t.fingerprint, t.status, t.balance_after, t.mac2,
+           t.reversed_by_seq
     FROM unnest($1::bigint[], $2::bigint[]) AS k(terminal_id, terminal_seq)
     JOIN terminal_txns t USING (terminal_id, terminal_seq)
 ), locked AS (
-    SELECT card_no, status, purse_balance, product_code, online_counter
+    SELECT card_no, status, purse_balance, product_code, online_counter, key_version
     FROM cards WHERE card_no = ANY($3::bigint[])
     ORDER BY card_no
     FOR UPDATE
 )
 SELECT 1 AS k, terminal_id AS id, terminal_seq AS seq, fingerprint, status,
-       balance_after AS balance, mac2, NULL::text AS product, NULL::integer AS online_counter
+       balance_after AS balance, mac2, NULL::text AS product, reversed_by_seq AS counter,
+       NULL::smallint AS key_version
 FROM earlier
 UNION ALL
-SELECT 2, card_no, NULL, NULL, status, purse_balance, NULL, product_code, online_counter
+SELECT 2, card_no, NULL, NULL, status, purse_balance, NULL, product_code, online_counter,
+       key_version
 FROM locked
 """
 
@@ -161,25 +169,26 @@ FROM locked
 _WRITE = f"""
 WITH txns AS (
     INSERT INTO terminal_txns (terminal_id, terminal_seq, card_no, kind, amount, fingerprint,
-                               status, balance_after, mac2, card_balance, txn_time)
+                               status, balance_after, mac2, card_balance, txn_time,
+                               online_counter)
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::smallint[],
                          $5::bigint[], $6::bytea[], $7::smallint[], $8::bigint[], $9::bytea[],
-                         $10::bigint[], $11::timestamp[])
+                         $10::bigint[], $11::timestamp[], $12::integer[])
 ), posted AS (
     INSERT INTO postings (card_no, debit_account, credit_account, amount, kind,
                           terminal_id, terminal_seq)
-    SELECT * FROM unnest($12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[],
-                         $16::smallint[], $17::bigint[], $18::bigint[])
+    SELECT * FROM unnest($13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[],
+                         $17::smallint[], $18::bigint[], $19::bigint[])
 ), purses AS (
     UPDATE cards AS c
     SET purse_balance = c.purse_balance + d.delta,
         online_counter = greatest(c.online_counter, d.online_counter),
         offline_counter = c.offline_counter + d.purchases,
         last_used_at = now()
-    FROM unnest($19::bigint[], $20::bigint[], $21::integer[], $22::integer[])
+    FROM unnest($20::bigint[], $21::bigint[], $22::integer[], $23::integer[])
          AS d(card_no, delta, online_counter, purchases)
     WHERE c.card_no = d.card_no
-), {hot_accounts(23)}
+), {hot_accounts(24)}
 SELECT 1
 """
 
@@ -195,7 +204,7 @@ async def apply_terminal_batch(
             [p.request.terminal_seq for p in items],
             sorted({p.card_no for p in items}),
         )
-        seen: dict[tuple[int, int], tuple[bytes, TxnStatus, int, bytes]] = {}
+        seen: dict[tuple[int, int], _Earlier] = {}
         cards: dict[int, _Card] = {}
         for r in rows:
             if r["k"] == 1:
@@ -204,9 +213,12 @@ async def apply_terminal_batch(
                     TxnStatus(r["status"]),
                     r["balance"],
                     r["mac2"] or b"",
+                    r["counter"],
                 )
             else:
-                cards[r["id"]] = _Card(r["status"], r["balance"], r["product"], r["online_counter"])
+                cards[r["id"]] = _Card(
+                    r["status"], r["balance"], r["product"], r["counter"], r["key_version"]
+                )
         writes = _Writes()
         results = [_decide(p, seen, cards, ref, writes) for p in items]
 
@@ -232,31 +244,55 @@ async def apply_terminal_batch(
     return results
 
 
+#: An earlier outcome of a (terminal, seq): fingerprint, status, balance
+#: after, MAC2, and the seq of the reversal that undid it (None if none).
+_Earlier = tuple[bytes, TxnStatus, int, bytes, int | None]
+
+
 def _decide(
     p: Prepared,
-    seen: dict[tuple[int, int], tuple[bytes, TxnStatus, int, bytes]],
+    seen: dict[tuple[int, int], _Earlier],
     cards: dict[int, _Card],
     ref: ReferenceData,
     writes: _Writes,
 ) -> TxnResult:
     req = p.request
+    what = "TAC" if p.kind is TxnKind.DEBIT else "MAC1"
     if p.mac_code != MAC_OK:
         # Content nobody vouches for claims no (terminal, seq) identity and is
         # told nothing about the card: a request damaged on its way must not
         # turn the genuine one sent again into a CONFLICT (the chip has paid
         # already), nor can forged requests use up a terminal's sequence
         # numbers or read balances. Nothing is written; the engine logs it.
-        what = "TAC" if p.kind is TxnKind.DEBIT else "MAC1"
         return TxnResult(TxnStatus.MAC_INVALID, detail=f"{what} does not verify")
+    card = cards.get(p.card_no)
+    if card is not None and card.key_version != req.key_version:
+        # The MAC verified under the key version the request names, but the
+        # card was issued under another: whoever holds an old (or broken)
+        # version's keys must not be able to sign for newer cards.
+        return TxnResult(
+            TxnStatus.MAC_INVALID,
+            detail=f"{what} does not verify under the card's key version",
+        )
     key = (p.terminal_id, req.terminal_seq)
     earlier = seen.get(key)
     if earlier is not None:
-        fingerprint, status, balance, mac2 = earlier
+        fingerprint, status, balance, mac2, reversed_by = earlier
         if fingerprint != p.fingerprint:
             return TxnResult(
                 TxnStatus.CONFLICT,
                 detail=f"terminal {req.terminal_id} seq {req.terminal_seq} was used before "
                 "with different content",
+            )
+        if reversed_by is not None:
+            # The terminal reversed it (a load the card never completed): a
+            # retry must not hand out the MAC2 that would credit the chip now.
+            return TxnResult(
+                TxnStatus.ALREADY_REVERSED,
+                card.balance if card is not None else 0,
+                original_status=status,
+                detail=f"terminal {req.terminal_id} seq {req.terminal_seq} was reversed "
+                f"by seq {reversed_by}",
             )
         return TxnResult(TxnStatus.DUPLICATE, balance, mac2, original_status=status)
 
@@ -268,7 +304,7 @@ def _decide(
 
     result = _decide_new(p, cards.get(p.card_no), ref, operator, writes)
     writes.outcome(p, result.status, result.balance_after, result.mac2 or None)
-    seen[key] = (p.fingerprint, result.status, result.balance_after, result.mac2)
+    seen[key] = (p.fingerprint, result.status, result.balance_after, result.mac2, None)
     return result
 
 
@@ -285,7 +321,7 @@ def _decide_new(
             balance,
             detail=f"card is {CardStatus(card.status).name.lower()}",
         )
-    product: Product = ref.products[card.product]
+    product: Product = ref.product(card.product)
     if isinstance(req, Debit):
         if req.amount > product.txn_max:
             return TxnResult(
@@ -312,6 +348,16 @@ def _decide_new(
         )
         return TxnResult(TxnStatus.APPROVED, card.balance)
 
+    if req.online_counter < card.online_counter:
+        # MAC1 is bound to the counter, and the counter is what makes it
+        # single-use: the same MAC1 under a new terminal seq would credit the
+        # purse again for one top-up on the chip.
+        return TxnResult(
+            TxnStatus.STALE_COUNTER,
+            balance,
+            detail=f"online counter {req.online_counter} was used by an earlier load; "
+            f"the card's next is {card.online_counter}",
+        )
     # A load: the card will hold old_balance + amount; the ledger's purse may be
     # higher while offline purchases are still on their way, so both must fit.
     ceiling = max(balance, req.old_balance) + req.amount

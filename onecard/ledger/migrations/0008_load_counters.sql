@@ -1,0 +1,11 @@
+-- A load's MAC1 is bound to the card's online counter (PROTOCOL.md: the
+-- session key is derived from it), and nothing else makes it single-use:
+-- the same MAC1 sent again under a new terminal seq verified and was posted
+-- again, crediting the purse twice for one top-up on the chip. The ledger
+-- now refuses a load whose counter an approved load used already
+-- (cards.online_counter is the next one the card may use).
+--
+-- A load the card never completed is reversed by its terminal, and the chip
+-- then tries the same counter again: the reversal must give the counter
+-- back, so each load keeps the counter it used.
+ALTER TABLE terminal_txns ADD COLUMN online_counter integer;

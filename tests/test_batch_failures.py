@@ -1,0 +1,129 @@
+"""What one item, or one passing failure, must not do to a batch and its callers.
+
+Each test is a hole a review found (2026-12-02): a product another worker
+added failed every batch holding that card, with the innocent requests
+merged into it; a closing server answered "queue is full"; writers that
+kept racing, a deadlock victim, a database restarting after a crash or a
+standby promoted under the server answered UNKNOWN, which terminals do not
+retry, where every write is idempotent and UNAVAILABLE is the truth.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import grpc
+import pytest
+
+from onecard.clients.card import SimulatedCard
+from onecard.clients.terminal import Terminal
+from onecard.ledger.crypto.verifier import ReferenceVerifier
+from onecard.ledger.engine import Ledger
+from onecard.ledger.model import CardIssue, Debit, DeskStatus, PaymentChannel
+from onecard.ledger.storage import Contention
+from onecard.server.app import RunningServer
+from onecard.v1 import common_pb2
+from tests.desk_support import terminal_stub
+from tests.support import assert_books_balance, dev_keys, fetch, issue, new_card_number
+
+APPROVED = common_pb2.TXN_STATUS_APPROVED
+TOPUP, BUS = "310400000009", "310400000001"
+
+
+def as_debit(request) -> Debit:  # type: ignore[no-untyped-def]
+    return Debit(
+        request.card_number,
+        request.amount,
+        request.transaction_type,
+        request.terminal_id,
+        request.terminal_seq,
+        request.date_time,
+        request.key_version,
+        request.tac,
+    )
+
+
+async def test_a_product_another_worker_added_does_not_fail_the_batch(
+    server: RunningServer, channel: grpc.aio.Channel, keys
+) -> None:
+    innocent = await issue(channel, keys)
+    assert (await Terminal(channel, TOPUP, 1).load(innocent, 1000)).status == APPROVED
+
+    # Another worker process, started after this server read its reference
+    # data, learns of a new product and issues a card of it.
+    async with server.pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO products VALUES ('tourist', 'Tourist card', 0, 50000, 20000)"
+        )
+    other_pool = await asyncpg.create_pool(server.dsn, min_size=1, max_size=2)
+    other = await Ledger.open(other_pool, dev_keys(), ReferenceVerifier(dev_keys()))
+    newcomer = SimulatedCard(new_card_number(), keys.get("3104", 1))
+    try:
+        issued = await other.issue_card(
+            CardIssue(str(uuid.uuid4()), "staff-1", newcomer.card_no, "tourist", 0, 1,
+                      PaymentChannel.CASH)
+        )  # fmt: skip
+        assert issued.status is DeskStatus.OK, issued
+    finally:
+        await other.close()
+        await other_pool.close()
+    assert "tourist" not in server.ledger.ref.products
+
+    bus = Terminal(channel, BUS, 10)
+    debits = [as_debit(bus.debit_request(innocent, 100))]
+    newcomer.balance = 500  # the chip may believe anything; the ledger decides
+    debits.append(as_debit(bus.debit_request(newcomer, 100)))
+    results = await server.ledger.create_debits(debits)  # one batch, as the committer forms it
+    assert [r.status.name for r in results] == ["APPROVED", "INSUFFICIENT_FUNDS"]
+    assert "tourist" in server.ledger.ref.products
+    rows = await fetch(
+        server.dsn, "SELECT purse_balance FROM cards WHERE card_no = $1", int(innocent.card_no)
+    )
+    assert rows[0]["purse_balance"] == 900
+    await assert_books_balance(server.dsn)
+
+
+async def test_a_closing_server_answers_unavailable_not_overloaded(
+    server: RunningServer, channel: grpc.aio.Channel, keys
+) -> None:
+    card = await issue(channel, keys)
+    card.balance = 100  # the chip may believe anything; the call must not get that far
+    await server.ledger.committer.close()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await terminal_stub(channel).Debit(Terminal(channel, BUS, 1).debit_request(card, 1))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in (err.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Contention("batch kept racing concurrent writers; retry"),
+        asyncpg.exceptions.DeadlockDetectedError("deadlock detected"),
+        asyncpg.exceptions.SerializationError("could not serialize access"),
+        asyncpg.exceptions.CrashShutdownError("the database system is in recovery mode"),
+        asyncpg.exceptions.ReadOnlySQLTransactionError("read-only transaction"),
+        asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_a_failure_a_retry_may_cure_answers_unavailable(
+    server: RunningServer, channel: grpc.aio.Channel, keys, failure: Exception
+) -> None:
+    card = await issue(channel, keys)
+    card.balance = 100
+    committer = server.ledger.committer
+    real_flush = committer._flush
+
+    async def failing(items):  # type: ignore[no-untyped-def]
+        raise failure
+
+    committer._flush = failing
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await terminal_stub(channel).Debit(Terminal(channel, BUS, 1).debit_request(card, 1))
+    finally:
+        committer._flush = real_flush
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert str(failure) not in (err.value.details() or "")  # no database internals leak out

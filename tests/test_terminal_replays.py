@@ -1,0 +1,181 @@
+"""What a replayed, reversed or downgraded online request must not be able to do.
+
+Each test here is a hole a review found (2026-12-02): a load credited twice
+for one top-up on the chip, a reversed load's MAC2 handed out on retry, a
+purchase signed with an older key version's keys for a card issued under a
+newer one. The money is checked in the books, not only in the replies.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from onecard.clients.card import PendingLoad, SimulatedCard
+from onecard.clients.terminal import Terminal, now_bcd_text
+from onecard.ledger.model import Load, PaymentChannel
+from onecard.server.app import RunningServer
+from onecard.v1 import common_pb2, terminal_pb2
+from tests.desk_support import terminal_stub
+from tests.support import assert_books_balance, fetch, issue
+
+APPROVED = common_pb2.TXN_STATUS_APPROVED
+TOPUP, BUS = "310400000009", "310400000001"
+
+
+def load_request(card: SimulatedCard, pending: PendingLoad, seq: int) -> terminal_pb2.LoadRequest:
+    return terminal_pb2.LoadRequest(
+        card_number=card.card_no,
+        amount=pending.amount,
+        transaction_type=0x02,
+        terminal_id=pending.terminal_id,
+        terminal_seq=seq,
+        date_time=now_bcd_text(),
+        key_version=card.key_version,
+        card_random=pending.random,
+        online_counter=pending.online_counter,
+        old_balance=pending.old_balance,
+        mac1=pending.mac1,
+        payment_channel=common_pb2.PAYMENT_CHANNEL_CASH,
+    )
+
+
+async def purse(dsn: str, card: SimulatedCard) -> tuple[int, int]:
+    rows = await fetch(
+        dsn,
+        "SELECT purse_balance, online_counter FROM cards WHERE card_no = $1",
+        int(card.card_no),
+    )
+    return rows[0]["purse_balance"], rows[0]["online_counter"]
+
+
+async def test_a_load_sent_again_under_a_new_seq_is_not_credited_twice(
+    server: RunningServer, channel: grpc.aio.Channel, keys
+) -> None:
+    card = await issue(channel, keys)
+    stub = terminal_stub(channel)
+    pending = card.begin_load(5000, TOPUP)
+    first = await stub.Load(load_request(card, pending, 1))
+    assert first.status == APPROVED
+    card.finish_load(pending, now_bcd_text(), first.mac2)  # the chip: 5000, counter 1
+
+    replay = await stub.Load(load_request(card, pending, 2))  # same MAC1, new seq
+    assert replay.status == common_pb2.TXN_STATUS_STALE_COUNTER
+    assert not replay.mac2
+    assert "online counter 0" in replay.detail
+    assert await purse(server.dsn, card) == (5000, 1)
+    assert card.balance == 5000
+
+    # The card's next load, with its next counter, goes through as usual.
+    assert (await Terminal(channel, TOPUP, 3).load(card, 1000)).status == APPROVED
+    assert await purse(server.dsn, card) == (6000, 2)
+    await assert_books_balance(server.dsn)
+
+
+async def test_two_loads_with_one_counter_in_one_batch_post_once(
+    server: RunningServer, channel: grpc.aio.Channel, keys
+) -> None:
+    card = await issue(channel, keys)
+    pending = card.begin_load(5000, TOPUP)
+    when = now_bcd_text()
+    loads = [
+        Load(card.card_no, 5000, 0x02, TOPUP, seq, when, card.key_version, pending.random,
+             pending.online_counter, pending.old_balance, pending.mac1, PaymentChannel.CASH)
+        for seq in (11, 12)
+    ]  # fmt: skip
+    replies = await server.ledger.create_loads(loads)
+    assert [r.status.name for r in replies] == ["APPROVED", "STALE_COUNTER"]
+    assert await purse(server.dsn, card) == (5000, 1)
+    await assert_books_balance(server.dsn)
+
+
+async def test_a_reversed_load_retried_gets_no_mac2_and_the_counter_comes_back(
+    server: RunningServer, channel: grpc.aio.Channel, keys
+) -> None:
+    card = await issue(channel, keys)
+    stub = terminal_stub(channel)
+    pending = card.begin_load(5000, TOPUP)
+    request = load_request(card, pending, 41)
+    assert (await stub.Load(request)).status == APPROVED  # the reply never reaches the terminal
+    reversal = await stub.Reverse(
+        terminal_pb2.ReverseRequest(
+            card_number=card.card_no,
+            amount=5000,
+            terminal_id=TOPUP,
+            terminal_seq=42,
+            original_seq=41,
+            date_time=now_bcd_text(),
+        )
+    )
+    assert reversal.status == APPROVED and reversal.balance_after == 0
+
+    retry = await stub.Load(request)  # the gateway's idempotent retry of seq 41
+    assert retry.status == common_pb2.TXN_STATUS_ALREADY_REVERSED
+    assert retry.original_status == APPROVED
+    assert not retry.mac2  # with it the chip would credit itself 5000 the ledger took back
+    assert retry.balance_after == 0
+    assert "reversed by seq 42" in retry.detail
+    assert await purse(server.dsn, card) == (0, 0)
+
+    # The chip never completed the load, so it tries the same counter again.
+    again = card.begin_load(5000, TOPUP)
+    assert again.online_counter == 0
+    reply = await stub.Load(load_request(card, again, 43))
+    assert reply.status == APPROVED, reply
+    card.finish_load(again, now_bcd_text(), reply.mac2)
+    assert card.balance == 5000
+    assert await purse(server.dsn, card) == (5000, 1)
+    await assert_books_balance(server.dsn)
+
+
+async def test_a_reversed_debit_retried_is_not_reported_approved(
+    server: RunningServer, channel: grpc.aio.Channel, keys
+) -> None:
+    card = await issue(channel, keys)
+    assert (await Terminal(channel, TOPUP, 1).load(card, 1000)).status == APPROVED
+    bus = Terminal(channel, BUS, 70)
+    debit = bus.debit_request(card, 300)
+    stub = terminal_stub(channel)
+    assert (await stub.Debit(debit)).status == APPROVED
+    reversal = await stub.Reverse(
+        terminal_pb2.ReverseRequest(
+            card_number=card.card_no,
+            amount=300,
+            terminal_id=BUS,
+            terminal_seq=71,
+            original_seq=70,
+            date_time=now_bcd_text(),
+        )
+    )
+    assert reversal.status == APPROVED
+    retry = await stub.Debit(debit)
+    assert retry.status == common_pb2.TXN_STATUS_ALREADY_REVERSED
+    assert retry.balance_after == 1000
+    assert await purse(server.dsn, card) == (1000, 1)
+    await assert_books_balance(server.dsn)
+
+
+async def test_a_purchase_signed_under_another_key_version_than_the_card_s_is_refused(
+    server: RunningServer, channel: grpc.aio.Channel, keys
+) -> None:
+    card = await issue(channel, keys, kv=3)  # issued under the AES version
+    assert (await Terminal(channel, TOPUP, 1).load(card, 5000)).status == APPROVED
+    # Someone holding the keys of the old 3DES version signs for this card number.
+    forger = SimulatedCard(card.card_no, keys.get("3104", 1))
+    forger.balance, forger.online_counter = 5000, 1  # what the genuine chip would say
+    forged = Terminal(channel, BUS, 80).debit_request(forger, 100)
+    assert forged.key_version == 1
+    reply = await terminal_stub(channel).Debit(forged)
+    assert reply.status == common_pb2.TXN_STATUS_MAC_INVALID
+    assert "card's key version" in reply.detail
+    assert reply.balance_after == 0  # told nothing about the card
+    assert await purse(server.dsn, card) == (5000, 1)
+    rows = await fetch(server.dsn, "SELECT 1 FROM terminal_txns WHERE terminal_id = $1", int(BUS))
+    assert rows == []  # it claims no (terminal, seq): the genuine seq 80 may still come
+
+    # A load's MAC1 under the old version likewise.
+    pending = forger.begin_load(1000, TOPUP)
+    request = load_request(forger, pending, 81)
+    load = await terminal_stub(channel).Load(request)
+    assert load.status == common_pb2.TXN_STATUS_MAC_INVALID and not load.mac2
+    assert await purse(server.dsn, card) == (5000, 1)
+    await assert_books_balance(server.dsn)
