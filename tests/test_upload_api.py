@@ -20,7 +20,7 @@ from onecard.ledger.engine import UPLOAD_COMMITTER, BatchSettings
 from onecard.ledger.keys import MemoryKeyStore
 from onecard.server.app import RunningServer, start_server
 from onecard.server.config import ServerConfig
-from onecard.v1 import common_pb2, upload_pb2
+from onecard.v1 import common_pb2, terminal_pb2, upload_pb2
 from tests.support import (
     assert_books_balance,
     fetch,
@@ -74,14 +74,15 @@ async def assert_acknowledged(
     results = [r for reply in replies for r in reply.results]
     assert len(results) == len(records)
     posted: dict[tuple[int, int], tuple[int, int]] = {}
-    quarantined: set[tuple[int, int, int, bytes, int]] = set()
+    # A record quarantined again keeps one row, with the latest reason.
+    quarantined: dict[tuple[int, int, int, bytes], int] = {}
     for rec, res in zip(records, results, strict=True):
         key = (int(rec.terminal_id), rec.terminal_seq)
         first = res.original_outcome if res.outcome == DUPLICATE else res.outcome
         if first in (POSTED, WITH_EXCEPTION):
             posted[key] = (int(rec.card_number), rec.amount)
-        elif res.outcome == QUARANTINED:
-            quarantined.add((*key, int(rec.card_number), rec.tac, res.quarantine_reason))
+        elif res.quarantine_reason:  # quarantined, or a CONFLICT kept for finance
+            quarantined[(*key, int(rec.card_number), rec.tac)] = res.quarantine_reason
     rows = await fetch(
         dsn,
         "SELECT p.terminal_id, p.terminal_seq, p.card_no, p.amount FROM postings p"
@@ -95,8 +96,9 @@ async def assert_acknowledged(
         dsn, "SELECT terminal_id, terminal_seq, card_no, tac, reason FROM quarantine"
     )
     assert {
-        (r["terminal_id"], r["terminal_seq"], r["card_no"], r["tac"], r["reason"]) for r in kept
+        (r["terminal_id"], r["terminal_seq"], r["card_no"], r["tac"]): r["reason"] for r in kept
     } == quarantined
+    assert len(kept) == len(quarantined), "a record was kept in quarantine twice"
 
 
 async def balance_of(dsn: str, card: SimulatedCard) -> int:
@@ -297,6 +299,232 @@ async def test_untrusted_records_are_quarantined_never_posted(
     ]
     assert len(await fetch(server.dsn, "SELECT 1 FROM quarantine")) == 4
     await assert_acknowledged(server.dsn, records + records, [reply, again])
+    await assert_books_balance(server.dsn)
+
+
+def as_offline(
+    req: terminal_pb2.DebitRequest, counter: int, before: int
+) -> upload_pb2.OfflineRecord:
+    """The offline record a validator keeps of a debit it asked online about."""
+    return upload_pb2.OfflineRecord(
+        card_number=req.card_number,
+        amount=req.amount,
+        transaction_type=req.transaction_type,
+        terminal_id=req.terminal_id,
+        terminal_seq=req.terminal_seq,
+        date_time=req.date_time,
+        key_version=req.key_version,
+        tac=req.tac,
+        offline_counter=counter,
+        card_balance_before=before,
+    )
+
+
+async def open_quarantine(dsn: str) -> dict[tuple[int, int], int]:
+    rows = await fetch(dsn, "SELECT terminal_id, terminal_seq, reason FROM quarantine_open")
+    return {(r["terminal_id"], r["terminal_seq"]): r["reason"] for r in rows}
+
+
+async def test_offline_copy_of_a_refused_online_debit_is_quarantined_for_finance(
+    server: RunningServer, channel, keys
+) -> None:
+    """The validator asked online, the refusal never reached it, the passenger rode.
+
+    The chip paid (its TAC is in the record), the ledger posted nothing: the
+    record is neither a duplicate of a posting nor to be dropped. It is kept
+    for finance (REFUSED_ONLINE), once however often it is uploaded. The copy
+    of an approved debit stays a duplicate, posted once.
+    """
+    card = await funded(channel, keys, amount=100)
+    stranger = SimulatedCard("3104999999999998", keys.get("3104", 1))
+    stranger.balance = 1000
+    bus = Terminal(channel, BUS, 910_000)
+
+    card.balance = short_before = 1000  # the chip holds more than the ledger (records in transit)
+    short = bus.debit_request(card, 300)  # more than the ledger's 100
+    assert (await bus.stub.Debit(short)).status == common_pb2.TXN_STATUS_INSUFFICIENT_FUNDS
+    short_copy = as_offline(short, card.offline_counter, short_before)
+    unknown = bus.debit_request(stranger, 200)
+    assert (await bus.stub.Debit(unknown)).status == common_pb2.TXN_STATUS_UNKNOWN_CARD
+    unknown_copy = as_offline(unknown, stranger.offline_counter, 1000)
+    card.balance = approved_before = 100
+    approved = bus.debit_request(card, 60)
+    assert (await bus.stub.Debit(approved)).status == common_pb2.TXN_STATUS_APPROVED
+    approved_copy = as_offline(approved, card.offline_counter, approved_before)
+
+    records = [short_copy, unknown_copy, approved_copy]
+    gw = Gateway(channel)
+    replies = [(await gw.upload([make_batch(f"r{i}", records)]))[0] for i in range(2)]
+    for reply in replies:  # the re-upload is answered the same
+        assert [r.outcome for r in reply.results] == [QUARANTINED, QUARANTINED, DUPLICATE]
+        assert [r.quarantine_reason for r in reply.results[:2]] == [
+            upload_pb2.QUARANTINE_REASON_REFUSED_ONLINE
+        ] * 2
+        # what the online refusals answered: the ledger's 100 and no card
+        assert [r.balance_after for r in reply.results] == [100, 0, 40]
+        assert reply.results[2].original_outcome == POSTED
+        assert reply.quarantined == 2 and reply.duplicates == 1 and reply.posted == 0
+
+    kept = await fetch(server.dsn, "SELECT terminal_seq, card_no, tac, reason FROM quarantine")
+    assert sorted((r["terminal_seq"], r["card_no"], r["tac"], r["reason"]) for r in kept) == [
+        (short.terminal_seq, int(card.card_no), short.tac, 6),
+        (unknown.terminal_seq, int(stranger.card_no), unknown.tac, 6),
+    ]
+    assert await open_quarantine(server.dsn) == {
+        (int(BUS), short.terminal_seq): 6,
+        (int(BUS), unknown.terminal_seq): 6,
+    }
+    assert await postings_of(server.dsn, card) == [(3, 2000), (2, 100), (1, 60)]
+    assert await balance_of(server.dsn, card) == 40
+    await assert_books_balance(server.dsn)
+
+
+async def test_conflicting_genuine_record_is_kept_in_quarantine(
+    server: RunningServer, channel, keys
+) -> None:
+    """A terminal reset reused a seq: the second record is genuine (the chip paid).
+
+    It cannot take the identity the first holds, so it is a CONFLICT, never
+    posted; but it is kept for finance (IDENTITY_CONFLICT), once.
+    """
+    card = await funded(channel, keys)
+    seq, when = next(_seqs), now_bcd_text()
+    first = offline_record(card, 200, BUS, seq, when)
+    second = offline_record(card, 300, BUS, seq, when)
+    gw = Gateway(channel)
+    (a,) = await gw.upload([make_batch("a", [first, second])])
+    (b,) = await gw.upload([make_batch("b", [second, second])])
+    for res in (a.results[1], *b.results):
+        assert res.outcome == CONFLICT
+        assert res.quarantine_reason == upload_pb2.QUARANTINE_REASON_IDENTITY_CONFLICT
+    assert a.results[0].outcome == POSTED
+    kept = await fetch(server.dsn, "SELECT terminal_seq, amount, tac, reason FROM quarantine")
+    assert [(r["terminal_seq"], r["amount"], r["tac"], r["reason"]) for r in kept] == [
+        (seq, 300, second.tac, 5)
+    ]
+    assert await open_quarantine(server.dsn) == {(int(BUS), seq): 5}
+    assert await balance_of(server.dsn, card) == 4800
+    await assert_acknowledged(server.dsn, [first, second, second, second], [a, b])
+    await assert_books_balance(server.dsn)
+
+
+async def test_quarantined_record_that_posts_later_leaves_the_open_quarantine(
+    server: RunningServer, channel, keys
+) -> None:
+    """An unknown terminal's records wait in quarantine until it is registered.
+
+    Uploaded again then, the genuine one posts and leaves quarantine_open
+    (its row stays in quarantine, history); a damaged one is quarantined
+    again, now for its TAC, and its one row says so.
+    """
+    card = await funded(channel, keys)
+    terminal = "310400777777"
+    genuine = offline_record(card, 100, terminal, next(_seqs), now_bcd_text())
+    damaged = offline_record(card, 100, terminal, next(_seqs), now_bcd_text())
+    damaged.tac = bytes([damaged.tac[0] ^ 0x01]) + damaged.tac[1:]
+    records = [genuine, damaged]
+    gw = Gateway(channel)
+    (before,) = await gw.upload([make_batch("before", records)])
+    assert [r.quarantine_reason for r in before.results] == [
+        upload_pb2.QUARANTINE_REASON_UNKNOWN_TERMINAL
+    ] * 2
+    assert set((await open_quarantine(server.dsn)).values()) == {4}
+
+    await fetch(
+        server.dsn,
+        "INSERT INTO terminals (terminal_id, operator_id, kind)"
+        " SELECT $1, operator_id, kind FROM terminals WHERE terminal_id = $2",
+        int(terminal),
+        int(BUS),
+    )
+    (after,) = await gw.upload([make_batch("after", records)])
+    assert [r.outcome for r in after.results] == [POSTED, QUARANTINED]
+    assert after.results[1].quarantine_reason == upload_pb2.QUARANTINE_REASON_TAC_INVALID
+    assert await open_quarantine(server.dsn) == {(int(terminal), damaged.terminal_seq): 1}
+    kept = await fetch(server.dsn, "SELECT terminal_seq, reason FROM quarantine")
+    assert sorted((r["terminal_seq"], r["reason"]) for r in kept) == [
+        (genuine.terminal_seq, 4),
+        (damaged.terminal_seq, 1),
+    ]
+    assert await balance_of(server.dsn, card) == 4900
+    rows = await fetch(
+        server.dsn,
+        "SELECT count(*) AS n FROM postings WHERE kind = 1 AND terminal_id = $1",
+        int(terminal),
+    )
+    assert rows[0]["n"] == 1
+    await assert_books_balance(server.dsn)
+
+
+async def test_record_under_another_key_version_than_the_cards_is_quarantined(
+    server: RunningServer, channel, keys
+) -> None:
+    """A TAC valid under key version 2 for a card issued under version 1: a downgrade.
+
+    Whoever holds one version's master key could sign rides for every card;
+    the record is quarantined (KEY_VERSION_MISMATCH), never posted, told no
+    balance, and claims no identity: the card's own record under the same
+    (terminal, seq) still posts.
+    """
+    card = await funded(channel, keys, kv=1)
+    forged_chip = SimulatedCard(card.card_no, keys.get("3104", 2))
+    forged_chip.balance, forged_chip.offline_counter = card.balance, card.offline_counter
+    seq, when = next(_seqs), now_bcd_text()
+    forged = offline_record(forged_chip, 1000, BUS, seq, when)
+    assert forged.key_version == 2
+    gw = Gateway(channel)
+    replies = [(await gw.upload([make_batch(f"f{i}", [forged])]))[0] for i in range(2)]
+    for reply in replies:
+        (res,) = reply.results
+        assert res.outcome == QUARANTINED
+        assert res.quarantine_reason == upload_pb2.QUARANTINE_REASON_KEY_VERSION_MISMATCH
+        assert res.balance_after == 0
+    kept = await fetch(server.dsn, "SELECT key_version, reason FROM quarantine")
+    assert [(r["key_version"], r["reason"]) for r in kept] == [(2, 7)]
+    assert await balance_of(server.dsn, card) == 5000
+
+    genuine = offline_record(card, 200, BUS, seq, when)
+    (ok,) = await gw.upload([make_batch("g", [genuine])])
+    assert ok.results[0].outcome == POSTED and ok.results[0].balance_after == 4800
+    assert await postings_of(server.dsn, card) == [(3, 2000), (2, 5000), (1, 200)]
+    await assert_acknowledged(server.dsn, [forged, forged, genuine], [*replies, ok])
+    await assert_books_balance(server.dsn)
+
+
+async def test_untrusted_record_is_told_no_balance(server: RunningServer, channel, keys) -> None:
+    """A record nobody vouches for learns nothing of the card, as a bad MAC online does."""
+    card = await funded(channel, keys)
+    forged = ride(card, 200)
+    forged.tac = bytes([forged.tac[0] ^ 0x01]) + forged.tac[1:]
+    (reply,) = await Gateway(channel).upload([make_batch("u", [forged])])
+    (res,) = reply.results
+    assert res.outcome == QUARANTINED
+    assert res.quarantine_reason == upload_pb2.QUARANTINE_REASON_TAC_INVALID
+    assert res.balance_after == 0
+    assert await balance_of(server.dsn, card) == 5000
+    await assert_acknowledged(server.dsn, [forged], [reply])
+    await assert_books_balance(server.dsn)
+
+
+async def test_duplicate_lists_exceptions_as_the_first_reply_did(
+    server: RunningServer, channel, keys
+) -> None:
+    card = await funded(channel, keys, amount=100)
+    card.balance = 300  # the chip claims more than the ledger holds, and pays more than it has
+    overdraw = ride(card, 300)
+    gw = Gateway(channel)
+    replies = [(await gw.upload([make_batch(f"d{i}", [overdraw])]))[0] for i in range(2)]
+    first, again = (r.results[0] for r in replies)
+    assert first.outcome == WITH_EXCEPTION
+    assert again.outcome == DUPLICATE and again.original_outcome == WITH_EXCEPTION
+    in_enum_order = [
+        upload_pb2.RECORD_EXCEPTION_NEGATIVE_BALANCE,
+        upload_pb2.RECORD_EXCEPTION_BALANCE_MISMATCH,
+    ]
+    assert list(first.exceptions) == list(again.exceptions) == in_enum_order
+    assert first.balance_after == again.balance_after == -200
+    assert await balance_of(server.dsn, card) == -200
+    await assert_acknowledged(server.dsn, [overdraw, overdraw], replies)
     await assert_books_balance(server.dsn)
 
 

@@ -174,6 +174,7 @@ WITH txns AS (
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::smallint[],
                          $5::bigint[], $6::bytea[], $7::smallint[], $8::bigint[], $9::bytea[],
                          $10::bigint[], $11::timestamp[], $12::integer[])
+    ORDER BY 1, 2  -- key order, as uploads insert: unique-index waits cannot cross
 ), posted AS (
     INSERT INTO postings (card_no, debit_account, credit_account, amount, kind,
                           terminal_id, terminal_seq)
