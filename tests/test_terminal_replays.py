@@ -39,6 +39,19 @@ def load_request(card: SimulatedCard, pending: PendingLoad, seq: int) -> termina
     )
 
 
+def reverse_request(
+    card: SimulatedCard, amount: int, terminal: str, seq: int, original: int
+) -> terminal_pb2.ReverseRequest:
+    return terminal_pb2.ReverseRequest(
+        card_number=card.card_no,
+        amount=amount,
+        terminal_id=terminal,
+        terminal_seq=seq,
+        original_seq=original,
+        date_time=now_bcd_text(),
+    )
+
+
 async def purse(dsn: str, card: SimulatedCard) -> tuple[int, int]:
     rows = await fetch(
         dsn,
@@ -96,16 +109,7 @@ async def test_a_reversed_load_retried_gets_no_mac2_and_the_counter_comes_back(
     pending = card.begin_load(5000, TOPUP)
     request = load_request(card, pending, 41)
     assert (await stub.Load(request)).status == APPROVED  # the reply never reaches the terminal
-    reversal = await stub.Reverse(
-        terminal_pb2.ReverseRequest(
-            card_number=card.card_no,
-            amount=5000,
-            terminal_id=TOPUP,
-            terminal_seq=42,
-            original_seq=41,
-            date_time=now_bcd_text(),
-        )
-    )
+    reversal = await stub.Reverse(reverse_request(card, 5000, TOPUP, 42, 41))
     assert reversal.status == APPROVED and reversal.balance_after == 0
 
     retry = await stub.Load(request)  # the gateway's idempotent retry of seq 41
@@ -136,16 +140,7 @@ async def test_a_reversed_debit_retried_is_not_reported_approved(
     debit = bus.debit_request(card, 300)
     stub = terminal_stub(channel)
     assert (await stub.Debit(debit)).status == APPROVED
-    reversal = await stub.Reverse(
-        terminal_pb2.ReverseRequest(
-            card_number=card.card_no,
-            amount=300,
-            terminal_id=BUS,
-            terminal_seq=71,
-            original_seq=70,
-            date_time=now_bcd_text(),
-        )
-    )
+    reversal = await stub.Reverse(reverse_request(card, 300, BUS, 71, 70))
     assert reversal.status == APPROVED
     retry = await stub.Debit(debit)
     assert retry.status == common_pb2.TXN_STATUS_ALREADY_REVERSED

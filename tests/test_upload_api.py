@@ -168,18 +168,7 @@ async def test_offline_copy_of_an_online_debit_is_a_duplicate(
     req = bus.debit_request(card, 250)
     reply = await bus.stub.Debit(req)
     assert reply.status == common_pb2.TXN_STATUS_APPROVED
-    copy = upload_pb2.OfflineRecord(
-        card_number=req.card_number,
-        amount=req.amount,
-        transaction_type=req.transaction_type,
-        terminal_id=req.terminal_id,
-        terminal_seq=req.terminal_seq,
-        date_time=req.date_time,
-        key_version=req.key_version,
-        tac=req.tac,
-        offline_counter=card.offline_counter,
-        card_balance_before=before,
-    )
+    copy = as_offline(req, card.offline_counter, before)
     (up,) = await Gateway(channel).upload([make_batch("b", [copy])])
     assert up.results[0].outcome == DUPLICATE
     assert up.results[0].original_outcome == POSTED
