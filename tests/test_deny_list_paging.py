@@ -97,6 +97,12 @@ async def test_a_paged_walk_gives_the_list_and_the_next_changes_catch_up(
         ({"page_size": 2, "page_token": "not-a-token"}, "page_token"),
         ({"page_size": 2, "page_token": "5.3.1"}, "page_token"),  # since above its version
         ({"page_token": "0.5.3104000000000001"}, "page_size"),
+        # Crafted tokens: each number goes to SQL as a bigint.
+        ({"page_size": 2, "page_token": f"0.5.{2**64}"}, "page_token"),
+        ({"page_size": 2, "page_token": f"0.{2**63}.1"}, "page_token"),
+        ({"page_size": 2, "page_token": "0.5.+3"}, "page_token"),
+        ({"page_size": 2, "page_token": "0.5.3_104"}, "page_token"),
+        ({"page_size": 2, "page_token": "0.5.1.2"}, "page_token"),
     ],
 )
 async def test_bad_paging_is_refused_naming_the_field(

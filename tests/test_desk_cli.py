@@ -121,6 +121,39 @@ async def test_cli_exit_codes_for_usage_and_outage(
     assert "ONECARD_OPERATOR" in capsys.readouterr().err
 
 
+async def test_cli_server_error_prints_the_request_id_to_retry_with(
+    server: RunningServer,
+    channel,
+    keys,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unexpected server error may come after the action was done: retry under its id."""
+    import re
+
+    from onecard.ledger.storage import lifecycle as store
+    from tests.desk_support import audit_trail
+
+    card = await funded(channel, keys, 1000)
+    real = store.report_loss
+
+    async def broken(*args: object) -> object:
+        raise RuntimeError("a bug in the server")
+
+    monkeypatch.setattr(store, "report_loss", broken)
+    code, _, err = await desk(capsys, server, "report-loss", card.card_no)
+    assert code == 3 and "UNKNOWN" in err, err
+    found = re.search(r"retry with --request-id (\S+)", err)
+    assert found, err
+    monkeypatch.setattr(store, "report_loss", real)
+    code, out, _ = await desk(
+        capsys, server, "report-loss", card.card_no, "--request-id", found.group(1), "--json"
+    )
+    assert code == 0 and json.loads(out)["request_id"] == found.group(1)
+    ops = [op for _, op, _, _ in await audit_trail(server.dsn, card.card_no)]
+    assert ops == ["issue_card", "report_loss"]
+
+
 async def test_cli_deny_list_gathers_every_page(
     server: RunningServer,
     channel,

@@ -369,6 +369,21 @@ async def test_cancel_readable_card_refunds_balance_and_deposit(
     await assert_books_balance(server.dsn)
 
 
+async def test_cancel_of_a_lost_card_at_the_desk_audits_its_deny_list_change(
+    server: RunningServer, channel, keys
+) -> None:
+    card = await funded(channel, keys, 1000)
+    assert (await report_loss(channel, card.card_no)).status == OK
+    reply = await cancel(channel, card.card_no, readable=True, card_balance=1000)
+    assert reply.status == OK and not reply.card.deny_listed
+    changes = await deny_list(channel, 1)
+    assert [(e.card_number, e.listed) for e in changes.entries] == [(card.card_no, False)]
+    trail = await audit_trail(server.dsn, card.card_no)
+    assert trail[-1][1] == "cancel_card"
+    assert trail[-1][3]["details"]["deny_list_version"] == changes.version == 2  # type: ignore[index]
+    await assert_books_balance(server.dsn)
+
+
 async def test_cancel_chip_showing_less_pays_the_chip_balance(
     server: RunningServer, channel, keys
 ) -> None:
@@ -593,6 +608,89 @@ async def test_reverse_a_load(server: RunningServer, channel, keys) -> None:
         server.dsn, "SELECT balance FROM account_balances WHERE code = 'cash:3104:cash'"
     )
     assert cash[0]["balance"] == -2000  # the deposit only
+    await assert_books_balance(server.dsn)
+
+
+async def test_reversal_after_replacement_follows_to_the_last_card(
+    server: RunningServer, channel, keys
+) -> None:
+    """The replacement emptied the old purse: what a reversal gives back goes where the money is."""
+    card = await funded(channel, keys, 1000)
+    assert (await Terminal(channel, BUS, 10).debit(card, 300)).status == APPROVED  # seq 10
+    b_no, c_no = new_card_number(), new_card_number()
+    damaged = desk_pb2.REPLACE_REASON_DAMAGED
+    assert (await replace(channel, card.card_no, b_no, damaged)).status == OK
+    assert (await replace(channel, b_no, c_no, damaged)).status == OK
+
+    reply = await terminal_stub(channel).Reverse(_reverse_request(card.card_no, 300, 11, 10))
+    assert reply.status == APPROVED, reply
+    assert c_no in reply.detail
+    balances = [(await get_card(channel, no)).balance for no in (card.card_no, b_no, c_no)]
+    assert balances == [0, 0, 1000]
+    # Reversed once: a second try is ALREADY_REVERSED, the holder's card keeps 1000.
+    again = await terminal_stub(channel).Reverse(_reverse_request(card.card_no, 300, 12, 10))
+    assert again.status == common_pb2.TXN_STATUS_ALREADY_REVERSED
+    assert (await get_card(channel, c_no)).balance == 1000
+
+    history = await desk(channel).GetHistory(
+        desk_pb2.GetHistoryRequest(card_number=c_no), metadata=STAFF
+    )
+    assert (history.entries[0].kind, history.entries[0].amount) == (
+        desk_pb2.POSTING_KIND_REPLACED_CARD_FOLLOW,
+        300,
+    )
+    trail = await audit_trail(server.dsn, c_no)
+    assert trail[-1][1] == "reverse" and trail[-1][3]["details"]["credited_card"] == c_no  # type: ignore[index]
+    await assert_books_balance(server.dsn)
+
+
+async def test_reversal_of_a_load_after_replacement_takes_it_from_the_new_card(
+    server: RunningServer, channel, keys
+) -> None:
+    card = await issue(channel, keys)
+    assert (await Terminal(channel, TOPUP, 5).load(card, 2000)).status == APPROVED  # seq 5
+    new_no = new_card_number()
+    assert (
+        await replace(channel, card.card_no, new_no, desk_pb2.REPLACE_REASON_DAMAGED)
+    ).status == OK
+    reply = await terminal_stub(channel).Reverse(_reverse_request(card.card_no, 2000, 6, 5, TOPUP))
+    assert reply.status == APPROVED, reply
+    assert [(await get_card(channel, no)).balance for no in (card.card_no, new_no)] == [0, 0]
+    await assert_books_balance(server.dsn)
+
+
+async def test_reversal_on_a_closed_card_is_left_to_the_desk(
+    server: RunningServer, channel, keys
+) -> None:
+    """A cancelled card's purse was paid out: money put back there would be stranded."""
+    bus, bus2 = BUS, "310400000002"
+    closed = await funded(channel, keys, 1000)
+    assert (await Terminal(channel, bus, 10).debit(closed, 300)).status == APPROVED  # seq 10
+    assert (await cancel(channel, closed.card_no, readable=True, card_balance=700)).status == OK
+    # A chain that ends in a closed card: replaced, then the new card cancelled.
+    replaced = await funded(channel, keys, 1000)
+    assert (await Terminal(channel, bus2, 20).debit(replaced, 300)).status == APPROVED  # seq 20
+    new_no = new_card_number()
+    assert (
+        await replace(channel, replaced.card_no, new_no, desk_pb2.REPLACE_REASON_DAMAGED)
+    ).status == OK
+    assert (await cancel(channel, new_no, readable=True, card_balance=700)).status == OK
+
+    stub = terminal_stub(channel)
+    for card_no, terminal, seq, closed_no in (
+        (closed.card_no, bus, 10, closed.card_no),
+        (replaced.card_no, bus2, 20, new_no),
+    ):
+        reply = await stub.Reverse(_reverse_request(card_no, 300, seq + 1, seq, terminal))
+        assert reply.status == common_pb2.TXN_STATUS_NOT_REVERSIBLE, reply
+        assert f"card {closed_no}" in reply.detail and "is closed" in reply.detail
+        assert "dispute refund" in reply.detail
+    views = [await get_card(channel, no) for no in (closed.card_no, replaced.card_no, new_no)]
+    assert [v.balance for v in views] == [0, 0, 0]
+    reversals = await fetch(
+        server.dsn, "SELECT 1 FROM postings WHERE kind = $1", int(PostingKind.REVERSAL)
+    )
+    assert reversals == []
     await assert_books_balance(server.dsn)
 
 

@@ -370,7 +370,13 @@ def cmd_desk(args: argparse.Namespace) -> int:
         if code == grpc.StatusCode.NOT_FOUND:
             print(f"{prog}: {exc.details()}; check the card number", file=sys.stderr)
             return EXIT_REFUSED
-        print(f"{prog}: server error {code.name}: {exc.details()}", file=sys.stderr)
+        # The action may have been done before the error: only a retry under
+        # the same request id is sure not to do it twice.
+        print(
+            f"{prog}: server error {code.name}: {exc.details()}; retry"
+            + (f" with --request-id {args.request_id}" if args.action else ""),
+            file=sys.stderr,
+        )
         return EXIT_UNAVAILABLE
 
 

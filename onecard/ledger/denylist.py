@@ -42,6 +42,11 @@ class DenyListPage:
     next_page: DenyListCursor | None = None
 
 
+#: Cursor numbers go to SQL as bigint.
+_INT64_MAX = 2**63 - 1
+_MAX_DIGITS = len(str(_INT64_MAX))
+
+
 @dataclass(frozen=True, slots=True)
 class DenyListCursor:
     """Where a paged walk stands: what it walks and the last card it gave.
@@ -60,9 +65,19 @@ class DenyListCursor:
 
     @classmethod
     def parse(cls, token: str) -> DenyListCursor:
-        """Raises ValueError for anything ``token()`` did not make."""
-        since, version, after = (int(part) for part in token.split("."))
-        if min(since, version, after) < 0 or since > version:
+        """Raises ValueError for anything ``token()`` did not make.
+
+        The token comes back from the terminal, and its numbers go to SQL as
+        bigint: only plain ASCII digits within that range pass (``int`` alone
+        would also take signs, underscores, other scripts' digits and any size).
+        """
+        parts = token.split(".")
+        if len(parts) != 3 or not all(
+            p.isascii() and p.isdigit() and len(p) <= _MAX_DIGITS for p in parts
+        ):
+            raise ValueError(token)
+        since, version, after = (int(p) for p in parts)
+        if max(since, version, after) > _INT64_MAX or since > version:
             raise ValueError(token)
         return cls(since, version, after)
 

@@ -113,10 +113,16 @@ class CardLifecycle:
         check_digits(q.card_no, 16, "card_number")
         check_rfc3339(q.since, "from_time")
         check_rfc3339(q.until, "to_time")
-        if q.page_size < 0:
-            raise FieldError("page_size", f"must not be negative, got {q.page_size}")
+        most = self.settings.max_page_size
+        if not 0 <= q.page_size <= most:
+            # Refused, not clamped, like the deny list's: a limit is reported
+            # in the error it causes (DESIGN.md, decision 9).
+            raise FieldError(
+                "page_size",
+                f"must be 0 (default {store.DEFAULT_PAGE_SIZE}) to {most}, got {q.page_size}",
+            )
         async with self.pool.acquire() as conn:
-            return await store.history(self.ref, conn, q, self.settings.max_page_size)
+            return await store.history(self.ref, conn, q)
 
     async def deny_list(
         self, since_version: int, page_size: int = 0, page_token: str = ""

@@ -161,6 +161,11 @@ def check_rfc3339(value: str, field: str) -> None:
         raise FieldError(field, "must be an RFC 3339 time like 2026-11-22T08:30:00+08:00") from None
     if parsed.tzinfo is None:
         raise FieldError(field, "must carry a UTC offset (…Z or …+08:00)")
+    try:
+        # The database compares in UTC; 9999-12-31T23:00:00-05:00 is past year 9999 there.
+        parsed.astimezone(dt.UTC)
+    except OverflowError:
+        raise FieldError(field, "must fall within years 1 to 9999 in UTC") from None
 
 
 def check_reversal(r: Reversal) -> None:

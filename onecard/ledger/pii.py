@@ -44,13 +44,27 @@ def mask_id_number(value: str) -> str:
 
 
 def mask_phone(value: str) -> str:
-    if len(value) <= 7:
-        return "*" * len(value)
-    return value[:3] + "*" * (len(value) - 7) + value[-4:]
+    """At most a third of the digits, from the end: enough to recognise, not to dial.
+
+    An 11-digit number keeps the form staff and holders know from every
+    Chinese receipt (138****5678); any other length shows at most a third of
+    its digits, never more than four, so an 8-digit landline is not left
+    with one digit hidden. A leading + stays as it is.
+    """
+    plus, digits = ("+", value[1:]) if value.startswith("+") else ("", value)
+    if len(digits) == 11 and not plus:
+        return digits[:3] + "****" + digits[-4:]
+    shown = min(4, len(digits) // 3)
+    return plus + "*" * (len(digits) - shown) + digits[len(digits) - shown :]
 
 
 def mask_name(value: str) -> str:
-    """The family name only (张**); enough for staff to address the holder."""
+    """The family name only (张**); enough for staff to address the holder.
+
+    A one-character name would be the whole name, so it is hidden entirely.
+    """
+    if len(value) <= 1:
+        return "*" * len(value)
     return value[:1] + "*" * (len(value) - 1)
 
 

@@ -91,13 +91,28 @@ async def lookup_cards(conn: Conn, card_nos: Sequence[str]) -> list[CardView | N
     return [by_no.get(c) for c in card_nos]
 
 
-async def _replay(conn: Conn, request_id: str, fingerprint: bytes) -> DeskResult | None:
+def foreign_request(request_id: str) -> str:
+    """Refusal of a request id another staff member used; who it was is the audit log's to say."""
+    return (
+        f"request_id {request_id} belongs to another staff member's request; "
+        "nothing was done: use a new request id"
+    )
+
+
+async def _replay(
+    conn: Conn, request_id: str, fingerprint: bytes, staff_id: str
+) -> DeskResult | None:
     row = await conn.fetchrow(
-        "SELECT fingerprint, outcome FROM desk_requests WHERE request_id = $1", request_id
+        "SELECT operation, fingerprint, staff_id, outcome FROM desk_requests WHERE request_id = $1",
+        request_id,
     )
     if row is None:
         return None
-    if row["fingerprint"] != fingerprint:
+    if row["staff_id"] != staff_id:
+        # The first outcome is another clerk's action; replaying it would
+        # tell this one "issued" for a card the audit log gives to someone else.
+        return DeskResult(DeskStatus.CONFLICT, detail=foreign_request(request_id))
+    if row["operation"] != "issue_card" or row["fingerprint"] != fingerprint:
         return DeskResult(
             DeskStatus.CONFLICT, detail=f"request_id {request_id} was used with different content"
         )
@@ -114,7 +129,7 @@ async def issue_card(pool: asyncpg.Pool, ref: ReferenceData, issue: CardIssue) -
         for _ in range(3):
             try:
                 async with conn.transaction():
-                    earlier = await _replay(conn, issue.request_id, fp)
+                    earlier = await _replay(conn, issue.request_id, fp, issue.staff_id)
                     if earlier is not None:
                         return earlier
                     result = await _issue_in_tx(conn, ref, issue, card_no)

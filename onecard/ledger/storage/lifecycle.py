@@ -47,7 +47,7 @@ from onecard.ledger.model import CardStatus, CardView, DeskStatus, PaymentChanne
 from onecard.ledger.pii import PiiProtector
 from onecard.ledger.refdata import ReferenceData
 from onecard.ledger.storage import Conn, Contention
-from onecard.ledger.storage.cards import view_from_json, view_json
+from onecard.ledger.storage.cards import foreign_request, view_from_json, view_json
 
 _VIEW = """
 SELECT c.card_no, c.issuer_code, c.key_version, c.product_code, c.status, c.purse_balance,
@@ -167,11 +167,17 @@ async def run_action(
             try:
                 async with conn.transaction():
                     row = await conn.fetchrow(
-                        "SELECT operation, fingerprint, outcome FROM desk_requests "
+                        "SELECT operation, fingerprint, staff_id, outcome FROM desk_requests "
                         "WHERE request_id = $1",
                         request_id,
                     )
                     if row is not None:
+                        if row["staff_id"] != staff_id:
+                            # Answering the first outcome would tell this clerk
+                            # "done" for an action the audit log gives to someone else.
+                            return DeskOutcome(
+                                DeskStatus.CONFLICT, detail=foreign_request(request_id)
+                            )
                         if row["operation"] != operation or row["fingerprint"] != fp:
                             return DeskOutcome(
                                 DeskStatus.CONFLICT,
@@ -545,7 +551,8 @@ async def cancel_card(ctx: Context, conn: Conn, req: Cancellation) -> DeskOutcom
             ctx, conn, card_no, req.channel, row["purse_balance"], row["deposit_balance"],
             req.card_balance, req.request_id,
         )  # fmt: skip
-        await unlist_card(conn, card_no)  # the card is in the desk's hands now
+        # The card is in the desk's hands now: off the list (a lost card was on it).
+        version = await unlist_card(conn, card_no)
         after = await load_view(conn, card_no)
         left = row["purse_balance"] - paid_balance
         detail = f"refunded balance {paid_balance} fen and deposit {paid_deposit} fen"
@@ -554,11 +561,15 @@ async def cancel_card(ctx: Context, conn: Conn, req: Cancellation) -> DeskOutcom
                 f"; {left} fen stays on the card for offline records the chip shows "
                 "but the ledger has not received yet"
             )
+        details: dict[str, Any] = {
+            "channel": req.channel.code, "card_balance": req.card_balance,
+            "balance_paid": paid_balance, "deposit_paid": paid_deposit,
+        }  # fmt: skip
+        if version is not None:
+            details["deny_list_version"] = version
         await audit(
-            conn, req.staff_id, "cancel_card", req.request_id, card_no, before, after,
-            {"channel": req.channel.code, "card_balance": req.card_balance,
-             "balance_paid": paid_balance, "deposit_paid": paid_deposit},
-        )  # fmt: skip
+            conn, req.staff_id, "cancel_card", req.request_id, card_no, before, after, details
+        )
         return DeskOutcome(DeskStatus.OK, after, detail, amount=paid_balance + paid_deposit)
     await conn.execute(
         """INSERT INTO pending_refunds (card_no, request_id, staff_id, channel, hold_until)
@@ -654,6 +665,25 @@ async def _chain(conn: Conn, card_no: int) -> list[int]:
     return [r["card_no"] for r in await conn.fetch(_CHAIN, card_no)] or [card_no]
 
 
+async def lock_chain(conn: Conn, card_no: int) -> tuple[list[int], dict[int, asyncpg.Record]]:
+    """Lock the card and every successor; (chain oldest first, locked rows by card number).
+
+    The chain is read first, then all of it locked in card-number order like
+    every other writer; a replacement in between shows as a changed chain and
+    the read is repeated. An unknown card gives an empty dict.
+    """
+    chain = await _chain(conn, card_no)
+    for _ in range(3):
+        locked = await _locked(conn, chain)
+        if card_no not in locked:
+            return chain, {}
+        again = await _chain(conn, card_no)
+        if again == chain:
+            return chain, locked
+        chain = again
+    raise Contention("replacement chain kept changing; retry")
+
+
 async def refund_posting(ctx: Context, conn: Conn, req: DisputeRefund) -> DeskOutcome:
     """Refund (part of) a disputed purchase to the card the money lives on now.
 
@@ -661,19 +691,9 @@ async def refund_posting(ctx: Context, conn: Conn, req: DisputeRefund) -> DeskOu
     the chain): the old card is blocked for good and its purse is empty.
     """
     card_no = int(req.card_no)
-    # Read the replacement chain first, then lock all of it in card-number
-    # order like every other writer; a replacement in between shows as a
-    # changed chain and the read is repeated.
-    chain = await _chain(conn, card_no)
-    for _ in range(3):
-        locked = await _locked(conn, chain)
-        if card_no not in locked:
-            return _unknown(card_no)
-        if await _chain(conn, card_no) == chain:
-            break
-        chain = await _chain(conn, card_no)
-    else:
-        raise Contention("replacement chain kept changing while refunding; retry")
+    chain, locked = await lock_chain(conn, card_no)
+    if not locked:
+        return _unknown(card_no)
     target = chain[-1]
     before = await load_view(conn, card_no)
     assert before is not None
@@ -781,20 +801,65 @@ LIMIT $6
 """
 
 
+#: Every card of the replacement chain the card belongs to: predecessors and successors.
+_WHOLE_CHAIN = """
+WITH RECURSIVE older (card_no, depth) AS (
+    SELECT card_no, 0 FROM cards WHERE card_no = $1
+    UNION ALL
+    SELECT p.card_no, older.depth + 1
+    FROM cards p JOIN older ON p.replaced_by = older.card_no
+    WHERE older.depth < 32
+), newer (card_no, replaced_by, depth) AS (
+    SELECT card_no, replaced_by, 0 FROM cards WHERE card_no = $1
+    UNION ALL
+    SELECT c.card_no, c.replaced_by, newer.depth + 1
+    FROM cards c JOIN newer ON c.card_no = newer.replaced_by
+    WHERE newer.depth < 32
+)
+SELECT card_no FROM older UNION SELECT card_no FROM newer
+"""
+
+#: Entries in a history page that does not ask for a size.
+DEFAULT_PAGE_SIZE = 50
+
+
 def _token(q: HistoryQuery, before: int) -> str:
     raw = json.dumps([q.card_no, q.since, q.until, before]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+#: Longer than any token ``_token`` makes; bounds what a crafted one costs to decode.
+MAX_TOKEN_CHARS = 256
+_INT64_MAX = 2**63 - 1
+
+
 def _from_token(q: HistoryQuery) -> int | None:
+    """The posting id a page continues below; FieldError for anything ``_token`` did not make.
+
+    The token comes back from the client, so every field is checked before
+    it reaches SQL: a value out of bigint range would otherwise surface as a
+    raw database error instead of INVALID_ARGUMENT.
+    """
     if not q.page_token:
         return None
+    foreign = FieldError("page_token", "is not a next_page_token this service handed out")
+    if len(q.page_token) > MAX_TOKEN_CHARS:
+        raise foreign
     try:
         padded = q.page_token + "=" * (-len(q.page_token) % 4)
-        card_no, since, until, before = json.loads(base64.urlsafe_b64decode(padded))
-    except (ValueError, TypeError):
-        raise FieldError("page_token", "is not a token this service handed out") from None
-    if (card_no, since, until) != (q.card_no, q.since, q.until) or not isinstance(before, int):
+        fields = json.loads(base64.urlsafe_b64decode(padded))
+    except (ValueError, TypeError, RecursionError):
+        raise foreign from None
+    if not (isinstance(fields, list) and len(fields) == 4):
+        raise foreign
+    card_no, since, until, before = fields
+    if not (
+        all(isinstance(v, str) for v in (card_no, since, until))
+        and type(before) is int  # not bool, which json also gives
+        and 0 < before <= _INT64_MAX
+    ):
+        raise foreign
+    if (card_no, since, until) != (q.card_no, q.since, q.until):
         raise FieldError("page_token", "belongs to another query: repeat the same card and times")
     return before
 
@@ -807,25 +872,22 @@ def _counterparty(names: dict[int, str], account: int) -> str:
     return names.get(account, f"account {account}")
 
 
-async def history(
-    ref: ReferenceData, conn: Conn, q: HistoryQuery, max_page: int
-) -> HistoryPage | None:
-    """Postings that moved this card's purse or deposit, newest first; None: no such card."""
+async def history(ref: ReferenceData, conn: Conn, q: HistoryQuery) -> HistoryPage | None:
+    """Postings that moved this card's purse or deposit, newest first; None: no such card.
+
+    ``q`` is checked already (desk.CardLifecycle.history), page size included.
+    """
     card_no = int(q.card_no)
     before = _from_token(q)
-    row = await conn.fetchrow(
-        """SELECT replaced_by,
-                  (SELECT p.card_no FROM cards p WHERE p.replaced_by = c.card_no LIMIT 1) AS pred
-           FROM cards c WHERE card_no = $1""",
-        card_no,
-    )
-    if row is None:
+    # Transfers and follow-ups are filed under another card of the
+    # replacement chain, not always a neighbour: a late record of A after
+    # A -> B -> C is followed from C. The account filter keeps only what
+    # touched this card.
+    related = [r["card_no"] for r in await conn.fetch(_WHOLE_CHAIN, card_no)]
+    if not related:
         return None
-    # Transfers and late-record follow-ups are filed under the other card of
-    # a replacement; the account filter keeps only what touched this card.
-    related = [n for n in (card_no, row["replaced_by"], row["pred"]) if n is not None]
     mine = {purse_account(card_no): "purse", deposit_account(card_no): "deposit"}
-    size = max(1, min(q.page_size or 50, max_page))
+    size = q.page_size or DEFAULT_PAGE_SIZE
     since = dt.datetime.fromisoformat(q.since) if q.since else None
     until = dt.datetime.fromisoformat(q.until) if q.until else None
     rows = await conn.fetch(_HISTORY, related, list(mine), since, until, before, size + 1)

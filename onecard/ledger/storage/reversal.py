@@ -7,10 +7,15 @@ The original gets the reversal's seq in ``reversed_by_seq``, so a second
 reversal of it, under another seq, is ALREADY_REVERSED, and so is a retry of
 the original itself (which must not hand out a reversed load's MAC2). The
 money goes back by a REVERSAL posting whose ``corrects`` names the original
-posting; a reversed load gives the card's online counter back.
+posting; a reversed load gives the card's online counter back. A replaced
+card's purse is empty, so the amount then follows to the last card of its
+replacement chain (REPLACED_CARD_FOLLOW), as a late offline record's does;
+a closed card's purse is paid out, so its reversal is refused and left to
+the desk.
 
-Rare next to debits, so it is one small transaction of its own, taking the
-card row lock first and system accounts after, the order the batches use.
+Rare next to debits, so it is one small transaction of its own, locking the
+card rows first (its whole replacement chain, in card-number order) and
+system accounts after, the order the batches use.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ import asyncpg
 from onecard.ledger.accounts import purse_account
 from onecard.ledger.crypto.encoding import parse_datetime
 from onecard.ledger.lifecycle import Reversal
-from onecard.ledger.model import PostingKind, TxnKind, TxnResult, TxnStatus
+from onecard.ledger.model import CardStatus, PostingKind, TxnKind, TxnResult, TxnStatus
 from onecard.ledger.refdata import ReferenceData
 from onecard.ledger.storage import Conn, Contention
-from onecard.ledger.storage.lifecycle import Mover, audit, load_view
+from onecard.ledger.storage.lifecycle import Mover, audit, load_view, load_views, lock_chain
 
 
 def reversal_fingerprint(r: Reversal) -> bytes:
@@ -71,16 +76,18 @@ async def _reverse(conn: Conn, ref: ReferenceData, r: Reversal, window: float) -
         return TxnResult(
             TxnStatus.UNKNOWN_TERMINAL, detail=f"terminal {r.terminal_id} is not registered"
         )
-    card = await conn.fetchrow(
-        "SELECT purse_balance FROM cards WHERE card_no = $1 FOR UPDATE", card_no
-    )
-    if card is None:
+    # A replaced card's money lives on the last card of its chain: lock all of
+    # it, in card-number order, before any system account.
+    chain, locked = await lock_chain(conn, card_no)
+    if not locked:
         return TxnResult(TxnStatus.UNKNOWN_CARD, detail=f"card {r.card_no} is not issued")
-    balance: int = card["purse_balance"]
-    status, detail, posting = await _check(conn, r, terminal_id, card_no, balance, window)
+    holder = chain[-1]
+    balance: int = locked[card_no]["purse_balance"]
+    status, detail, posting = await _check(conn, r, terminal_id, card_no, locked[holder], window)
     if status is TxnStatus.APPROVED:
         assert posting is not None
         before = await load_view(conn, card_no)
+        holder_before = before if holder == card_no else await load_view(conn, holder)
         mover = Mover(None)
         # Back the way it came: the original's credit side pays the debit side.
         mover.move(
@@ -91,6 +98,19 @@ async def _reverse(conn: Conn, ref: ReferenceData, r: Reversal, window: float) -
             PostingKind.REVERSAL,
             corrects=posting["posting_id"],
         )
+        if holder != card_no:
+            # The replacement emptied this purse into the successor's; what the
+            # reversal gives back (or takes back, for a load) follows there, as
+            # a late offline record's amount does, filed under the holder.
+            gained = mover.deltas.get(purse_account(card_no), 0)
+            mover.move(
+                holder,
+                purse_account(card_no),
+                purse_account(holder),
+                gained,
+                PostingKind.REPLACED_CARD_FOLLOW,
+            )
+            detail = f"the amount follows to card {holder:016d}, which replaced this one"
         await mover.flush(conn, terminal_id, r.terminal_seq)
         balance += mover.deltas.get(purse_account(card_no), 0)
         await conn.execute(
@@ -113,12 +133,17 @@ async def _reverse(conn: Conn, ref: ReferenceData, r: Reversal, window: float) -
             card_no,
             int(TxnKind.LOAD),
         )
-        after = await load_view(conn, card_no)
-        await audit(
-            conn, f"terminal:{r.terminal_id}", "reverse", None, card_no, before, after,
-            {"original_seq": r.original_seq, "reversal_seq": r.terminal_seq,
-             "amount": r.amount, "original_posting": posting["posting_id"]},
-        )  # fmt: skip
+        views = await load_views(conn, [card_no, holder])
+        details = {
+            "original_seq": r.original_seq, "reversal_seq": r.terminal_seq,
+            "amount": r.amount, "original_posting": posting["posting_id"],
+        }  # fmt: skip
+        if holder != card_no:
+            details["credited_card"] = f"{holder:016d}"
+        staff = f"terminal:{r.terminal_id}"
+        await audit(conn, staff, "reverse", None, card_no, before, views[card_no], details)
+        if holder != card_no:
+            await audit(conn, staff, "reverse", None, holder, holder_before, views[holder], details)
     await conn.execute(
         """INSERT INTO terminal_txns (terminal_id, terminal_seq, card_no, kind, amount,
                                       fingerprint, status, balance_after, txn_time)
@@ -137,9 +162,18 @@ async def _reverse(conn: Conn, ref: ReferenceData, r: Reversal, window: float) -
 
 
 async def _check(
-    conn: Conn, r: Reversal, terminal_id: int, card_no: int, balance: int, window: float
+    conn: Conn,
+    r: Reversal,
+    terminal_id: int,
+    card_no: int,
+    holder: asyncpg.Record,
+    window: float,
 ) -> tuple[TxnStatus, str, asyncpg.Record | None]:
-    """Whether the original may be reversed now, and its posting when it may."""
+    """Whether the original may be reversed now, and its posting when it may.
+
+    ``holder`` is the locked row of the card whose purse holds the money now:
+    the card itself, or the last of its replacement chain.
+    """
     original = await conn.fetchrow(
         """SELECT card_no, kind, amount, status, reversed_by_seq,
                   now() - received_at > make_interval(secs => $3) AS too_late
@@ -201,10 +235,26 @@ async def _check(
             f"{what} was refunded in part ({refunded} fen) by the desk; it cannot be reversed",
             None,
         )
+    if holder["status"] == CardStatus.CLOSED:
+        # A closed card takes no more money: its purse was settled with the
+        # holder at the desk (paid out, or held for the refund job), so a
+        # reversal put there would be stranded. The holder's claim on this
+        # purchase is a case for the desk.
+        closed = f"card {holder['card_no']:016d}"
+        if holder["card_no"] != card_no:
+            closed += f", which replaced card {r.card_no},"
+        return (
+            TxnStatus.NOT_REVERSIBLE,
+            f"{closed} is closed (cancelled): the service desk settles {what} "
+            "with the holder (dispute refund), a terminal cannot reverse it",
+            None,
+        )
+    balance: int = holder["purse_balance"]
     if original["kind"] == TxnKind.LOAD and balance < r.amount:
+        where = "" if holder["card_no"] == card_no else f" on card {holder['card_no']:016d}"
         return (
             TxnStatus.INSUFFICIENT_FUNDS,
-            f"balance {balance} fen is less than the load of {r.amount} fen to reverse",
+            f"balance {balance} fen{where} is less than the load of {r.amount} fen to reverse",
             None,
         )
     return TxnStatus.APPROVED, "", posting
