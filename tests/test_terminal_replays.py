@@ -101,6 +101,47 @@ async def test_two_loads_with_one_counter_in_one_batch_post_once(
     await assert_books_balance(server.dsn)
 
 
+async def test_a_card_whose_load_never_completed_can_load_again(
+    server: RunningServer, channel: grpc.aio.Channel, keys
+) -> None:
+    """MAC2 lost and no reversal: the chip stays at its counter and must not be locked out.
+
+    The first cut of the replay check refused every load below the card's
+    next counter, so such a card could never be topped up again. The card's
+    retry comes with a fresh random; only the old MAC1 is refused.
+    """
+    card = await issue(channel, keys)
+    stub = terminal_stub(channel)
+    lost = card.begin_load(3000, TOPUP)
+    assert (await stub.Load(load_request(card, lost, 1))).status == APPROVED
+    # The MAC2 never reaches the chip, and the terminal goes on to other work.
+
+    retry = card.begin_load(3000, TOPUP)
+    assert retry.online_counter == lost.online_counter == 0
+    reply = await stub.Load(load_request(card, retry, 2))
+    assert reply.status == APPROVED, reply
+    card.finish_load(retry, now_bcd_text(), reply.mac2)
+    assert card.balance == 3000
+    # The holder paid twice and holds 3000 on the chip: the ledger owes the
+    # rest, and shows it (the desk refunds it on the chip's evidence).
+    assert await purse(server.dsn, card) == (6000, 1)
+
+    replayed = await stub.Load(load_request(card, lost, 3))  # the first MAC1 again
+    assert replayed.status == common_pb2.TXN_STATUS_STALE_COUNTER and not replayed.mac2
+    again = await stub.Load(load_request(card, retry, 4))  # the second one again
+    assert again.status == common_pb2.TXN_STATUS_STALE_COUNTER
+    assert await purse(server.dsn, card) == (6000, 1)
+
+    # The chip moved on to counter 1; counter 0 can no longer be a genuine card's.
+    assert (await Terminal(channel, TOPUP, 5).load(card, 500)).status == APPROVED
+    behind = SimulatedCard(card.card_no, keys.get("3104", 1))  # a chip image at counter 0
+    old = behind.begin_load(500, TOPUP)
+    stale = await stub.Load(load_request(behind, old, 6))
+    assert stale.status == common_pb2.TXN_STATUS_STALE_COUNTER
+    assert await purse(server.dsn, card) == (6500, 2)
+    await assert_books_balance(server.dsn)
+
+
 async def test_a_reversed_load_retried_gets_no_mac2_and_the_counter_comes_back(
     server: RunningServer, channel: grpc.aio.Channel, keys
 ) -> None:

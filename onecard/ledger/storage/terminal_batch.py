@@ -67,14 +67,16 @@ class _Card:
 
 @dataclass(slots=True)
 class _Writes:
-    txns: list[list[object]] = field(default_factory=lambda: [[] for _ in range(12)])
+    txns: list[list[object]] = field(default_factory=lambda: [[] for _ in range(13)])
     postings: list[list[object]] = field(default_factory=lambda: [[] for _ in range(7)])
     accounts: dict[int, int] = field(default_factory=dict)
 
     def outcome(self, p: Prepared, status: TxnStatus, balance: int, mac2: bytes | None) -> None:
         req = p.request
-        card_balance, counter = (
-            (req.old_balance, req.online_counter) if isinstance(req, Load) else (None, None)
+        card_balance, counter, random = (
+            (req.old_balance, req.online_counter, req.card_random)
+            if isinstance(req, Load)
+            else (None, None, None)
         )
         row = (
             p.terminal_id,
@@ -89,6 +91,7 @@ class _Writes:
             card_balance,
             p.txn_time,
             counter,
+            random,
         )
         for col, value in zip(self.txns, row, strict=True):
             col.append(value)
@@ -151,6 +154,11 @@ WITH earlier AS (
     FROM cards WHERE card_no = ANY($3::bigint[])
     ORDER BY card_no
     FOR UPDATE
+), mac1_used AS (
+    SELECT DISTINCT t.card_no, t.online_counter, t.card_random
+    FROM unnest($4::bigint[], $5::integer[]) AS l(card_no, online_counter)
+    JOIN terminal_txns t USING (card_no, online_counter)
+    WHERE t.online_counter IS NOT NULL AND t.status = 1  -- TxnStatus.APPROVED
 )
 SELECT 1 AS k, terminal_id AS id, terminal_seq AS seq, fingerprint, status,
        balance_after AS balance, mac2, NULL::text AS product, reversed_by_seq AS counter,
@@ -160,6 +168,9 @@ UNION ALL
 SELECT 2, card_no, NULL, NULL, status, purse_balance, NULL, product_code, online_counter,
        key_version
 FROM locked
+UNION ALL
+SELECT 3, card_no, NULL, NULL, NULL, NULL, card_random, NULL, online_counter, NULL
+FROM mac1_used
 """
 
 # Every write of the batch in one statement: outcomes, postings, card balances
@@ -170,26 +181,26 @@ _WRITE = f"""
 WITH txns AS (
     INSERT INTO terminal_txns (terminal_id, terminal_seq, card_no, kind, amount, fingerprint,
                                status, balance_after, mac2, card_balance, txn_time,
-                               online_counter)
+                               online_counter, card_random)
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::smallint[],
                          $5::bigint[], $6::bytea[], $7::smallint[], $8::bigint[], $9::bytea[],
-                         $10::bigint[], $11::timestamp[], $12::integer[])
+                         $10::bigint[], $11::timestamp[], $12::integer[], $13::bytea[])
     ORDER BY 1, 2  -- key order, as uploads insert: unique-index waits cannot cross
 ), posted AS (
     INSERT INTO postings (card_no, debit_account, credit_account, amount, kind,
                           terminal_id, terminal_seq)
-    SELECT * FROM unnest($13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[],
-                         $17::smallint[], $18::bigint[], $19::bigint[])
+    SELECT * FROM unnest($14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[],
+                         $18::smallint[], $19::bigint[], $20::bigint[])
 ), purses AS (
     UPDATE cards AS c
     SET purse_balance = c.purse_balance + d.delta,
         online_counter = greatest(c.online_counter, d.online_counter),
         offline_counter = c.offline_counter + d.purchases,
         last_used_at = now()
-    FROM unnest($20::bigint[], $21::bigint[], $22::integer[], $23::integer[])
+    FROM unnest($21::bigint[], $22::bigint[], $23::integer[], $24::integer[])
          AS d(card_no, delta, online_counter, purchases)
     WHERE c.card_no = d.card_no
-), {hot_accounts(24)}
+), {hot_accounts(25)}
 SELECT 1
 """
 
@@ -198,17 +209,23 @@ async def apply_terminal_batch(
     conn: Conn, ref: ReferenceData, items: list[Prepared]
 ) -> list[TxnResult]:
     """Decide and record every item; the caller replies only after this returns."""
+    loads = [(p.card_no, p.request.online_counter) for p in items if isinstance(p.request, Load)]
     async with conn.transaction():
         rows = await conn.fetch(
             _READ,
             [p.terminal_id for p in items],
             [p.request.terminal_seq for p in items],
             sorted({p.card_no for p in items}),
+            [card for card, _ in loads],
+            [counter for _, counter in loads],
         )
         seen: dict[tuple[int, int], _Earlier] = {}
         cards: dict[int, _Card] = {}
+        mac1_used: set[tuple[int, int, bytes]] = set()
         for r in rows:
-            if r["k"] == 1:
+            if r["k"] == 3:
+                mac1_used.add((r["id"], r["counter"], r["mac2"]))
+            elif r["k"] == 1:
                 seen[(r["id"], r["seq"])] = (
                     r["fingerprint"],
                     TxnStatus(r["status"]),
@@ -221,7 +238,7 @@ async def apply_terminal_batch(
                     r["status"], r["balance"], r["product"], r["counter"], r["key_version"]
                 )
         writes = _Writes()
-        results = [_decide(p, seen, cards, ref, writes) for p in items]
+        results = [_decide(p, seen, cards, mac1_used, ref, writes) for p in items]
 
         if writes.txns[0]:
             touched = [(no, c) for no, c in cards.items() if c.touched]
@@ -254,6 +271,7 @@ def _decide(
     p: Prepared,
     seen: dict[tuple[int, int], _Earlier],
     cards: dict[int, _Card],
+    mac1_used: set[tuple[int, int, bytes]],
     ref: ReferenceData,
     writes: _Writes,
 ) -> TxnResult:
@@ -303,14 +321,19 @@ def _decide(
             TxnStatus.UNKNOWN_TERMINAL, detail=f"terminal {req.terminal_id} is not registered"
         )
 
-    result = _decide_new(p, cards.get(p.card_no), ref, operator, writes)
+    result = _decide_new(p, cards.get(p.card_no), mac1_used, ref, operator, writes)
     writes.outcome(p, result.status, result.balance_after, result.mac2 or None)
     seen[key] = (p.fingerprint, result.status, result.balance_after, result.mac2, None)
     return result
 
 
 def _decide_new(
-    p: Prepared, card: _Card | None, ref: ReferenceData, operator: str, writes: _Writes
+    p: Prepared,
+    card: _Card | None,
+    mac1_used: set[tuple[int, int, bytes]],
+    ref: ReferenceData,
+    operator: str,
+    writes: _Writes,
 ) -> TxnResult:
     req = p.request
     if card is None:
@@ -349,15 +372,19 @@ def _decide_new(
         )
         return TxnResult(TxnStatus.APPROVED, card.balance)
 
-    if req.online_counter < card.online_counter:
-        # MAC1 is bound to the counter, and the counter is what makes it
-        # single-use: the same MAC1 under a new terminal seq would credit the
-        # purse again for one top-up on the chip.
+    # MAC1 is bound to the counter and the card's random, and nothing else
+    # makes it single-use: the same MAC1 under a new terminal seq would credit
+    # the purse again for one top-up on the chip. A chip moves past a counter
+    # only by completing a load at it, so it never shows one below the last
+    # approved load's; at that one it may come again with a fresh random, when
+    # the last load's MAC2 never reached it (migration 0010).
+    used = (p.card_no, req.online_counter, req.card_random)
+    if req.online_counter < card.online_counter - 1 or used in mac1_used:
         return TxnResult(
             TxnStatus.STALE_COUNTER,
             balance,
-            detail=f"online counter {req.online_counter} was used by an earlier load; "
-            f"the card's next is {card.online_counter}",
+            detail=f"online counter {req.online_counter} with this card random was used by "
+            f"an earlier load; the card's next counter is {card.online_counter}",
         )
     # A load: the card will hold old_balance + amount; the ledger's purse may be
     # higher while offline purchases are still on their way, so both must fit.
@@ -373,6 +400,7 @@ def _decide_new(
     card.delta += req.amount
     card.online_counter = max(card.online_counter, req.online_counter + 1)
     card.touched = True
+    mac1_used.add(used)
     writes.posting(
         p,
         ref.account_id(cash_code(req.card_no[:4], req.channel.code)),
