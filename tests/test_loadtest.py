@@ -74,9 +74,9 @@ async def test_the_generator_collects_no_garbage_while_it_times_calls(
     during: list[bool] = []
     send = loadtest._send
 
-    async def watched(*args: object) -> None:
+    async def watched(*args: object) -> bool:
         during.append(gc.isenabled())
-        await send(*args)  # type: ignore[arg-type]
+        return await send(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(loadtest, "_send", watched)
     args = _args(
@@ -93,3 +93,39 @@ def test_the_collector_comes_back_even_when_a_run_fails() -> None:
         assert not gc.isenabled()
         raise RuntimeError("the run broke")
     assert gc.isenabled()
+
+
+async def test_without_a_database_the_report_says_the_books_were_not_checked(
+    server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--target alone: no --dsn, no embedded PostgreSQL in --data-dir. Silence read as a pass."""
+    report_file = tmp_path / "r.json"
+    args = _args(
+        "--target", server.address, "--data-dir", str(tmp_path / "none"), "--cards", "20",
+        "--terminals", "4", "--mix", "debit=1", "--count", "10", "--json", str(report_file),
+    )  # fmt: skip
+    assert await run(args) == 0  # not asked to check: nothing failed
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("books:"))
+    assert line.startswith("books: not checked: ") and line.endswith("give --dsn")
+    assert "--target given without --dsn" in line
+    check = json.loads(report_file.read_text())["check"]
+    assert check["checked"] is False and "--target given without --dsn" in check["reason"]
+
+
+async def test_with_target_the_embedded_database_of_the_data_dir_is_still_checked(
+    server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test server's database plays the embedded one that --data-dir's postmaster.pid names."""
+    data = tmp_path / "data"
+    monkeypatch.setattr(loadtest, "embedded_dsn", lambda d: server.dsn if d == data else None)
+    report_file = tmp_path / "r.json"
+    args = _args(
+        "--target", server.address, "--data-dir", str(data), "--cards", "50",
+        "--terminals", "4", "--mix", "debit=1", "--count", "20", "--json", str(report_file),
+    )  # fmt: skip
+    assert await run(args) == 0
+    check = json.loads(report_file.read_text())["check"]
+    assert check["checked"] is True and check["ok"] is True
+    assert check["database"] == f"the embedded PostgreSQL in {data / 'pg'}"
+    assert check["acknowledged"] > 0

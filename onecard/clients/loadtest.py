@@ -12,10 +12,18 @@ share one TCP connection between channels to the same address, and with
 ``onecard serve --workers N`` the kernel spreads connections, not requests,
 so one connection would keep every worker but one idle.
 
-Afterwards every acknowledged posting is looked up in the database (present
-exactly once) and the trial balance must be zero. The database is ``--dsn``
-or, for a server started by ``onecard serve`` on its embedded PostgreSQL in
-``--data-dir``, that one.
+Calls that end in a gRPC error (a full queue's RESOURCE_EXHAUSTED, a
+cancellation, an outage) are counted as outcomes of their own and timed
+apart: a refusal answered in a millisecond would otherwise pull the answered
+calls' percentiles down exactly when the server is overloaded.
+
+Afterwards the books are checked in the database, set-based: every
+acknowledged request has exactly one posting with its card, amount, kind and
+direction; a request answered as not posted has none under its identity; an
+unanswered one has at most one; the trial balance is zero and every balance
+equals its postings. The database is ``--dsn`` or, for a server started by
+``onecard serve`` on its embedded PostgreSQL in ``--data-dir``, that one; when
+there is neither, the report says the books were not checked.
 """
 
 from __future__ import annotations
@@ -23,14 +31,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import gc
 import json
 import math
 import os
 import random
+import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +50,12 @@ import grpc
 from hdrh.histogram import HdrHistogram
 
 from onecard.clients.population import Population, Zipf, seed_cards, seed_terminals
-from onecard.ledger.audit import trial_balance
+from onecard.clients.terminal import approved
+from onecard.ledger.accounts import PURSE_BASE
+from onecard.ledger.audit import balance_discrepancies, trial_balance
 from onecard.ledger.devdata import DEMO_ISSUER, DEV_KEYS
 from onecard.ledger.keys import MemoryKeyStore, parse_key_document
+from onecard.ledger.model import PostingKind
 from onecard.v1 import (
     common_pb2,
     terminal_pb2_grpc,
@@ -52,6 +65,13 @@ from onecard.v1 import (
 
 KINDS = ("debit", "load", "upload")
 PURSE_MAX = 100_000  # the demo standard product's
+#: The rush profile's rate is the mean times ``1 - RUSH_SWING * cos(2 pi x)`` at
+#: fraction x of the run: half the mean at its ends, 1.5 times it at the peak.
+RUSH_SWING = 0.5
+
+
+def _new_histogram() -> HdrHistogram:
+    return HdrHistogram(1, 600_000_000, 3)
 
 
 @dataclass
@@ -66,51 +86,86 @@ class Op:
 class Report:
     seconds: float = 0.0
     outcomes: Counter[str] = field(default_factory=Counter)
+    #: latency of calls the server answered, per kind
     hist: dict[str, HdrHistogram] = field(default_factory=dict)
-    timeline: list[tuple[float, float]] = field(default_factory=list)  # (done at, latency)
-    acknowledged: list[tuple[int, int]] = field(default_factory=list)  # (terminal, seq)
+    #: latency of calls that ended in a gRPC error, per kind
+    failed_hist: dict[str, HdrHistogram] = field(default_factory=dict)
+    timeline: list[tuple[float, float, bool]] = field(default_factory=list)  # (done at, s, ok)
+    #: (op, reply) of every answered call, read only after the run (see expectations)
+    answered: list[tuple[Op, Any]] = field(default_factory=list)
+    #: ops whose call ended in a gRPC error: the server may or may not have posted them
+    unanswered: list[Op] = field(default_factory=list)
     records: int = 0
     errors: dict[str, str] = field(default_factory=dict)  # first detail per error kind
 
-    def record(self, kind: str, latency: float, done_at: float) -> None:
-        h = self.hist.get(kind)
+    def record(self, kind: str, latency: float, done_at: float, ok: bool = True) -> None:
+        hists = self.hist if ok else self.failed_hist
+        h = hists.get(kind)
         if h is None:
-            h = self.hist[kind] = HdrHistogram(1, 600_000_000, 3)
+            h = hists[kind] = _new_histogram()
         h.record_value(max(1, int(latency * 1e6)))
-        self.timeline.append((done_at, latency))
+        self.timeline.append((done_at, latency, ok))
 
     def summary(self) -> dict[str, Any]:
+        answered = sum(h.get_total_count() for h in self.hist.values())
+        failed = sum(h.get_total_count() for h in self.failed_hist.values())
+        requests = answered + failed
         out: dict[str, Any] = {
             "seconds": round(self.seconds, 3),
-            "requests": sum(h.get_total_count() for h in self.hist.values()),
+            "requests": requests,
+            "answered": answered,
+            "failed": failed,
+            "failed_share": round(failed / requests, 4) if requests else 0.0,
             "records": self.records,
             "records_per_second": round(self.records / self.seconds, 1) if self.seconds else 0,
             "outcomes": dict(sorted(self.outcomes.items())),
             "errors": self.errors,
-            "latency_ms": {},
+            "latency_ms": _percentiles(self.hist),
+            "failed_latency_ms": _percentiles(self.failed_hist),
         }
-        for kind, h in sorted(self.hist.items()):
-            out["latency_ms"][kind] = {
-                q: h.get_value_at_percentile(p) / 1e3
-                for q, p in (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100))
-            }
         return out
 
 
+def _percentiles(hists: dict[str, HdrHistogram]) -> dict[str, dict[str, float]]:
+    return {
+        kind: {
+            "calls": h.get_total_count(),
+            **{
+                q: h.get_value_at_percentile(p) / 1e3
+                for q, p in (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100))
+            },
+        }
+        for kind, h in sorted(hists.items())
+    }
+
+
 def _profile_times(n: int, rate: float, profile: str) -> list[float]:
-    """Intended send times: evenly spaced (steady) or a morning peak (rush)."""
+    """Intended send times of ``n`` requests at a mean of ``rate`` a second.
+
+    Both profiles span ``n / rate`` seconds, so ``--duration`` and ``--rate``
+    mean the same whatever the profile. Rush is the shape of a morning peak
+    compressed in time, a raised-cosine hump (RUSH_SWING) whose mean is the
+    mean asked for. Each time inverts the cumulative count exactly (Newton):
+    summing per-request gaps drifts, and the run would not end on time.
+    """
     if rate <= 0:
         return [0.0] * n
+    span = n / rate
     if profile == "steady":
         return [i / rate for i in range(n)]
-    # rush: the rate rises to 3x the base in the middle of the run and falls back
-    # (a raised-cosine hump), the shape of a morning peak compressed in time.
-    duration = n / (rate * 2.0)  # the hump's mean rate is twice the base rate
-    times, t = [], 0.0
-    for _ in range(n):
-        times.append(t)
-        x = min(1.0, t / duration)
-        t += 1.0 / (rate * (1.0 + (1.0 - math.cos(2 * math.pi * x))))
+    # Requests due by fraction x of the span, as a fraction of n:
+    # g(x) = x - RUSH_SWING sin(2 pi x) / (2 pi), g' = 1 - RUSH_SWING cos(2 pi x) > 0.
+    two_pi, a = 2 * math.pi, RUSH_SWING
+    times, x = [], 0.0
+    for i in range(n):
+        target = i / n
+        for _ in range(50):
+            g = x - a * math.sin(two_pi * x) / two_pi
+            step = (g - target) / (1 - a * math.cos(two_pi * x))
+            x -= step
+            if abs(step) < 1e-12:
+                break
+        times.append(x * span)
     return times
 
 
@@ -176,31 +231,98 @@ async def _send(
     terminal: terminal_pb2_grpc.TerminalServiceStub,
     upload: upload_pb2_grpc.UploadServiceStub,
     report: Report,
-) -> None:
+) -> bool:
+    """Sends one op and counts its outcome; False when the call ended in a gRPC error.
+
+    The reply is kept as it came: what it acknowledged is worked out after
+    the run (see expectations), so the books check costs the timed loop one
+    append per call.
+    """
     try:
         if op.kind == "upload":
             replies = [r async for r in upload.UploadRecords(iter([op.request]))]
-            for res, rec in zip(replies[0].results, op.request.records, strict=True):
+            for res in replies[0].results:
                 name = upload_pb2.RecordOutcome.Name(res.outcome).removeprefix("RECORD_OUTCOME_")
                 report.outcomes[f"upload {name}"] += 1
-                if res.outcome in (
-                    upload_pb2.RECORD_OUTCOME_POSTED,
-                    upload_pb2.RECORD_OUTCOME_POSTED_WITH_EXCEPTION,
-                ):
-                    report.acknowledged.append((int(rec.terminal_id), rec.terminal_seq))
+            report.answered.append((op, replies[0]))
             report.records += op.records
-            return
+            return True
         call = terminal.Debit if op.kind == "debit" else terminal.Load
         reply = await call(op.request)
         name = common_pb2.TxnStatus.Name(reply.status).removeprefix("TXN_STATUS_")
         report.outcomes[f"{op.kind} {name}"] += 1
-        if reply.status == common_pb2.TXN_STATUS_APPROVED:
-            report.acknowledged.append((int(op.request.terminal_id), op.request.terminal_seq))
+        report.answered.append((op, reply))
         report.records += 1
+        return True
     except grpc.aio.AioRpcError as exc:
         key = f"{op.kind} error {exc.code().name}"
         report.outcomes[key] += 1
         report.errors.setdefault(key, exc.details() or "")
+        report.unanswered.append(op)
+        return False
+
+
+#: What the books must show for one request's identity (terminal, seq).
+POSTED = 1  # acknowledged: exactly one posting, with the request's content
+REFUSED = 0  # answered as not posted: no posting at all under its identity
+#: CONFLICT: the identity belongs to an earlier request (another run's, say), so
+#: only a posting made during this run would be this request's.
+CONFLICTED = 2
+UNANSWERED = 3  # no answer (a gRPC error): at most one posting, with its content
+
+_POSTED_RECORD = (upload_pb2.RECORD_OUTCOME_POSTED, upload_pb2.RECORD_OUTCOME_POSTED_WITH_EXCEPTION)
+
+
+def _online_expect(reply: Any) -> int:
+    if approved(reply) or reply.status == common_pb2.TXN_STATUS_ALREADY_REVERSED:
+        return POSTED  # a reversal is a posting of its own; the original stays
+    if reply.status == common_pb2.TXN_STATUS_CONFLICT:
+        return CONFLICTED
+    return REFUSED
+
+
+def _offline_expect(result: Any) -> int:
+    if result.outcome in _POSTED_RECORD or (
+        result.outcome == upload_pb2.RECORD_OUTCOME_DUPLICATE
+        and result.original_outcome in _POSTED_RECORD
+    ):
+        return POSTED
+    if result.outcome == upload_pb2.RECORD_OUTCOME_CONFLICT:
+        return CONFLICTED
+    return REFUSED
+
+
+Expectation = tuple[int, int, int, int, int, int]  # terminal, seq, card, amount, kind, expect
+
+
+def _row(message: Any, kind: PostingKind, expect: int) -> Expectation:
+    return (
+        int(message.terminal_id),
+        message.terminal_seq,
+        int(message.card_number),
+        message.amount,
+        int(kind),
+        expect,
+    )
+
+
+def expectations(report: Report) -> list[Expectation]:
+    """Per request of the run, its identity and content and what the books must show."""
+    rows: list[Expectation] = []
+    for op, reply in report.answered:
+        if op.kind == "upload":
+            for rec, res in zip(op.request.records, reply.results, strict=True):
+                rows.append(_row(rec, PostingKind.PURCHASE, _offline_expect(res)))
+        else:
+            kind = PostingKind.PURCHASE if op.kind == "debit" else PostingKind.LOAD
+            rows.append(_row(op.request, kind, _online_expect(reply)))
+    for op in report.unanswered:
+        if op.kind == "upload":
+            rows.extend(_row(rec, PostingKind.PURCHASE, UNANSWERED) for rec in op.request.records)
+        else:
+            kind = PostingKind.PURCHASE if op.kind == "debit" else PostingKind.LOAD
+            rows.append(_row(op.request, kind, UNANSWERED))
+    return rows
 
 
 def open_channels(target: str, n: int) -> list[grpc.aio.Channel]:
@@ -271,9 +393,9 @@ async def _run_ops(
             nonlocal sent
             terminal, upload = stubs[sent % len(stubs)]
             sent += 1
-            await _send(op, terminal, upload, report)
+            ok = await _send(op, terminal, upload, report)
             done = time.perf_counter()
-            report.record(op.kind, done - intended, done - start)
+            report.record(op.kind, done - intended, done - start, ok)
             if progress is not None:
                 progress()
 
@@ -320,27 +442,163 @@ def embedded_dsn(data_dir: Path) -> str | None:
     return f"postgresql://postgres@127.0.0.1:{port}/{EMBEDDED_DATABASE}"
 
 
-async def check_database(dsn: str, acknowledged: list[tuple[int, int]]) -> tuple[int, int, int]:
-    """(acknowledged missing, acknowledged posted more than once, trial balance)."""
+_CHECK_POSTINGS = """
+WITH j AS (
+    SELECT e.i, e.terminal_id, e.terminal_seq, e.card_no, e.amount, e.kind, e.expect,
+           count(p.posting_id) AS n_any,
+           count(p.posting_id) FILTER (WHERE p.kind IN (1, 2)) AS n,
+           count(p.posting_id) FILTER (
+               WHERE p.kind = e.kind AND p.card_no = e.card_no AND p.amount = e.amount
+                 AND CASE WHEN e.kind = 1 THEN p.debit_account
+                          ELSE p.credit_account END = $1 + e.card_no
+           ) AS n_right,
+           count(p.posting_id) FILTER (WHERE $2::timestamptz IS NULL OR p.posted_at >= $2)
+               AS n_during,
+           string_agg(format('#%s %s fen kind %s card %s, account %s to %s', p.posting_id,
+                             p.amount, p.kind, p.card_no, p.debit_account, p.credit_account),
+                      '; ' ORDER BY p.posting_id) AS found
+    FROM loadtest_expected e
+    LEFT JOIN postings p ON p.terminal_id = e.terminal_id AND p.terminal_seq = e.terminal_seq
+    GROUP BY e.i
+), problems AS (
+    SELECT CASE
+               WHEN expect = 1 AND n = 0 THEN 'missing'
+               WHEN expect IN (1, 3) AND n > 1 THEN 'doubled'
+               WHEN expect IN (1, 3) AND n = 1 AND n_right = 0 THEN 'wrong'
+               WHEN expect = 0 AND n_any > 0 THEN 'refused_posted'
+               WHEN expect = 2 AND n_during > 0 THEN 'refused_posted'
+           END AS problem, j.*
+    FROM j
+), ranked AS (
+    SELECT problems.*, count(*) OVER w AS total, row_number() OVER (w ORDER BY i) AS k
+    FROM problems WHERE problem IS NOT NULL
+    WINDOW w AS (PARTITION BY problem)
+)
+SELECT * FROM ranked WHERE k <= $3 ORDER BY problem, k
+"""
+
+PROBLEMS = {
+    "missing": "acknowledged but not posted",
+    "doubled": "posted more than once",
+    "wrong": "posted with another card, amount, kind or direction",
+    "refused_posted": "answered as not posted, posted anyway",
+}
+
+
+@dataclass
+class BooksCheck:
+    """What the database shows against what the server answered."""
+
+    acknowledged: int
+    refused: int
+    unanswered: int
+    problems: dict[str, int]
+    examples: dict[str, list[str]]
+    trial_balance: int
+    discrepancies: int
+    discrepancy_examples: list[str]
+
+    @property
+    def ok(self) -> bool:
+        clean = not any(self.problems.values())
+        return clean and self.trial_balance == 0 and self.discrepancies == 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "checked": True,
+            "ok": self.ok,
+            "acknowledged": self.acknowledged,
+            "refused": self.refused,
+            "unanswered": self.unanswered,
+            **self.problems,
+            "trial_balance": self.trial_balance,
+            "balance_discrepancies": self.discrepancies,
+            "examples": {
+                **{k: v for k, v in self.examples.items() if v},
+                **(
+                    {"balance_discrepancies": self.discrepancy_examples}
+                    if self.discrepancy_examples
+                    else {}
+                ),
+            },
+        }
+
+    def lines(self) -> list[str]:
+        """The verdict on one line, then a few examples of each failure."""
+        seen = (
+            f"{self.acknowledged:,} acknowledged, {self.refused:,} refused, "
+            f"{self.unanswered:,} unanswered requests; trial balance {self.trial_balance} fen"
+        )
+        if self.ok:
+            return [
+                f"books: consistent: {seen}: every acknowledged request posted once with "
+                "its card, amount, kind and direction, no refused one posted, no unanswered "
+                "one posted twice or wrongly, every balance equal to its postings"
+            ]
+        failed = [f"{n:,} {PROBLEMS[k]}" for k, n in self.problems.items() if n]
+        if self.trial_balance:
+            failed.append(f"trial balance {self.trial_balance} fen, not 0")
+        if self.discrepancies:
+            failed.append(f"{self.discrepancies:,} balances differ from their postings")
+        out = [f"books: NOT CONSISTENT: {'; '.join(failed)} ({seen})"]
+        for k, examples in self.examples.items():
+            out.extend(f"  {k}: {e}" for e in examples)
+        out.extend(f"  balance: {e}" for e in self.discrepancy_examples)
+        return out
+
+
+async def check_database(
+    dsn: str,
+    expected: list[Expectation],
+    since: dt.datetime | None = None,
+    examples: int = 3,
+) -> BooksCheck:
+    """Proves the books against the answers, in a few set-based statements.
+
+    The run's identities go into a temporary table by COPY and are joined
+    with the postings once: a query per request would make the check take
+    longer than the run. ``since`` is when the run began (the database's
+    clock): a CONFLICT's identity may hold an earlier run's posting.
+    """
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch(
-            """
-            SELECT k.terminal_id, k.terminal_seq, count(p.posting_id) AS n
-            FROM unnest($1::bigint[], $2::bigint[]) AS k(terminal_id, terminal_seq)
-            LEFT JOIN postings p ON p.terminal_id = k.terminal_id
-                                AND p.terminal_seq = k.terminal_seq
-                                AND p.kind IN (1, 2)
-            GROUP BY 1, 2
-            """,
-            [t for t, _ in acknowledged],
-            [s for _, s in acknowledged],
+        await conn.execute(
+            """CREATE TEMPORARY TABLE loadtest_expected (
+                   i integer PRIMARY KEY, terminal_id bigint, terminal_seq bigint,
+                   card_no bigint, amount bigint, kind smallint, expect smallint)"""
         )
-        missing = sum(1 for r in rows if r["n"] == 0)
-        doubled = sum(1 for r in rows if r["n"] > 1)
-        return missing, doubled, int(await trial_balance(conn))
+        await conn.copy_records_to_table(
+            "loadtest_expected", records=[(i, *row) for i, row in enumerate(expected)]
+        )
+        await conn.execute("ANALYZE loadtest_expected")
+        rows = await conn.fetch(_CHECK_POSTINGS, PURSE_BASE, since, examples)
+        problems = dict.fromkeys(PROBLEMS, 0)
+        shown: dict[str, list[str]] = {k: [] for k in PROBLEMS}
+        for r in rows:
+            problems[r["problem"]] = r["total"]
+            what = "load" if r["kind"] == PostingKind.LOAD else "purchase"
+            shown[r["problem"]].append(
+                f"terminal {r['terminal_id']} seq {r['terminal_seq']}: {what} of {r['amount']} "
+                f"fen on card {r['card_no']}; found {r['found'] or 'no posting'}"
+            )
+        tb = int(await trial_balance(conn))
+        wrong = await balance_discrepancies(conn)
     finally:
         await conn.close()
+    expects = Counter(row[5] for row in expected)
+    return BooksCheck(
+        acknowledged=expects[POSTED],
+        refused=expects[REFUSED] + expects[CONFLICTED],
+        unanswered=expects[UNANSWERED],
+        problems=problems,
+        examples=shown,
+        trial_balance=tb,
+        discrepancies=len(wrong),
+        discrepancy_examples=[
+            f"account {d.account}: balance {d.balance} fen, postings say {d.from_postings}"
+            for d in wrong[:examples]
+        ],
+    )
 
 
 def plot(report: Report, path: Path) -> None:
@@ -351,16 +609,23 @@ def plot(report: Report, path: Path) -> None:
 
     seconds = max(1, math.ceil(report.seconds))
     done = [0] * seconds
+    failed = [0] * seconds
     worst = [0.0] * seconds
-    for at, latency in report.timeline:
+    for at, latency, ok in report.timeline:
         i = min(seconds - 1, int(at))
-        done[i] += 1
-        worst[i] = max(worst[i], latency * 1e3)
+        if ok:
+            done[i] += 1
+            worst[i] = max(worst[i], latency * 1e3)
+        else:
+            failed[i] += 1
     fig, (a, b) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
-    a.plot(range(seconds), done)
+    a.plot(range(seconds), done, label="answered")
+    if any(failed):
+        a.plot(range(seconds), failed, color="tab:orange", label="failed (gRPC error)")
+        a.legend()
     a.set_ylabel("requests done / s")
     b.plot(range(seconds), worst, color="tab:red")
-    b.set_ylabel("max latency (ms)")
+    b.set_ylabel("max latency, answered (ms)")
     b.set_xlabel("seconds since start")
     a.set_title("onecard loadtest")
     fig.tight_layout()
@@ -374,12 +639,46 @@ def parse_mix(text: str) -> dict[str, int]:
         name, _, weight = part.partition("=")
         if name not in KINDS or not weight.isdigit():
             raise argparse.ArgumentTypeError(
-                f"--mix takes kind=weight pairs of {', '.join(KINDS)}, got {part!r}"
+                f"takes kind=weight pairs of {', '.join(KINDS)} with whole-number weights "
+                f">= 0, got {part!r}"
             )
         mix[name] = int(weight)
     if not any(mix.values()):
-        raise argparse.ArgumentTypeError("--mix needs at least one positive weight")
+        raise argparse.ArgumentTypeError(
+            f"needs at least one weight > 0 (a kind to run), got {text!r}"
+        )
     return mix
+
+
+def _whole(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum`` (argparse names the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds_or_rate(*, zero: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number above 0 (or 0 too, when ``zero`` means something)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        limit = ">= 0" if zero else "> 0"
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be finite and {limit}, got {text}")
+        return value
+
+    return parse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -388,29 +687,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dsn",
         help="database to seed the population in and check afterwards "
-        "(default: the embedded PostgreSQL of the server in --data-dir)",
+        "(default: the embedded PostgreSQL of the server in --data-dir, if it runs there)",
     )
-    p.add_argument("--cards", type=int, default=100_000, help="card population")
-    p.add_argument("--terminals", type=int, default=2_000, help="terminals played")
-    p.add_argument("--card-balance", type=int, default=20_000, help="opening balance, fen")
+    p.add_argument("--cards", type=_whole(1), default=100_000, help="card population")
+    p.add_argument("--terminals", type=_whole(1), default=2_000, help="terminals played")
+    p.add_argument("--card-balance", type=_whole(0), default=20_000, help="opening balance, fen")
     p.add_argument("--mix", type=parse_mix, default=parse_mix("debit=70,load=5,upload=25"))
-    p.add_argument("--batch", type=int, default=100, help="records per upload batch")
-    p.add_argument("--count", type=int, default=10_000, help="requests (an upload batch is one)")
+    p.add_argument("--batch", type=_whole(1), default=100, help="records per upload batch")
+    p.add_argument(
+        "--count", type=_whole(1), default=10_000, help="requests (an upload batch is one)"
+    )
     p.add_argument(
         "--duration",
-        type=float,
+        type=_seconds_or_rate(zero=False),
         help="seconds; with --rate sets the count; closed loop stops at it or at --count",
     )
-    p.add_argument("--rate", type=float, default=0.0, help="requests/s, open loop; 0: closed")
-    p.add_argument("--concurrency", type=int, default=64, help="in flight, closed loop")
     p.add_argument(
-        "--channels", type=int, default=8, help="TCP connections (spread over --workers)"
+        "--rate",
+        type=_seconds_or_rate(zero=True),
+        default=0.0,
+        help="mean requests/s over the run, open loop, whatever the profile; 0: closed loop",
     )
-    p.add_argument("--profile", choices=["steady", "rush"], default="steady")
+    p.add_argument("--concurrency", type=_whole(1), default=64, help="in flight, closed loop")
+    p.add_argument(
+        "--channels", type=_whole(1), default=8, help="TCP connections (spread over --workers)"
+    )
+    p.add_argument(
+        "--profile",
+        choices=["steady", "rush"],
+        default="steady",
+        help="open loop: evenly spaced, or a hump from half the mean rate to 1.5 times it",
+    )
     p.add_argument("--zipf", type=float, default=1.0, help="card popularity skew")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", type=Path, help="write the report as JSON")
     p.add_argument("--plot", type=Path, help="draw throughput and latency over time (PNG)")
+
+
+def _refuse(message: str) -> int:
+    """Refuses options that would run nothing, before anything runs (argparse's exit code)."""
+    print(f"onecard loadtest: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _database(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The database to seed and check, and how it was found or why there is none."""
+    if args.dsn:
+        return args.dsn, "--dsn"
+    dsn = embedded_dsn(args.data_dir)
+    pid = args.data_dir / "pg" / "postmaster.pid"
+    if dsn:
+        return dsn, f"the embedded PostgreSQL in {args.data_dir / 'pg'}"
+    why = "--target given without --dsn, and " if args.target else ""
+    return None, f"{why}no embedded PostgreSQL running in {args.data_dir} ({pid} not found)"
+
+
+def _request_count(args: argparse.Namespace) -> int:
+    return int(args.rate * args.duration) if args.duration and args.rate else args.count
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -419,24 +752,42 @@ async def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console()
-    target = args.target or (args.data_dir / "server.addr").read_text().strip()
-    if not args.dsn and not args.target:
-        args.dsn = embedded_dsn(args.data_dir)
+    count = _request_count(args)
+    if count < 1:
+        return _refuse(
+            f"--rate {args.rate:g} for --duration {args.duration:g} s makes {count} requests; "
+            "the run needs at least 1"
+        )
+    if args.target:
+        target = args.target
+    else:
+        addr = args.data_dir / "server.addr"
+        try:
+            target = addr.read_text().strip()
+        except FileNotFoundError:
+            target = ""
+        if not target:
+            return _refuse(
+                f"no server address in {addr}: start the server "
+                f"(onecard serve --data-dir {args.data_dir}) or give --target HOST:PORT"
+            )
+    dsn, source = _database(args)
     keys = MemoryKeyStore(parse_key_document(DEV_KEYS, "dev keys"))
     version = keys.get(DEMO_ISSUER, 2)
     assert version is not None
     terminals: list[str]
-    if args.dsn:
-        conn = await asyncpg.connect(args.dsn)
+    since: dt.datetime | None = None
+    if dsn:
+        conn = await asyncpg.connect(dsn)
         try:
             with console.status(f"seeding {args.cards:,} cards and {args.terminals:,} terminals"):
                 await seed_cards(conn, args.cards, args.card_balance, version.kv)
                 terminals = await seed_terminals(conn, args.terminals)
+            since = await conn.fetchval("SELECT now()")
         finally:
             await conn.close()
     else:
         terminals = ["310400000001", "310400000002", "310400000003", "310400000004"]
-    count = int(args.rate * args.duration) if args.duration and args.rate else args.count
     pop = Population(version, args.cards, args.card_balance)
     with console.status(f"signing {count:,} requests ahead"):
         ops = build_ops(
@@ -465,34 +816,57 @@ async def run(args: argparse.Namespace) -> int:
             args.duration,
         )
     summary = report.summary()
-    table = Table(title=f"onecard loadtest: {summary['requests']:,} requests, "
-                  f"{summary['records']:,} transactions in {summary['seconds']:.1f}s "
-                  f"= {summary['records_per_second']:,.0f}/s")  # fmt: skip
-    for col in ("kind", "p50 ms", "p95 ms", "p99 ms", "max ms"):
+    title = (
+        f"onecard loadtest: {summary['requests']:,} requests in {summary['seconds']:.1f}s: "
+        f"{summary['answered']:,} answered, {summary['records']:,} transactions "
+        f"= {summary['records_per_second']:,.0f}/s"
+    )
+    if summary["failed"]:
+        title += f"; {summary['failed']:,} FAILED ({summary['failed_share']:.0%})"
+    table = Table(title=title)
+    for col in ("kind", "calls", "p50 ms", "p95 ms", "p99 ms", "max ms"):
         table.add_column(col, justify="right")
-    for kind, lat in summary["latency_ms"].items():
-        table.add_row(kind, *(f"{lat[q]:.1f}" for q in ("p50", "p95", "p99", "max")))
+    for label, lats in (("", summary["latency_ms"]), (" failed", summary["failed_latency_ms"])):
+        for kind, lat in lats.items():
+            table.add_row(
+                kind + label,
+                f"{lat['calls']:,}",
+                *(f"{lat[q]:.1f}" for q in ("p50", "p95", "p99", "max")),
+            )
     console.print(table)
     for name, n in summary["outcomes"].items():
-        console.print(f"  {name:<40}{n:>9,}")
+        console.print(f"  {name:<40}{n:>9,}", highlight=False)
         if name in report.errors:
-            console.print(f"    first: {report.errors[name]}")
-    code = 0
-    if args.dsn:
-        missing, doubled, tb = await check_database(args.dsn, report.acknowledged)
-        summary["check"] = {
-            "acknowledged": len(report.acknowledged),
-            "missing": missing,
-            "doubled": doubled,
-            "trial_balance": tb,
-        }
-        ok = missing == 0 and doubled == 0 and tb == 0
+            console.print(f"    first: {report.errors[name]}", highlight=False, soft_wrap=True)
+    if summary["failed"]:
         console.print(
-            f"books: {len(report.acknowledged):,} acknowledged postings, {missing} missing, "
-            f"{doubled} doubled, trial balance {tb} fen: "
-            + ("[green]consistent[/green]" if ok else "[red]NOT CONSISTENT[/red]")
+            f"[bold red]calls failed: {summary['failed']:,} of {summary['requests']:,} "
+            f"({summary['failed_share']:.0%}) ended in a gRPC error, not an answer[/bold red]; "
+            "their latencies are the 'failed' rows, not the answered ones",
+            soft_wrap=True,
         )
-        code = 0 if ok else 1
+    code = 0
+    if dsn:
+        with console.status("checking the books"):
+            check = await check_database(dsn, expectations(report), since)
+        summary["check"] = {"database": source, **check.as_json()}
+        style = "green" if check.ok else "bold red"
+        for i, line in enumerate(check.lines()):
+            console.print(
+                f"[{style}]{line}[/{style}]" if i == 0 else line,
+                soft_wrap=True,
+                highlight=False,
+                markup=i == 0,
+            )
+        code = 0 if check.ok else 1
+    else:
+        reason = f"no database: {source}"
+        summary["check"] = {"checked": False, "reason": reason}
+        console.print(
+            f"[yellow]books: not checked: {reason}; give --dsn[/yellow]",
+            soft_wrap=True,
+            highlight=False,
+        )
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + os.linesep)
     if args.plot:

@@ -1,0 +1,73 @@
+"""Options that would run nothing, and a server that cannot be found, are refused up front.
+
+``--concurrency 0`` used to start no worker and report an empty, consistent
+run; a missing ``server.addr`` surfaced as "cannot reach the database or the
+network". Both are the operator's to fix, so they get exit 2 and a message
+naming the option or the file, before anything is seeded or sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from onecard.clients.loadtest import add_arguments, run
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onecard loadtest")
+    add_arguments(p)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--concurrency", "0"], "argument --concurrency: must be at least 1, got 0"),
+        (["--concurrency", "-3"], "argument --concurrency: must be at least 1, got -3"),
+        (["--count", "0"], "argument --count: must be at least 1, got 0"),
+        (["--count", "-1"], "argument --count: must be at least 1, got -1"),
+        (["--batch", "0"], "argument --batch: must be at least 1, got 0"),
+        (["--batch", "-1"], "argument --batch: must be at least 1, got -1"),
+        (["--channels", "0"], "argument --channels: must be at least 1, got 0"),
+        (["--cards", "0"], "argument --cards: must be at least 1, got 0"),
+        (["--terminals", "0"], "argument --terminals: must be at least 1, got 0"),
+        (["--mix", "debit=0,upload=0"], "argument --mix: needs at least one weight > 0"),
+        (["--mix", "debit=-1"], "argument --mix: takes kind=weight pairs"),
+        (["--rate", "-5"], "argument --rate: must be finite and >= 0, got -5"),
+        (["--rate", "nan"], "argument --rate: must be finite and >= 0, got nan"),
+        (["--duration", "0"], "argument --duration: must be finite and > 0, got 0"),
+        (["--duration", "-2"], "argument --duration: must be finite and > 0, got -2"),
+    ],
+)
+def test_an_option_that_runs_nothing_is_refused_naming_its_limit(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+async def test_a_rate_and_duration_that_make_no_request_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _parser().parse_args(
+        ["--rate", "0.5", "--duration", "1", "--target", "127.0.0.1:9", "--data-dir", str(tmp_path)]
+    )
+    assert await run(args) == 2
+    err = capsys.readouterr().err
+    assert "--rate 0.5 for --duration 1 s makes 0 requests" in err
+
+
+async def test_a_missing_server_address_says_to_start_the_server_or_give_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _parser().parse_args(["--data-dir", str(tmp_path), "--count", "5"])
+    assert await run(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert str(tmp_path / "server.addr") in err
+    assert "start the server" in err and "--target" in err
+    assert "cannot reach" not in err
