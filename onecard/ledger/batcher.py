@@ -22,11 +22,19 @@ R = TypeVar("R")
 
 
 class Overloaded(Exception):
-    """The queue is at its limit; the caller should back off and retry."""
+    """The queue is at its limit; the caller should back off and retry.
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"queue is full ({limit} requests waiting); retry later")
+    ``committer`` names the queue, so the server can name the setting that
+    bounds it (the ledger knows no flags).
+    """
+
+    def __init__(self, limit: int, committer: str = "") -> None:
+        super().__init__(
+            f"{committer + ' ' if committer else ''}queue is full ({limit} requests waiting); "
+            "retry later"
+        )
         self.limit = limit
+        self.committer = committer
 
 
 class ShuttingDown(Exception):
@@ -107,7 +115,7 @@ class GroupCommitter(Generic[T, R]):
         if self._closing:
             raise ShuttingDown()
         if self._queued_items + count > self.max_queue and self._queued_items:
-            raise Overloaded(self.max_queue)
+            raise Overloaded(self.max_queue, self.name)
 
     async def submit_many(self, items: list[T]) -> list[R]:
         """Results for ``items`` in order, after the transaction holding them committed."""

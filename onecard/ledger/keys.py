@@ -35,7 +35,7 @@ class MasterKey:
 
     def __init__(self, material: bytes, role: str) -> None:
         if len(material) != 16:
-            raise KeyStoreError(f"{role} must be 16 bytes, got {len(material)}")
+            raise KeyStoreError(f"{role} must be 16 bytes, got {len(material)} bytes")
         self._material = bytes(material)
         self.role = role
 
@@ -118,41 +118,104 @@ class MemoryKeyStore:
         return f"{type(self).__name__}({len(ids)} key versions: {ids})"
 
 
-def parse_key_document(doc: Mapping[str, Any], source: str) -> list[KeyVersion]:
+_ENTRY_FIELDS = ("suite", "mtk", "mlk")
+
+
+def _kind(value: object) -> str:
+    """What a value is, never what it says: the wrong place may hold a master key."""
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    if isinstance(value, dict):
+        return f"an object of {len(value)} members"
+    return "null" if value is None else type(value).__name__
+
+
+def _name(key: object, position: int, valid: bool) -> str:
+    """A member's name for the path when it is valid; else its position.
+
+    A name that breaks its rule is not shown: a master key pasted where an
+    issuer code or key version belongs would otherwise be printed whole.
+    """
+    return str(key) if valid else f"(member {position})"
+
+
+def parse_key_document(doc: object, source: str) -> list[KeyVersion]:
     """Key file layout::
 
     {"issuers": {"3104": {"1": {"suite": "pboc-3des", "mtk": "<32 hex>", "mlk": "<32 hex>"}}}}
+
+    Every refusal names the place (``source`` and the path in the document)
+    and the rule; a value is described by its kind and length only.
     """
+    if not isinstance(doc, dict):
+        raise KeyStoreError(
+            f'{source}: must be a JSON object {{"issuers": {{...}}}}, got {_kind(doc)}'
+        )
     issuers = doc.get("issuers")
     if not isinstance(issuers, dict):
-        raise KeyStoreError(f"{source}: top-level 'issuers' object missing")
+        got = "missing" if issuers is None else _kind(issuers)
+        raise KeyStoreError(f"{source}: issuers must be an object of issuer codes, got {got}")
     out: list[KeyVersion] = []
-    for issuer, versions in issuers.items():
+    for i, (issuer, versions) in enumerate(issuers.items(), 1):
+        valid = isinstance(issuer, str) and len(issuer) == 4
+        valid = valid and issuer.isascii() and issuer.isdigit()
+        at = f"issuers.{_name(issuer, i, valid)}"
+        if not valid:
+            raise KeyStoreError(
+                f"{source}: {at}: an issuer code must be 4 decimal digits, got {_kind(issuer)}"
+            )
         if not isinstance(versions, dict):
-            raise KeyStoreError(f"{source}: issuers.{issuer} must be an object of key versions")
-        for kv_text, entry in versions.items():
-            where = f"{source}: issuers.{issuer}.{kv_text}"
-            try:
-                kv = int(kv_text)
-                suite = Suite.from_label(entry["suite"])
-                mtk = MasterKey(_unhex(entry["mtk"], f"{where}.mtk"), "MTK")
-                mlk = MasterKey(_unhex(entry["mlk"], f"{where}.mlk"), "MLK")
-                out.append(KeyVersion(issuer, kv, suite, mtk, mlk))
-            except KeyStoreError as exc:
-                raise KeyStoreError(f"{where}: {exc}") from None
-            except (KeyError, TypeError, ValueError) as exc:
-                # ValueError text from int()/Suite never includes key bytes.
-                raise KeyStoreError(f"{where}: {type(exc).__name__}: {exc}") from None
+            raise KeyStoreError(
+                f"{source}: {at} must be an object of key versions, got {_kind(versions)}"
+            )
+        for j, (kv_text, entry) in enumerate(versions.items(), 1):
+            valid = isinstance(kv_text, str) and 1 <= len(kv_text) <= 3
+            valid = valid and kv_text.isascii() and kv_text.isdigit() and int(kv_text) <= 255
+            where = f"{source}: {at}.{_name(kv_text, j, valid)}"
+            if not valid:
+                raise KeyStoreError(
+                    f"{where}: a key version must be a number from 0 to 255, got {_kind(kv_text)}"
+                )
+            out.append(_key_version(issuer, int(kv_text), entry, where))
     return out
 
 
+def _key_version(issuer: str, kv: int, entry: object, where: str) -> KeyVersion:
+    if not isinstance(entry, dict):
+        raise KeyStoreError(
+            f"{where} must be an object with {', '.join(_ENTRY_FIELDS)}, got {_kind(entry)}"
+        )
+    for name in _ENTRY_FIELDS:
+        if name not in entry:
+            raise KeyStoreError(f"{where}.{name} is missing")
+    label = entry["suite"]
+    labels = [s.label for s in Suite]
+    if not isinstance(label, str) or label not in labels:
+        raise KeyStoreError(f"{where}.suite must be one of {', '.join(labels)}, got {_kind(label)}")
+    suite = Suite.from_label(label)
+    mtk = MasterKey(_unhex(entry["mtk"], f"{where}.mtk"), "MTK")
+    mlk = MasterKey(_unhex(entry["mlk"], f"{where}.mlk"), "MLK")
+    return KeyVersion(issuer, kv, suite, mtk, mlk)
+
+
 def _unhex(text: object, where: str) -> bytes:
+    """16 key bytes from 32 hex digits (bytes may be spaced, as bytes.fromhex allows)."""
+    expected = f"{where} must be 32 hex digits (16 bytes)"
     if not isinstance(text, str):
-        raise KeyStoreError(f"{where} must be a hex string")
+        raise KeyStoreError(f"{expected}, got {_kind(text)}")
     try:
-        return bytes.fromhex(text)
+        material = bytes.fromhex(text)
     except ValueError:
-        raise KeyStoreError(f"{where} is not valid hex") from None
+        raise KeyStoreError(f"{expected}, got {_kind(text)} that is not hex") from None
+    if len(material) != 16:
+        raise KeyStoreError(f"{expected}, got {len(material)} bytes")
+    return material
 
 
 def check_private(path: Path) -> None:
@@ -181,6 +244,17 @@ class FileKeyStore(MemoryKeyStore):
             raise KeyStoreError(f"key file {self.path} does not exist") from None
         except json.JSONDecodeError as exc:
             raise KeyStoreError(f"key file {self.path} is not JSON (line {exc.lineno})") from None
+        except UnicodeDecodeError as exc:
+            # Its own text quotes the offending byte: say only where it is.
+            raise KeyStoreError(
+                f"key file {self.path} is not UTF-8 text (at byte {exc.start})"
+            ) from None
+        except RecursionError:
+            raise KeyStoreError(f"key file {self.path} is nested too deeply") from None
+        except OSError as exc:
+            raise KeyStoreError(
+                f"key file {self.path} cannot be read: {exc.strerror or type(exc).__name__}"
+            ) from None
         return parse_key_document(doc, str(self.path))
 
     def reload(self) -> None:
@@ -201,4 +275,6 @@ def key_store_from_env(environ: Mapping[str, str] | None = None) -> MemoryKeySto
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise KeyStoreError(f"{ENV_KEYS} is not JSON (column {exc.colno})") from None
+    except RecursionError:
+        raise KeyStoreError(f"{ENV_KEYS} is nested too deeply") from None
     return MemoryKeyStore(parse_key_document(doc, ENV_KEYS))

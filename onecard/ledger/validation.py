@@ -27,6 +27,18 @@ class Limits:
     max_upload_batch: int = 5_000
 
 
+class OverLimit(FieldError):
+    """A field over a system limit; ``setting`` names the ``Limits`` field that sets it.
+
+    The server turns the setting into the flag an operator changes, so the
+    refusal reports the limit where it is configured (DESIGN.md decision 9).
+    """
+
+    def __init__(self, field: str, rule: str, setting: str) -> None:
+        super().__init__(field, rule)
+        self.setting = setting
+
+
 def issuer_of(card_no: str) -> str:
     """The issuer code is the card number's first four digits (the city code of T-Union cards)."""
     return card_no[:4]
@@ -41,7 +53,11 @@ def check_amount(amount: int, limits: Limits, field: str = "amount") -> None:
     if amount <= 0:
         raise FieldError(field, f"must be a positive number of fen, got {amount}")
     if amount > limits.max_amount:
-        raise FieldError(field, f"{amount} fen is over the system limit of {limits.max_amount} fen")
+        raise OverLimit(
+            field,
+            f"{amount} fen is over the system limit of {limits.max_amount} fen",
+            "max_amount",
+        )
 
 
 def suite_for(keys: KeyStore, card_no: str, kv: int, field: str = "key_version") -> Suite:
@@ -144,9 +160,10 @@ def check_upload_batch(
     could not have come from a terminal.
     """
     if len(records) > limits.max_upload_batch:
-        raise FieldError(
+        raise OverLimit(
             "records",
             f"batch of {len(records)} records is over the limit of {limits.max_upload_batch}",
+            "max_upload_batch",
         )
     if claimed_count != len(records):
         raise FieldError(
@@ -188,6 +205,8 @@ def _refuse_record(records: list[OfflineRecord], limits: Limits) -> NoReturn:
         try:
             _check_common(r.card_no, r.amount, r.terminal_id, r.date_time, limits)
         except FieldError as exc:
+            if isinstance(exc, OverLimit):
+                raise OverLimit(f"{where}.{exc.field}", exc.rule, exc.setting) from None
             raise FieldError(f"{where}.{exc.field}", exc.rule) from None
         if r.txn_type not in PURCHASE_TYPES:
             raise FieldError(

@@ -100,17 +100,26 @@ def load_pii_key(cfg: ServerConfig) -> bytes:
 
 
 async def start_embedded_postgres(cfg: ServerConfig) -> tuple[EmbeddedPostgres, str]:
+    """The embedded PostgreSQL, started, with the server's database; stopped again on failure.
+
+    The caller only gets ``pg`` to stop once this returns, so a failure (or a
+    cancellation) between starting it and returning is undone here.
+    """
     pg = EmbeddedPostgres(cfg.data_dir / "pg")
     await asyncio.to_thread(pg.start)
-    conn = await asyncpg.connect(pg.dsn("postgres"))
     try:
-        exists = await conn.fetchval(
-            "SELECT 1 FROM pg_database WHERE datname = $1", EMBEDDED_DATABASE
-        )
-        if not exists:
-            await conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}"')
-    finally:
-        await conn.close()
+        conn = await asyncpg.connect(pg.dsn("postgres"))
+        try:
+            exists = await conn.fetchval(
+                "SELECT 1 FROM pg_database WHERE datname = $1", EMBEDDED_DATABASE
+            )
+            if not exists:
+                await conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}"')
+        finally:
+            await conn.close()
+    except BaseException:
+        await asyncio.to_thread(pg.stop)
+        raise
     return pg, pg.dsn(EMBEDDED_DATABASE)
 
 
@@ -193,6 +202,15 @@ class RunningServer:
                 log.info("key file reloaded: %d key versions", len(list(self.keys.versions())))
             except KeyStoreError as exc:
                 log.error("key reload refused, old keys stay in force: %s", exc)
+            except Exception as exc:
+                # Anything the loader did not foresee: its text might quote the
+                # file, so only its kind is logged; a signal callback that
+                # raised would leave a traceback and the keys in doubt.
+                log.error(
+                    "key reload of %s failed (%s), old keys stay in force",
+                    self.keys.path,
+                    type(exc).__name__,
+                )
 
 
 def tune_gc() -> None:

@@ -74,9 +74,7 @@ async def _serve(cfg: ServerConfig) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    cfg = config_from_args(args)
-    if args.workers < 1:
-        raise FieldError("--workers", f"must be at least 1, got {args.workers}")
+    cfg = config_from_args(args)  # refuses --workers below one, too
     if args.workers > 1:
         from onecard.server.workers import run_workers
 
@@ -152,6 +150,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 1 if surprises else 0
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onecard", description="Transport-card ledger: gRPC server and tools."
@@ -159,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(
         parser, "--log-format", default="text", choices=["text", "json"], help="log line format"
     )
-    add_option(parser, "--log-level", default="info", help="log level")
+    add_option(
+        parser,
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help="log level",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the ledger's gRPC server")
@@ -214,7 +222,12 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        # argparse has said what is wrong (or printed --help); callers of
+        # main() get the code as they get every other refusal's.
+        return exc.code if isinstance(exc.code, int) else 2
     args.argv = argv
     setup_logging(args.log_format, args.log_level)
     try:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from onecard.ledger.crypto.encoding import FieldError
-from onecard.ledger.engine import BatchSettings
+from onecard.ledger.engine import ONLINE_COMMITTER, UPLOAD_COMMITTER, BatchSettings
 from onecard.ledger.lifecycle import DeskSettings
 from onecard.ledger.validation import Limits
 
@@ -55,20 +57,142 @@ def env_name(flag: str) -> str:
     return "ONECARD_" + flag.lstrip("-").replace("-", "_").upper()
 
 
+class _FromEnv(str):
+    """A setting's text as its ``ONECARD_*`` twin gave it, so a refusal can say where it came from.
+
+    argparse converts a string default only once it knows the option was not
+    on the command line, through the option's ``type``: conversion (and its
+    refusal) then happens for the subcommand being run, not for every
+    subcommand while the parser is built.
+    """
+
+    env: str
+
+    def __new__(cls, text: str, env: str) -> _FromEnv:
+        self = super().__new__(cls, text)
+        self.env = env
+        return self
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(text)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+_EXPECTED = {
+    int: "an integer",
+    float: "a finite number",
+    _finite: "a finite number",
+    _boolean: f"one of {', '.join(_TRUE + _FALSE)}",
+}
+
+
+def _expected(flag: str, kind: Callable[[str], Any]) -> str:
+    low, high = _BOUNDS.get(flag, (None, None))
+    words = _EXPECTED.get(kind, "a valid value")
+    if low is not None and high is not None:
+        return f"{words} from {low} to {high}"
+    if low is not None:
+        return f"{words} of at least {low}"
+    return words
+
+
+def _converter(
+    flag: str, kind: Callable[[str], Any], choices: Sequence[Any] | None
+) -> Callable[[str], Any]:
+    """``type=`` for an option: parse, check choices and bounds, and name the env twin if used."""
+    if kind is float:
+        kind = _finite
+
+    def convert(text: str) -> Any:
+        source = f" (from {text.env})" if isinstance(text, _FromEnv) else ""
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {_expected(flag, kind)}, got {text!r}{source}"
+            ) from None
+        if choices is not None and value not in choices:
+            raise argparse.ArgumentTypeError(
+                f"must be one of {', '.join(map(str, choices))}, got {text!r}{source}"
+            )
+        try:
+            check_setting(flag, value)
+        except FieldError as exc:
+            raise argparse.ArgumentTypeError(f"{exc.rule}{source}") from None
+        return value
+
+    return convert
+
+
+class _Switch(argparse.Action):
+    """``store_true`` whose default (from the env twin) argparse converts, and may refuse."""
+
+    def __init__(
+        self,
+        option_strings: Sequence[str],
+        dest: str,
+        default: Any = False,
+        type: Callable[[str], Any] | None = None,
+        help: str | None = None,
+    ) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, type=type, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, True)
+
+
 def add_option(
     parser: argparse.ArgumentParser, flag: str, *, help: str, default: Any = None, **kw: Any
 ) -> None:
-    """An option whose default comes from its ``ONECARD_*`` twin when that is set."""
+    """An option whose default comes from its ``ONECARD_*`` twin when that is set (and not empty).
+
+    The twin's text is converted and checked (type, choices, ``_BOUNDS``) as a
+    command-line value is, when the subcommand is parsed; a refusal names the
+    flag, the rule and the variable, and exits 2 before anything starts.
+    """
     env = env_name(flag)
-    raw = os.environ.get(env)
-    if kw.get("action") == "store_true":
-        value: Any = raw.lower() in ("1", "true", "yes", "on") if raw else bool(default)
-    elif raw is not None:
-        value = kw.get("type", str)(raw)
-    else:
-        value = default
+    raw = os.environ.get(env) or None
     shown = f" (default: {default})" if default not in (None, False) else ""
-    parser.add_argument(flag, default=value, help=f"{help}{shown} [env {env}]", **kw)
+    full_help = f"{help}{shown} [env {env}]"
+    if kw.pop("action", None) == "store_true":
+        parser.add_argument(
+            flag,
+            action=_Switch,
+            default=_FromEnv(raw, env) if raw is not None else bool(default),
+            type=_converter(flag, _boolean, None),
+            help=full_help,
+        )
+        return
+    kind = kw.pop("type", str)
+    parser.add_argument(
+        flag,
+        default=_FromEnv(raw, env) if raw is not None else default,
+        type=_converter(flag, kind, kw.get("choices")),
+        help=full_help,
+        **kw,
+    )
 
 
 def add_server_options(p: argparse.ArgumentParser) -> None:
@@ -232,6 +356,7 @@ MAX_ACCEPTORS = 16
 
 #: Options that count something the server cannot run with none of.
 _COUNTS = (
+    "--workers",
     "--pool-size",
     "--max-batch",
     "--max-queue",
@@ -240,8 +365,55 @@ _COUNTS = (
     "--max-upload-batch",
     "--max-upload-queue",
     "--max-pending-calls",
-    "--acceptors",
 )
+
+#: Every numeric setting's range (inclusive; None: no bound). Checked when
+#: the command line is parsed, for the flag and its ONECARD_* twin alike, and
+#: again in ``config_from_args`` for callers that build a namespace themselves.
+#: A negative gRPC message size would mean "unlimited", a negative cache size
+#: reaches the extension, a negative hold or window would refund or reverse
+#: at once: none of them is what an operator meant.
+_BOUNDS: dict[str, tuple[int | None, int | None]] = {
+    **{flag: (1, None) for flag in _COUNTS},
+    "--acceptors": (1, MAX_ACCEPTORS),
+    "--linger-ms": (0, 1000),
+    "--key-cache-size": (0, 0x3FFFFFFF),  # the extension's own ceiling
+    "--max-message-bytes": (1, 2**31 - 1),  # gRPC's is a C int; -1 there is "unlimited"
+    "--max-amount": (1, 0xFFFFFFFF),  # amount is 4 bytes on the card (PROTOCOL.md)
+    "--refund-hold": (0, None),
+    "--refund-job-interval": (0, None),
+    "--reversal-window": (0, None),
+}
+
+#: Ledger settings (and group committers) by the flag that sets them, for
+#: errors that must name the limit they hit (the ledger does not know flags).
+LIMIT_FLAGS = {
+    "max_amount": "--max-amount",
+    "max_upload_batch": "--max-upload-batch",
+    ONLINE_COMMITTER: "--max-queue",
+    UPLOAD_COMMITTER: "--max-upload-queue",
+}
+
+
+def flag_for(setting: str) -> str | None:
+    """``--max-queue (ONECARD_MAX_QUEUE)`` for a ledger setting's name, if a flag sets it."""
+    flag = LIMIT_FLAGS.get(setting)
+    return f"{flag} ({env_name(flag)})" if flag else None
+
+
+def check_setting(flag: str, value: Any) -> None:
+    """Refuse ``value`` for ``flag`` outside its range, naming the flag and the limit."""
+    if flag in ("--listen", "--metrics-listen") and value:
+        parse_host_port(flag, value)
+    if flag not in _BOUNDS or isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise FieldError(flag, f"must be a finite number, got {value}")
+    low, high = _BOUNDS[flag]
+    if low is not None and value < low:
+        raise FieldError(flag, f"must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise FieldError(flag, f"must be at most {high}, got {value}")
 
 
 def parse_host_port(flag: str, listen: str) -> tuple[str, int]:
@@ -253,17 +425,10 @@ def parse_host_port(flag: str, listen: str) -> tuple[str, int]:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    for flag in _COUNTS:
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value < 1:
-            raise FieldError(flag, f"must be at least 1, got {value}")
-    parse_host_port("--listen", args.listen)
-    if args.metrics_listen:
-        parse_host_port("--metrics-listen", args.metrics_listen)
-    if args.acceptors > MAX_ACCEPTORS:
-        raise FieldError("--acceptors", f"must be at most {MAX_ACCEPTORS}, got {args.acceptors}")
-    if not 0 <= args.linger_ms <= 1000:
-        raise FieldError("--linger-ms", f"must be between 0 and 1000, got {args.linger_ms}")
+    for flag in ("--listen", "--metrics-listen", *_BOUNDS):
+        dest = flag[2:].replace("-", "_")
+        if hasattr(args, dest):
+            check_setting(flag, getattr(args, dest))
     return ServerConfig(
         listen=args.listen,
         dsn=args.dsn or None,

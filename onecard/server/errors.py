@@ -21,6 +21,7 @@ import grpc
 from onecard.ledger.batcher import Overloaded, ShuttingDown
 from onecard.ledger.crypto.encoding import FieldError
 from onecard.ledger.storage import Contention
+from onecard.server.config import flag_for
 from onecard.server.metrics import observe_call
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,16 @@ _OUTAGE = (
 )
 
 
+def _with_setting(details: str, setting: str) -> str:
+    """``details`` naming the flag that sets the limit it reports, when a flag does.
+
+    An operator who sees the refusal then knows what to change; the ledger
+    carries only its setting's name (it knows no flags).
+    """
+    flag = flag_for(setting) if setting else None
+    return f"{details} [limit set by {flag}]" if flag else details
+
+
 async def guarded(
     context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]
 ) -> T:
@@ -63,10 +74,15 @@ async def guarded(
         return result
     except FieldError as exc:
         code = "INVALID_ARGUMENT"
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            _with_setting(str(exc), getattr(exc, "setting", "")),
+        )
     except Overloaded as exc:
         code = "RESOURCE_EXHAUSTED"
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, _with_setting(str(exc), exc.committer)
+        )
     except ShuttingDown as exc:
         code = "UNAVAILABLE"
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -12,20 +12,30 @@ transactions cannot deadlock.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+from prometheus_client import multiprocess
 
 from onecard.ledger.devdata import seed_demo_data
 from onecard.ledger.storage.migrate import apply_migrations
 from onecard.server.config import ServerConfig
+from onecard.server.embedded_pg import EmbeddedPostgres
 from onecard.server.listen import WORKER_ENV, check_port_free
 from onecard.server.metrics import MULTIPROC_ENV, MetricsServer, workers_dir
 
@@ -58,7 +68,16 @@ def _worker_argv(
     return out
 
 
-async def _prepare(cfg: ServerConfig) -> tuple[str, Path | None, Path, object]:
+async def _prepare(
+    cfg: ServerConfig, stopping: Callable[[], bool]
+) -> tuple[str, Path | None, Path, EmbeddedPostgres | None]:
+    """Keys, the database and its schema, once for all workers.
+
+    Whatever fails (or is interrupted) after the embedded PostgreSQL started
+    stops it again before the error leaves: nothing else would, and the next
+    start would find an orphan. A stop asked for meanwhile (``stopping()``)
+    skips what is left; the caller then stops the database.
+    """
     from onecard.server.app import load_keys, load_pii_key, start_embedded_postgres
 
     keys, dev = load_keys(cfg)
@@ -70,102 +89,279 @@ async def _prepare(cfg: ServerConfig) -> tuple[str, Path | None, Path, object]:
     load_pii_key(cfg)
     pii_path = cfg.pii_key_file or cfg.data_dir / "pii-key"
     embedded = None
-    dsn = cfg.dsn
-    if not dsn:
-        embedded, dsn = await start_embedded_postgres(cfg)
-    conn = await asyncpg.connect(dsn)
+    dsn = cfg.dsn or ""
+    if stopping():
+        return dsn, key_path, pii_path, embedded
     try:
-        applied = await apply_migrations(conn)
-        if applied:
-            log.info("applied migrations: %s", ", ".join(applied))
-        if dev:
-            await seed_demo_data(conn)
-    finally:
-        await conn.close()
+        if not dsn:
+            embedded, dsn = await start_embedded_postgres(cfg)
+        if stopping():
+            return dsn, key_path, pii_path, embedded
+        conn = await asyncpg.connect(dsn)
+        try:
+            applied = await apply_migrations(conn)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+            if dev:
+                await seed_demo_data(conn)
+        finally:
+            await conn.close()
+    except BaseException:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+        raise
     return dsn, key_path, pii_path, embedded
+
+
+#: A worker that exits while the server is not stopping is started again, up
+#: to this many times within RESTART_WINDOW seconds; one more exit in that
+#: window stops the server (a worker that dies at once would otherwise be
+#: restarted in a loop, and the operator told nothing useful).
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+#: How long the supervision loop waits for a banner or an exit before it
+#: looks at the signals it was sent.
+_TICK = 0.1
+
+
+def _how(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"was killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"was killed by signal {-rc}"
+    return f"exited with code {rc}"
+
+
+@dataclass(eq=False)
+class _Worker:
+    slot: int
+    proc: subprocess.Popen[bytes]
+    restart: bool
+    #: What it printed until its banner was whole.
+    output: bytes = b""
+    serving: bool = False
+    #: SIGTERM sent (once: a second one could land after its handler is gone).
+    told_to_stop: bool = False
+    #: The parent's SIGHUP count this worker has seen: one that came while it
+    #: was starting may have come after it read the key file.
+    hups: int = 0
+
+
+class _Supervisor:
+    """Starts the workers one by one, restarts those that exit, and stops them all.
+
+    Signal handlers only note what was asked; this loop does the rest, so a
+    stop that arrives while a worker starts reaches it once it is up (its own
+    handlers installed), and no worker is started after it.
+    """
+
+    def __init__(
+        self, count: int, argv: list[str], env: dict[str, str], metrics_dir: Path | None
+    ) -> None:
+        self.count = count
+        self.argv = argv
+        self.env = env
+        self.metrics_dir = metrics_dir
+        self.workers: list[_Worker] = []
+        self.to_start: list[int] = list(range(1, count + 1))
+        self.restarts: collections.deque[float] = collections.deque()
+        self.stopping = False
+        self.failed = False
+        self.hups = 0
+        self.up = False  # every worker served once: the banner is out
+
+    def on_signal(self, sig: int, _frame: object) -> None:
+        if sig == signal.SIGHUP:
+            self.hups += 1
+        else:
+            self.stopping = True
+
+    def run(self, on_up: Callable[[list[int]], None]) -> None:
+        while True:
+            self._forward()
+            self._reap()
+            if self.stopping:
+                self.to_start.clear()
+                if not self.workers:
+                    return
+            elif self.to_start and not any(not w.serving for w in self.workers):
+                self._start(self.to_start.pop(0))
+            self._wait_for_banner()
+            up = not self.stopping and not self.to_start and all(w.serving for w in self.workers)
+            if up and not self.up:
+                self.up = True
+                on_up([w.proc.pid for w in sorted(self.workers, key=lambda w: w.slot)])
+
+    def _start(self, slot: int) -> None:
+        log.info("worker %d of %d starting", slot, self.count)
+        proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            env=self.env,
+            # Its own process group: a Ctrl-C meant for the server reaches
+            # the parent only, which stops each worker once it is up (a
+            # worker still importing would die with a traceback instead).
+            process_group=0,
+        )
+        self.workers.append(_Worker(slot, proc, self.up, hups=self.hups))
+
+    def _wait_for_banner(self) -> None:
+        starting = [w for w in self.workers if not w.serving]
+        if not starting:
+            time.sleep(_TICK)
+            return
+        w = starting[0]
+        assert w.proc.stdout is not None
+        fd = w.proc.stdout.fileno()
+        ready, _, _ = select.select([fd], [], [], _TICK)
+        if not ready:
+            return
+        chunk = os.read(fd, 4096)
+        if not chunk:  # it closed its output: it is exiting, for _reap to see
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                w.proc.wait(timeout=_TICK)
+            return
+        w.output += chunk
+        if b"serving gRPC on" in w.output and w.output.endswith(b"\n"):
+            # Serving (and its handlers installed) before the stop is looked
+            # at: a stop noted after this reaches it through _forward.
+            w.serving = True
+            if w.restart:
+                log.warning("worker %d restarted: pid %d", w.slot, w.proc.pid)
+
+    def _forward(self) -> None:
+        for w in self.workers:
+            if not w.serving or w.proc.poll() is not None:
+                continue
+            if self.stopping and not w.told_to_stop:
+                w.told_to_stop = True
+                w.proc.send_signal(signal.SIGTERM)
+            elif not self.stopping and w.hups < self.hups:
+                w.hups = self.hups
+                w.proc.send_signal(signal.SIGHUP)
+
+    def _reap(self) -> None:
+        for w in list(self.workers):
+            rc = w.proc.poll()
+            if rc is None:
+                continue
+            self.workers.remove(w)
+            if w.proc.stdout is not None:
+                w.proc.stdout.close()
+            if self.metrics_dir is not None:
+                # Its live gauges (queue depths) leave the sum the parent serves.
+                multiprocess.mark_process_dead(w.proc.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
+            self._exited(w, rc)
+
+    def _exited(self, w: _Worker, rc: int) -> None:
+        what = f"worker {w.slot} (pid {w.proc.pid}) {_how(rc)}"
+        if self.stopping:
+            if w.serving and rc != 0:
+                log.error("%s while stopping", what)
+                self.failed = True
+            elif not w.serving:
+                # Signalled by someone else while starting: nothing was in flight.
+                log.info("%s before serving, while stopping", what)
+            return
+        if not self.up:
+            log.error("%s before the server was up; stopping the others", what)
+            self._fail()
+            return
+        now = time.monotonic()
+        while self.restarts and now - self.restarts[0] > RESTART_WINDOW:
+            self.restarts.popleft()
+        if len(self.restarts) >= MAX_RESTARTS:
+            log.error(
+                "%s; workers were restarted %d times within %.0f s already, "
+                "so the server stops instead of restarting it again",
+                what,
+                len(self.restarts),
+                RESTART_WINDOW,
+            )
+            self._fail()
+            return
+        self.restarts.append(now)
+        log.error(
+            "%s%s; restarting it (restart %d of at most %d within %.0f s)",
+            what,
+            "" if w.serving else " before serving",
+            len(self.restarts),
+            MAX_RESTARTS,
+            RESTART_WINDOW,
+        )
+        self.to_start.append(w.slot)
+
+    def _fail(self) -> None:
+        self.failed = True
+        self.stopping = True
+
+    def terminate(self) -> None:
+        """After an error in this process: no worker may outlive it."""
+        for w in self.workers:
+            if w.proc.poll() is None:
+                w.proc.terminate()
+        for w in self.workers:
+            w.proc.wait()
+            if w.proc.stdout is not None:
+                w.proc.stdout.close()
 
 
 def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
     """Start, supervise and stop ``workers`` processes; returns the exit code."""
-    from onecard.server.embedded_pg import EmbeddedPostgres
-
     check_port_free(cfg.listen)  # before the database starts, as one process does
-    dsn, key_path, pii_path, embedded = asyncio.run(_prepare(cfg))
-    host, _, port = cfg.listen.rpartition(":")
-    if int(port) == 0:
-        port = str(_free_port(host.strip("[]")))
-    listen = f"{host}:{port}"
-    procs: list[subprocess.Popen[str]] = []
-    code = 0
-    stopping = False
-    env = {**os.environ, WORKER_ENV: "1"}
+    sup = _Supervisor(workers, [], {**os.environ, WORKER_ENV: "1"}, None)
+    # Handlers before the database starts: a stop during preparation must
+    # stop the database this process started, not leave it running. Signals
+    # reach only the main thread; run from another (tests do, for
+    # refusals), there is nothing to install.
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, sup.on_signal)
+    embedded: EmbeddedPostgres | None = None
     metrics: MetricsServer | None = None
-    metrics_dir: Path | None = None
-
-    def forward(sig: int, _frame: object) -> None:
-        nonlocal stopping
-        if sig in (signal.SIGINT, signal.SIGTERM):
-            stopping = True
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM if sig == signal.SIGINT else sig)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
     try:
+        dsn, key_path, pii_path, embedded = asyncio.run(_prepare(cfg, lambda: sup.stopping))
+        if sup.stopping:
+            print("onecard: stopped cleanly (stopped while starting)", flush=True)
+            return 0
+        host, _, port = cfg.listen.rpartition(":")
+        if int(port) == 0:
+            port = str(_free_port(host.strip("[]")))
+        listen = f"{host}:{port}"
+        sup.argv = _worker_argv(argv, dsn, listen, key_path, pii_path)
         if cfg.metrics_listen:
             # Workers record into files here; this process serves their sum.
-            metrics_dir = workers_dir(cfg.data_dir)
-            env[MULTIPROC_ENV] = str(metrics_dir)
-            metrics = MetricsServer(cfg.metrics_listen, metrics_dir)
-        for _ in range(workers):
-            proc = subprocess.Popen(
-                _worker_argv(argv, dsn, listen, key_path, pii_path),
-                stdout=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-            procs.append(proc)
-            assert proc.stdout is not None
-            banner = ""
-            while "serving gRPC on" not in banner:
-                line = proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"a worker exited before serving:\n{banner}")
-                banner += line
+            sup.metrics_dir = workers_dir(cfg.data_dir)
+            sup.env[MULTIPROC_ENV] = str(sup.metrics_dir)
+            metrics = MetricsServer(cfg.metrics_listen, sup.metrics_dir)
         where = cfg.data_dir / "pg" if embedded is not None else dsn.rsplit("@", 1)[-1]
-        if metrics is not None:
-            print(f"onecard metrics on {metrics.url}", flush=True)
-        print(
-            f"onecard serving gRPC on {listen}\n"
-            f"  workers: {workers} (pids {', '.join(str(p.pid) for p in procs)})\n"
-            f"  database: {'embedded PostgreSQL in ' if embedded else 'PostgreSQL at '}{where}",
-            flush=True,
-        )
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.data_dir / "server.addr").write_text(listen)
-        while procs:
-            for p in list(procs):
-                try:
-                    rc = p.wait(timeout=0.2)
-                except subprocess.TimeoutExpired:
-                    continue
-                procs.remove(p)
-                if rc != 0:
-                    code = rc
-                    if not stopping:
-                        log.error("worker %d exited with %d; stopping the others", p.pid, rc)
-                        forward(signal.SIGTERM, None)
-        print("onecard: stopped cleanly" if code == 0 else "onecard: a worker failed", flush=True)
+
+        def banner(pids: list[int]) -> None:
+            if metrics is not None:
+                print(f"onecard metrics on {metrics.url}", flush=True)
+            print(
+                f"onecard serving gRPC on {listen}\n"
+                f"  workers: {workers} (pids {', '.join(map(str, pids))})\n"
+                f"  database: {'embedded PostgreSQL in ' if embedded else 'PostgreSQL at '}"
+                f"{where}",
+                flush=True,
+            )
+            cfg.data_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.data_dir / "server.addr").write_text(listen)
+
+        sup.run(banner)
+        print("onecard: a worker failed" if sup.failed else "onecard: stopped cleanly", flush=True)
+        return 1 if sup.failed else 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
+        sup.terminate()
         if metrics is not None:
             metrics.stop()
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-        if isinstance(embedded, EmbeddedPostgres):
+        if sup.metrics_dir is not None:
+            shutil.rmtree(sup.metrics_dir, ignore_errors=True)
+        if embedded is not None:
             embedded.stop()
-    return code
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -26,7 +26,9 @@ class Suite(enum.IntEnum):
         for suite, name in _LABELS.items():
             if name == label:
                 return suite
-        raise ValueError(f"unknown suite {label!r}; expected one of {sorted(_LABELS.values())}")
+        # The label is not echoed: in a key file, the field may hold a master key.
+        shown = f"a string of {len(label)} characters" if isinstance(label, str) else "not a string"
+        raise ValueError(f"unknown suite ({shown}); expected one of {sorted(_LABELS.values())}")
 
 
 _LABELS = {Suite.PBOC_3DES: "pboc-3des", Suite.SM4: "sm4", Suite.AES: "aes"}

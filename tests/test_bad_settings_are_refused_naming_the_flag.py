@@ -1,0 +1,120 @@
+"""A bad setting is refused before anything starts, naming the flag, its twin and the limit.
+
+Values from ``ONECARD_*`` variables were converted while the parser was
+built, so one bad variable crashed every subcommand with a traceback that
+did not name it; choices were not checked for them at all
+(ONECARD_LOG_FORMAT=xml ran); and several numbers had no bounds: a negative
+message size is "unlimited" to gRPC, a negative cache size reached the
+extension as a traceback, negative windows and amounts started a server.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from onecard.server.cli import main
+
+#: (flag or ONECARD_ variable, value, what the refusal must say)
+BAD_SETTINGS = [
+    ("ONECARD_POOL_SIZE", "eight", "--pool-size: must be an integer of at least 1, got 'eight'"),
+    ("--pool-size", "eight", "--pool-size: must be an integer of at least 1, got 'eight'"),
+    ("--log-level", "chatty", "--log-level: must be one of debug, info, warning, error, critical"),
+    ("ONECARD_LOG_LEVEL", "chatty", "--log-level: must be one of debug, info, warning, error"),
+    ("--log-format", "xml", "--log-format: must be one of text, json, got 'xml'"),
+    ("ONECARD_LOG_FORMAT", "xml", "--log-format: must be one of text, json, got 'xml'"),
+    ("--key-cache-size", "-5", "--key-cache-size: must be at least 0, got -5"),
+    ("ONECARD_KEY_CACHE_SIZE", "2000000000", "--key-cache-size: must be at most 1073741823"),
+    ("--max-message-bytes", "-1", "--max-message-bytes: must be at least 1, got -1"),
+    ("ONECARD_MAX_MESSAGE_BYTES", "0", "--max-message-bytes: must be at least 1, got 0"),
+    ("--max-amount", "-3", "--max-amount: must be at least 1, got -3"),
+    ("ONECARD_MAX_AMOUNT", "4294967296", "--max-amount: must be at most 4294967295"),
+    ("--reversal-window", "-1", "--reversal-window: must be at least 0, got -1.0"),
+    ("ONECARD_REFUND_HOLD", "-0.5", "--refund-hold: must be at least 0, got -0.5"),
+    ("--refund-hold", "nan", "--refund-hold: must be a finite number of at least 0, got 'nan'"),
+    ("--refund-job-interval", "-2", "--refund-job-interval: must be at least 0, got -2.0"),
+    ("ONECARD_LINGER_MS", "inf", "--linger-ms: must be a finite number from 0 to 1000"),
+    ("ONECARD_ALLOW_SLOW_CRYPTO", "maybe", "--allow-slow-crypto: must be one of 1, true, yes"),
+    ("ONECARD_WORKERS", "0", "--workers: must be at least 1, got 0"),
+    ("ONECARD_LISTEN", "nowhere", "--listen: must be HOST:PORT"),
+]
+
+
+def _args(where: str, value: str, data: Path) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that set ``where`` to ``value``."""
+    if where.startswith("ONECARD_"):
+        return ["serve", "--data-dir", str(data)], {where: value}
+    if where in ("--log-level", "--log-format"):  # options of `onecard` itself
+        return [f"{where}={value}", "serve", "--data-dir", str(data)], {}
+    return ["serve", "--data-dir", str(data), f"{where}={value}"], {}
+
+
+@pytest.mark.parametrize(("where", "value", "said"), BAD_SETTINGS)
+def test_a_bad_setting_is_refused_naming_its_flag_and_limit(
+    where: str,
+    value: str,
+    said: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv, env = _args(where, value, tmp_path / "data")
+    for name, text in env.items():
+        monkeypatch.setenv(name, text)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert said in err, err
+    if where.startswith("ONECARD_"):
+        assert f"(from {where})" in err, err
+    else:
+        assert "(from ONECARD_" not in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "data").exists()  # refused before anything started
+
+
+def test_a_bad_variable_of_serve_does_not_break_other_subcommands(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ONECARD_POOL_SIZE=eight used to crash `onecard desk` too, while the parser was built."""
+    monkeypatch.setenv("ONECARD_POOL_SIZE", "eight")
+    assert main(["desk", "--help"]) == 0
+    assert "report-loss" in capsys.readouterr().out
+
+
+def test_a_bad_variable_exits_2_from_the_command(tmp_path: Path) -> None:
+    """The installed command as an operator runs it: exit 2, one line of advice, no traceback."""
+    data = tmp_path / "data"
+    run = subprocess.run(
+        [sys.executable, "-m", "onecard.server.cli", "serve", "--data-dir", str(data)],
+        env={**os.environ, "ONECARD_POOL_SIZE": "eight", "ONECARD_LISTEN": "127.0.0.1:0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert (
+        "--pool-size: must be an integer of at least 1, got 'eight' (from ONECARD_POOL_SIZE)"
+        in (run.stderr)
+    )
+    assert "Traceback" not in run.stderr
+    assert not data.exists()
+
+
+def test_good_variables_still_set_their_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onecard.server.cli import build_parser
+    from onecard.server.config import config_from_args
+
+    monkeypatch.setenv("ONECARD_POOL_SIZE", "3")
+    monkeypatch.setenv("ONECARD_ALLOW_SLOW_CRYPTO", "yes")
+    monkeypatch.setenv("ONECARD_LOG_LEVEL", "WARNING")
+    monkeypatch.setenv("ONECARD_REFUND_HOLD", "0")
+    args = build_parser().parse_args(["serve", "--max-amount", "5000"])
+    cfg = config_from_args(args)
+    assert (cfg.pool_size, cfg.allow_slow_crypto, args.log_level) == (3, True, "warning")
+    assert (cfg.desk.refund_hold, cfg.limits.max_amount) == (0.0, 5000)
+    # the command line wins over the variable
+    assert config_from_args(build_parser().parse_args(["serve", "--pool-size", "5"])).pool_size == 5
