@@ -43,3 +43,33 @@ def test_the_rush_peak_is_a_multiple_of_the_mean_in_the_middle() -> None:
 
 def test_closed_loop_has_no_schedule() -> None:
     assert _profile_times(3, 0, "rush") == [0.0, 0.0, 0.0]
+
+
+def test_no_card_is_topped_up_twice_within_the_load_gap() -> None:
+    """Two loads of one card in flight could arrive in the other order.
+
+    The ledger then answers the earlier one STALE_COUNTER (the later counter
+    came first), a refusal no real card meets: in a run with s = 1 skew, where
+    the popular cards run dry and their holders top up, a quarter of the loads
+    were refused so. A card is at one machine at a time.
+    """
+    from onecard.clients.loadtest import LOAD_GAP, build_ops
+    from onecard.clients.population import Population
+    from tests.support import dev_keys
+
+    version = dev_keys().get("3104", 1)
+    assert version is not None
+    pop = Population(version, 2_000, 1_000)  # little money: cards run dry and top up
+    terminals = [f"3104000{i:05d}" for i in range(4)]
+    ops = build_ops(pop, terminals, {"debit": 8, "load": 1, "upload": 1}, 20_000, 5, 2_000.0,
+                    "rush", 1.0, 7)  # fmt: skip
+    last: dict[str, float] = {}
+    loads = 0
+    for op in ops:
+        if op.kind != "load":
+            continue
+        loads += 1
+        card = op.request.card_number
+        assert op.at - last.get(card, -LOAD_GAP) >= LOAD_GAP, card
+        last[card] = op.at
+    assert loads > 500  # the case it is about: many dry cards topping up

@@ -68,6 +68,11 @@ PURSE_MAX = 100_000  # the demo standard product's
 #: The rush profile's rate is the mean times ``1 - RUSH_SWING * cos(2 pi x)`` at
 #: fraction x of the run: half the mean at its ends, 1.5 times it at the peak.
 RUSH_SWING = 0.5
+#: Seconds of schedule between two loads of one card. A card is at one top-up
+#: machine at a time; two of its loads in flight at once could reach the
+#: ledger in the other order, and the later counter first makes the earlier
+#: load a stale one (STALE_COUNTER), which no real card ever sees.
+LOAD_GAP = 10.0
 
 
 def _new_histogram() -> HdrHistogram:
@@ -188,6 +193,7 @@ def build_ops(
     kinds = rng.choices(list(mix), weights=list(mix.values()), k=count)
     times = _profile_times(count, rate, profile)
     ops: list[Op] = []
+    loaded_at: dict[int, float] = {}  # each card's last load, in schedule time
     for kind, at in zip(kinds, times, strict=True):
         terminal = rng.choice(terminals)
         if kind == "upload":
@@ -214,11 +220,20 @@ def build_ops(
         seq = base + seqs[terminal]
         index = zipf.draw()
         amount = rng.choice([100, 200, 300, 400])
+        for _ in range(100):  # a card that just topped up stays at the gate
+            if at - loaded_at.get(index, -LOAD_GAP) >= LOAD_GAP or (
+                kind == "debit" and pop.chip(index).balance >= amount
+            ):
+                break
+            index = zipf.draw()
         if kind == "debit" and pop.chip(index).balance < amount:
             kind = "load"  # an empty card: its holder tops up instead of riding
         if kind == "load" and pop.chip(index).balance + 5_000 > PURSE_MAX:
             kind = "debit"  # a full purse: the holder rides instead
+        if kind == "load" and at - loaded_at.get(index, -LOAD_GAP) < LOAD_GAP:
+            continue  # no card free to top up now: this one waits (a rare miss)
         if kind == "load":
+            loaded_at[index] = at
             req = pop.load_request(index, 5_000, terminal, seq, when, rng.randbytes(4))
         else:
             req = pop.debit_request(index, amount, terminal, seq, when)
@@ -837,7 +852,9 @@ async def run(args: argparse.Namespace) -> int:
     for name, n in summary["outcomes"].items():
         console.print(f"  {name:<40}{n:>9,}", highlight=False)
         if name in report.errors:
-            console.print(f"    first: {report.errors[name]}", highlight=False, soft_wrap=True)
+            console.print(
+                f"    first: {report.errors[name]}", highlight=False, soft_wrap=True, markup=False
+            )
     if summary["failed"]:
         console.print(
             f"[bold red]calls failed: {summary['failed']:,} of {summary['requests']:,} "
