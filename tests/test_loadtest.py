@@ -129,3 +129,31 @@ async def test_with_target_the_embedded_database_of_the_data_dir_is_still_checke
     assert check["checked"] is True and check["ok"] is True
     assert check["database"] == f"the embedded PostgreSQL in {data / 'pg'}"
     assert check["acknowledged"] > 0
+
+
+async def test_a_second_run_on_the_same_database_uses_fresh_terminal_seqs(
+    server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seqs came from the clock modulo 4,000 s: runs that far apart reused each other's.
+
+    The second run's requests were then answered DUPLICATE or CONFLICT, and
+    its figures measured the duplicate path. They now start above the
+    highest seq the database holds for the generator's terminals. The clock
+    is pinned here, so both runs would get the same range the old way.
+    """
+    import time as real_time
+    from types import SimpleNamespace
+
+    pinned = SimpleNamespace(**vars(real_time))
+    pinned.time = lambda: 1_700_000_000.0
+    monkeypatch.setattr(loadtest, "time", pinned)
+    for n in (1, 2):
+        report_file = tmp_path / f"r{n}.json"
+        args = _args(
+            "--target", server.address, "--dsn", server.dsn, "--cards", "500",
+            "--terminals", "10", "--batch", "10", "--count", "200", "--seed", "5",
+            "--json", str(report_file),
+        )  # fmt: skip
+        assert await run(args) == 0
+        outcomes = json.loads(report_file.read_text())["outcomes"]
+        assert not [k for k in outcomes if "DUPLICATE" in k or "CONFLICT" in k], (n, outcomes)

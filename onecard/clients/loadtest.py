@@ -73,6 +73,8 @@ RUSH_SWING = 0.5
 #: ledger in the other order, and the later counter first makes the earlier
 #: load a stale one (STALE_COUNTER), which no real card ever sees.
 LOAD_GAP = 10.0
+#: Terminal seqs are unsigned 32-bit on the wire (PROTOCOL.md).
+MAX_TERMINAL_SEQ = 2**32 - 1
 
 
 def _new_histogram() -> HdrHistogram:
@@ -174,6 +176,22 @@ def _profile_times(n: int, rate: float, profile: str) -> list[float]:
     return times
 
 
+async def last_terminal_seq(conn: asyncpg.Connection, terminals: list[str]) -> int:
+    """The highest terminal seq any of ``terminals`` has used (0 if none).
+
+    One backward index probe per terminal: a max() over the range of
+    terminals would read every transaction they ever made.
+    """
+    last = await conn.fetchval(
+        """SELECT coalesce(max(x.seq), 0)
+           FROM unnest($1::bigint[]) AS t(id),
+           LATERAL (SELECT terminal_seq AS seq FROM terminal_txns
+                    WHERE terminal_id = t.id ORDER BY terminal_seq DESC LIMIT 1) AS x""",
+        [int(t) for t in terminals],
+    )
+    return int(last)
+
+
 def build_ops(
     pop: Population,
     terminals: list[str],
@@ -184,11 +202,19 @@ def build_ops(
     profile: str,
     zipf_s: float,
     seed: int,
+    seq_base: int | None = None,
 ) -> list[Op]:
+    """The run's requests, signed, in send order.
+
+    ``seq_base``: every terminal's seqs start above it (the highest the
+    database holds for these terminals). Without a database the range comes
+    from the clock, and runs 4,000 s apart could reuse one another's
+    (terminal, seq) and be answered DUPLICATE or CONFLICT.
+    """
     rng = random.Random(seed)
     zipf = Zipf(pop.count, zipf_s, rng)
     seqs = dict.fromkeys(terminals, 0)
-    base = (int(time.time()) % 4_000) * 1_000_000  # fresh (terminal, seq) range per run
+    base = (int(time.time()) % 4_000) * 1_000_000 if seq_base is None else seq_base
     when = time.strftime("%Y%m%d%H%M%S", time.gmtime(time.time() + 8 * 3600))
     kinds = rng.choices(list(mix), weights=list(mix.values()), k=count)
     times = _profile_times(count, rate, profile)
@@ -792,12 +818,20 @@ async def run(args: argparse.Namespace) -> int:
     assert version is not None
     terminals: list[str]
     since: dt.datetime | None = None
+    seq_base: int | None = None
     if dsn:
         conn = await asyncpg.connect(dsn)
         try:
             with console.status(f"seeding {args.cards:,} cards and {args.terminals:,} terminals"):
                 await seed_cards(conn, args.cards, args.card_balance, version.kv)
                 terminals = await seed_terminals(conn, args.terminals)
+                seq_base = await last_terminal_seq(conn, terminals)
+                if seq_base + count * args.batch > MAX_TERMINAL_SEQ:
+                    raise SystemExit(
+                        f"onecard loadtest: the load generator's terminals have used seqs up to "
+                        f"{seq_base:,}; {count:,} more requests would pass the protocol's "
+                        f"{MAX_TERMINAL_SEQ:,}: run it against a fresh database"
+                    )
             since = await conn.fetchval("SELECT now()")
         finally:
             await conn.close()
@@ -815,6 +849,7 @@ async def run(args: argparse.Namespace) -> int:
             args.profile,
             args.zipf,
             args.seed,
+            seq_base,
         )
     with Progress(
         TextColumn("[bold]load"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
