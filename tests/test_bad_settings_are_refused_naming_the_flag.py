@@ -41,7 +41,14 @@ BAD_SETTINGS = [
     ("ONECARD_ALLOW_SLOW_CRYPTO", "maybe", "--allow-slow-crypto: must be one of 1, true, yes"),
     ("ONECARD_WORKERS", "0", "--workers: must be at least 1, got 0"),
     ("ONECARD_LISTEN", "nowhere", "--listen: must be HOST:PORT"),
-]
+    ("--lock-timeout-ms", "-1", "--lock-timeout-ms: must be at least 0, got -1"),
+    # gRPC refuses a message over the limit itself, as RESOURCE_EXHAUSTED, which a
+    # gateway takes for "retry later": a batch the ledger allows must always fit.
+    ("--max-message-bytes", "65536", "--max-message-bytes: must hold an upload batch of "
+     "--max-upload-batch 5000 records"),
+    ("--max-upload-batch", "100000", "--max-message-bytes: must hold an upload batch of "
+     "--max-upload-batch 100000 records"),
+]  # fmt: skip
 
 
 def _args(where: str, value: str, data: Path) -> tuple[list[str], dict[str, str]]:

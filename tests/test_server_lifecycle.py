@@ -327,6 +327,25 @@ async def test_full_queue_answers_resource_exhausted_and_writes_nothing(
     await assert_books_balance(db_dsn)
 
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _health(stub: health_pb2_grpc.HealthStub) -> int:
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+    return int(reply.status)
+
+
+async def _until_health(stub: health_pb2_grpc.HealthStub, status: int) -> None:
+    for _ in range(100):
+        if await _health(stub) == status:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(
+        f"health never became {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+    )
+
+
 async def test_database_outage_is_unavailable_and_recovers(tmp_path: Path) -> None:
     import socket
 
@@ -364,12 +383,18 @@ async def test_database_outage_is_unavailable_and_recovers(tmp_path: Path) -> No
                 card = await issue(chan, dev_keys())
                 await Terminal(chan, "310400000009").load(card, 1_000)
                 bus = Terminal(chan, "310400000001")
+                health = health_pb2_grpc.HealthStub(chan)
+                assert await _health(health) == SERVING
                 await asyncio.to_thread(pg.stop)
                 req = bus.debit_request(card, 100)
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await bus.stub.Debit(req)
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                # Health follows the database (it said SERVING throughout before),
+                # so a balancer stops sending calls that can only fail.
+                await _until_health(health, NOT_SERVING)
                 await asyncio.to_thread(pg.start)
+                await _until_health(health, SERVING)
                 # the same request, retried: the server reconnects by itself
                 for _ in range(50):
                     try:
@@ -496,3 +521,57 @@ def test_upload_transactions_are_bounded_apart_from_the_gateway_batch_limit() ->
     assert cfg.limits.max_upload_batch == 5000  # what a gateway may send in one batch
     defaults = config_from_args(build_parser().parse_args(["serve"]))
     assert defaults.batching.upload_max_batch == defaults.limits.max_upload_batch == 5000
+
+
+async def test_a_card_locked_by_another_session_stalls_no_other_card(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """A row lock nobody releases: its batch is told to retry, the next batch goes on.
+
+    With no bound on lock waits, one session holding a card's row (a psql
+    left in a transaction) stalled the only online flusher and every debit
+    of every card behind it until each caller's deadline.
+    """
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        from onecard.ledger.devdata import seed_demo_data
+
+        await seed_demo_data(conn)
+    finally:
+        await conn.close()
+    running = await start_server(
+        ServerConfig(
+            listen="127.0.0.1:0",
+            dsn=db_dsn,
+            data_dir=tmp_path / "d",
+            pii_key_file=pii_key_file(tmp_path / "secrets"),
+            lock_timeout_ms=300,
+        ),
+        keys=dev_keys(),
+    )
+    holder = await asyncpg.connect(db_dsn)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as chan:
+            held, free = await issue(chan, dev_keys()), await issue(chan, dev_keys())
+            topup = Terminal(chan, "310400000009", 7_000)
+            for card in (held, free):
+                assert (await topup.load(card, 1_000)).status == common_pb2.TXN_STATUS_APPROVED
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute(
+                "SELECT 1 FROM cards WHERE card_no = $1 FOR UPDATE", int(held.card_no)
+            )
+            bus = Terminal(chan, "310400000001", 50)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await bus.stub.Debit(bus.debit_request(held, 100), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            reply = await bus.stub.Debit(bus.debit_request(free, 100), timeout=10)
+            assert reply.status == common_pb2.TXN_STATUS_APPROVED
+            await tx.rollback()
+            held.balance += 100  # the chip's debit of the refused call did not happen
+            retry = await bus.stub.Debit(bus.debit_request(held, 100), timeout=10)
+            assert retry.status == common_pb2.TXN_STATUS_APPROVED
+    finally:
+        await holder.close()
+        await running.stop()
+    await assert_books_balance(db_dsn)

@@ -174,6 +174,8 @@ class RunningServer:
     #: Samples the event loop's lag and the queues while metrics are recorded
     #: (here or for a parent).
     sampler: asyncio.Task[None] | None = None
+    #: Keeps the health service in step with the database (watch_database).
+    watcher: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -182,8 +184,9 @@ class RunningServer:
 
     async def stop(self) -> None:
         log.info("stopping: draining in-flight calls")
-        if self.sampler is not None:
-            self.sampler.cancel()
+        for task in (self.sampler, self.watcher):
+            if task is not None:
+                task.cancel()
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(*(s.stop(self.config.shutdown_grace) for s in self.servers))
         await self.ledger.close()
@@ -211,6 +214,49 @@ class RunningServer:
                     self.keys.path,
                     type(exc).__name__,
                 )
+
+
+#: Seconds between two looks at the database for the health service.
+HEALTH_INTERVAL = 1.0
+
+
+async def watch_database(
+    dsn: str, health: health_aio.HealthServicer, interval: float = HEALTH_INTERVAL
+) -> None:
+    """NOT_SERVING while the database cannot answer, SERVING again once it does.
+
+    Health was set SERVING at start and never again: through an outage, load
+    balancers and orchestrators polling it kept sending every call to a
+    server that could only answer UNAVAILABLE. The look is a ``SELECT 1`` on
+    a connection of its own, so a pool busy with flushes cannot make it fail.
+    """
+    conn: asyncpg.Connection | None = None
+    serving = True
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await asyncpg.connect(dsn, timeout=2 * interval)
+                await conn.fetchval("SELECT 1", timeout=2 * interval)
+                up = True
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+                up = False
+                if conn is not None:
+                    conn.terminate()
+                    conn = None
+            if up != serving:
+                serving = up
+                status = health_pb2.HealthCheckResponse.SERVING
+                if not up:
+                    status = health_pb2.HealthCheckResponse.NOT_SERVING
+                log.warning("database %s: health %s", "back" if up else "unreachable",
+                            health_pb2.HealthCheckResponse.ServingStatus.Name(status))  # fmt: skip
+                for name in ("", *SERVICE_NAMES):
+                    await health.set(name, status)
+    finally:
+        if conn is not None:
+            conn.terminate()
 
 
 def tune_gc() -> None:
@@ -254,7 +300,7 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
     try:
         if not dsn:
             embedded, dsn = await start_embedded_postgres(cfg)
-        pool = await create_ledger_pool(dsn, cfg.pool_size)
+        pool = await create_ledger_pool(dsn, cfg.pool_size, cfg.lock_timeout_ms)
         async with pool.acquire() as conn:
             applied = await apply_migrations(conn)
             if applied:
@@ -303,6 +349,18 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
         if cfg.metrics_listen
         else None
     )
+    watcher = asyncio.get_running_loop().create_task(watch_database(dsn, health_servicer))
     return RunningServer(
-        cfg, servers, port, ledger, pool, keys, health_servicer, embedded, dsn, metrics, sampler
+        cfg,
+        servers,
+        port,
+        ledger,
+        pool,
+        keys,
+        health_servicer,
+        embedded,
+        dsn,
+        metrics,
+        sampler,
+        watcher,
     )

@@ -14,6 +14,7 @@ from onecard.ledger.crypto.encoding import FieldError
 from onecard.ledger.engine import ONLINE_COMMITTER, UPLOAD_COMMITTER, BatchSettings
 from onecard.ledger.lifecycle import DeskSettings
 from onecard.ledger.validation import Limits
+from onecard.v1 import upload_pb2
 
 
 @dataclass
@@ -25,6 +26,11 @@ class ServerConfig:
     allow_slow_crypto: bool = False
     key_cache_size: int = 1_000_000
     pool_size: int = 8
+    #: How long a ledger statement waits for a row lock before its batch is
+    #: refused as UNAVAILABLE (0: for ever). Longer than any flush of this
+    #: ledger holds a card (a 5,000-record upload flush: well under a second),
+    #: so it only ends waits for a lock nobody is about to release.
+    lock_timeout_ms: int = 5000
     max_message_bytes: int = 4 * 1024 * 1024
     #: gRPC's own backlog, per gRPC server (``acceptors`` a process), of
     #: calls received but not yet taken (grpc.server.max_pending_requests;
@@ -243,6 +249,14 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     )
     add_option(
         p,
+        "--lock-timeout-ms",
+        type=int,
+        default=d.lock_timeout_ms,
+        help="how long a statement waits for a row lock before its batch is answered "
+        "UNAVAILABLE (0: for ever)",
+    )
+    add_option(
+        p,
         "--max-batch",
         type=int,
         default=d.batching.max_batch,
@@ -383,6 +397,7 @@ _BOUNDS: dict[str, tuple[int | None, int | None]] = {
     "--refund-hold": (0, None),
     "--refund-job-interval": (0, None),
     "--reversal-window": (0, None),
+    "--lock-timeout-ms": (0, 3_600_000),
 }
 
 #: Ledger settings (and group committers) by the flag that sets them, for
@@ -424,11 +439,48 @@ def parse_host_port(flag: str, listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+#: The gateway's own name for a batch, echoed back: room kept for it and the
+#: batch's other fields in the message-size check.
+BATCH_ENVELOPE_BYTES = 1024
+
+
+def upload_batch_bytes(records: int) -> int:
+    """The most ``records`` valid offline records can take on the wire, as one UploadBatch.
+
+    Every field at its widest (a negative balance is a ten-byte varint), so
+    that a batch --max-upload-batch allows always fits --max-message-bytes:
+    gRPC refuses a larger message itself, before the ledger sees it, with a
+    RESOURCE_EXHAUSTED a gateway takes for "retry later", and would resend
+    the same batch for ever.
+    """
+    widest = upload_pb2.OfflineRecord(
+        card_number="9" * 16,
+        amount=2**32 - 1,
+        transaction_type=2**32 - 1,
+        terminal_id="9" * 12,
+        terminal_seq=2**32 - 1,
+        date_time="9" * 14,
+        key_version=2**32 - 1,
+        tac=b"\xff" * 8,
+        offline_counter=2**32 - 1,
+        card_balance_before=-1,
+    )
+    one = upload_pb2.UploadBatch(records=[widest]).ByteSize()
+    return records * one + BATCH_ENVELOPE_BYTES
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     for flag in ("--listen", "--metrics-listen", *_BOUNDS):
         dest = flag[2:].replace("-", "_")
         if hasattr(args, dest):
             check_setting(flag, getattr(args, dest))
+    if upload_batch_bytes(args.max_upload_batch) > args.max_message_bytes:
+        raise FieldError(
+            "--max-message-bytes",
+            f"must hold an upload batch of --max-upload-batch {args.max_upload_batch} records, "
+            f"up to {upload_batch_bytes(args.max_upload_batch)} bytes; "
+            f"got {args.max_message_bytes}",
+        )
     return ServerConfig(
         listen=args.listen,
         dsn=args.dsn or None,
@@ -437,6 +489,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allow_slow_crypto=args.allow_slow_crypto,
         key_cache_size=args.key_cache_size,
         pool_size=args.pool_size,
+        lock_timeout_ms=args.lock_timeout_ms,
         max_message_bytes=args.max_message_bytes,
         max_pending_calls=args.max_pending_calls,
         acceptors=args.acceptors,

@@ -30,9 +30,10 @@ T = TypeVar("T")
 #: Whatever a retry may cure: the database unreachable, restarting after a
 #: crash (57P02), shut down or cancelling statements (class 57), a standby
 #: promoted under us answering read-only, out of connections, a transaction
-#: rolled back for a deadlock or a serialization failure (class 40), writers
-#: racing each other. Every write is idempotent, so UNAVAILABLE (which
-#: clients retry) is the honest answer; UNKNOWN would make a terminal give up.
+#: rolled back for a deadlock or a serialization failure (class 40), a row
+#: lock held past --lock-timeout-ms (55P03), writers racing each other.
+#: Every write is idempotent, so UNAVAILABLE (which clients retry) is the
+#: honest answer; UNKNOWN would make a terminal give up.
 _OUTAGE = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
@@ -40,6 +41,7 @@ _OUTAGE = (
     asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.LockNotAvailableError,
     Contention,
     ConnectionError,
     OSError,

@@ -49,6 +49,9 @@ async def applied_versions(conn: Conn) -> set[int]:
 async def apply_migrations(conn: Conn) -> list[str]:
     """Apply every migration not yet recorded; return the names applied."""
     applied: list[str] = []
+    # A ledger session bounds its lock waits (--lock-timeout-ms); a server
+    # starting while another migrates waits for it however long it takes.
+    await conn.execute("SET lock_timeout = 0")
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
         await conn.execute(
@@ -71,4 +74,5 @@ async def apply_migrations(conn: Conn) -> list[str]:
             applied.append(f"{mig.version:04d}_{mig.name}")
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+        await conn.execute("RESET lock_timeout")  # back to the session's own setting
     return applied

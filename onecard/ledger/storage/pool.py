@@ -34,12 +34,25 @@ class LedgerConnection(asyncpg.Connection):
         return ""
 
 
-async def create_ledger_pool(dsn: str, size: int, **kwargs: Any) -> asyncpg.Pool:
+async def create_ledger_pool(
+    dsn: str, size: int, lock_timeout_ms: int = 0, **kwargs: Any
+) -> asyncpg.Pool:
+    """``lock_timeout_ms``: how long a statement waits for a row lock (0: for ever).
+
+    With no bound, one session holding a card's row (an operator's psql left
+    in a transaction) stalled the only online flusher, and with it every
+    debit of every card, until each caller's deadline; bounded, the batch
+    fails with a lock timeout, its callers are told to retry (UNAVAILABLE),
+    and the next batch goes on.
+    """
+    settings = dict(SESSION_SETTINGS)
+    if lock_timeout_ms:
+        settings["lock_timeout"] = f"{lock_timeout_ms}ms"
     return await asyncpg.create_pool(
         dsn,
         min_size=min(2, size),
         max_size=size,
-        server_settings=SESSION_SETTINGS,
+        server_settings=settings,
         connection_class=LedgerConnection,
         **kwargs,
     )
