@@ -127,3 +127,42 @@ async def test_a_failure_a_retry_may_cure_answers_unavailable(
         committer._flush = real_flush
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert str(failure) not in (err.value.details() or "")  # no database internals leak out
+
+
+async def test_an_unregistered_terminal_does_not_make_every_batch_reread_reference_data(
+    server: RunningServer, channel: grpc.aio.Channel, keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch naming an unknown terminal re-read every reference table.
+
+    A misconfigured or hostile terminal could make every flush pay for it.
+    Now one primary-key probe says whether the terminal is new; a terminal
+    registered meanwhile is still known at its next request.
+    """
+    card = await issue(channel, keys)
+    assert (await Terminal(channel, TOPUP, 1).load(card, 1000)).status == APPROVED
+    ref = server.ledger.ref
+    reads = 0
+    real_refresh = ref.refresh
+
+    async def counted(conn) -> None:  # type: ignore[no-untyped-def]
+        nonlocal reads
+        reads += 1
+        await real_refresh(conn)
+
+    monkeypatch.setattr(ref, "refresh", counted)
+    stranger = Terminal(channel, "310499999999", 1)
+    for _ in range(3):
+        reply = await terminal_stub(channel).Debit(stranger.debit_request(card, 100))
+        assert reply.status == common_pb2.TXN_STATUS_UNKNOWN_TERMINAL
+        card.balance += 100  # the chip's purse was not debited
+    assert reads == 0
+
+    async with server.pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO terminals (terminal_id, operator_id, kind) VALUES ($1, 'SZBUS', 'bus')",
+            310499999999,
+        )
+    reply = await terminal_stub(channel).Debit(stranger.debit_request(card, 100))
+    assert reply.status == APPROVED, reply
+    assert reads == 1
+    await assert_books_balance(server.dsn)

@@ -318,8 +318,9 @@ class Ledger:
         reference data another process added is read before the rerun.
         """
         async with self.pool.acquire() as conn:
-            if terminals - self.ref.terminal_operator.keys():
-                await self.ref.refresh(conn)  # a terminal registered since we last looked
+            unknown = terminals - self.ref.terminal_operator.keys()
+            if unknown:
+                await self.ref.learn_terminals(conn, unknown)
             refreshed = False
             for attempt in range(5):
                 try:

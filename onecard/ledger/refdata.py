@@ -68,6 +68,21 @@ class ReferenceData:
             if (code := payable_code(operator)) in account_ids
         }
 
+    async def learn_terminals(self, conn: Conn, terminal_ids: set[int]) -> None:
+        """Re-read everything if any of ``terminal_ids`` was registered since the last look.
+
+        A batch naming a terminal this copy does not know used to re-read all
+        reference data, terminals table included, on the flusher's
+        connection: a terminal that is not registered (misconfigured, or
+        hostile) made every flush pay for it. One primary-key probe per batch
+        says whether there is anything new to read.
+        """
+        if await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM terminals WHERE terminal_id = ANY($1::bigint[]))",
+            list(terminal_ids),
+        ):
+            await self.refresh(conn)
+
     def payable_of(self, terminal_id: int, operator: str) -> int:
         """The payable account of the terminal's operator (LookupError if it has none)."""
         account = self.terminal_payable.get(terminal_id)

@@ -41,7 +41,7 @@ def reversal_fingerprint(r: Reversal) -> bytes:
 async def reverse(pool: asyncpg.Pool, ref: ReferenceData, r: Reversal, window: float) -> TxnResult:
     async with pool.acquire() as conn:
         if int(r.terminal_id) not in ref.terminal_operator:
-            await ref.refresh(conn)
+            await ref.learn_terminals(conn, {int(r.terminal_id)})
         for _ in range(3):
             try:
                 async with conn.transaction():
