@@ -27,7 +27,7 @@ simple per-call functions, which exist for terminal simulators and tests.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.tuple cimport PyTuple_GET_ITEM
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_1BYTE_DATA, PyUnicode_1BYTE_KIND, PyUnicode_Check, PyUnicode_GET_LENGTH, PyUnicode_KIND
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
@@ -908,9 +908,16 @@ cdef class BatchVerifier:
         if len(mtk) != 16 or len(mlk) != 16:
             raise ValueError("master keys must be 16 bytes")
         if self.nslots == self.slots_cap:
-            grown = <Slot*>PyMem_Realloc(self.slots, (self.slots_cap * 2 + 4) * sizeof(Slot))
+            # Copied, and the old block wiped before it is freed: a slot holds
+            # subkeys derived from the master keys, which realloc would leave
+            # behind in freed memory.
+            grown = <Slot*>PyMem_Malloc((self.slots_cap * 2 + 4) * sizeof(Slot))
             if grown == NULL:
                 raise MemoryError
+            if self.slots != NULL:
+                memcpy(grown, self.slots, self.nslots * sizeof(Slot))
+                OPENSSL_cleanse(self.slots, self.slots_cap * sizeof(Slot))
+                PyMem_Free(self.slots)
             self.slots = grown
             self.slots_cap = self.slots_cap * 2 + 4
         ok = slot_open(&self.slots[self.nslots], suite, int(version.kv),
