@@ -22,12 +22,10 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from onecard.ledger.devdata import seed_demo_data
 from onecard.ledger.keys import MemoryKeyStore
-from onecard.server.app import RunningServer, start_server
-from onecard.server.config import ServerConfig
+from onecard.server.app import RunningServer
 from onecard.server.embedded_pg import EmbeddedPostgres
-from tests.support import dev_keys, pii_key_file
+from tests.support import dev_keys, start_test_server
 
 _log = logging.getLogger("onecard.tests.pg")
 
@@ -120,20 +118,7 @@ def keys() -> MemoryKeyStore:
 @pytest_asyncio.fixture(loop_scope="session")
 async def server(db_dsn: str, keys: MemoryKeyStore, tmp_path: Path) -> AsyncIterator[RunningServer]:
     """A real gRPC server on a kernel-chosen loopback port, over this test's database."""
-    conn = await asyncpg.connect(db_dsn)
-    try:
-        await seed_demo_data(conn)
-    finally:
-        await conn.close()
-    running = await start_server(
-        ServerConfig(
-            listen="127.0.0.1:0",
-            dsn=db_dsn,
-            data_dir=tmp_path / "data",
-            pii_key_file=pii_key_file(tmp_path / "secrets"),
-        ),
-        keys=keys,
-    )
+    running = await start_test_server(db_dsn, tmp_path, keys)
     try:
         yield running
     finally:

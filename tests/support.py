@@ -12,6 +12,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -21,6 +22,9 @@ from onecard.ledger.audit import balance_discrepancies, trial_balance
 from onecard.ledger.devdata import DEV_KEYS
 from onecard.ledger.keys import MemoryKeyStore, parse_key_document
 from onecard.v1 import common_pb2, desk_pb2, desk_pb2_grpc
+
+if TYPE_CHECKING:
+    from onecard.server.app import RunningServer
 
 STAFF = (("x-onecard-operator", "tester"),)
 _card_numbers = itertools.count(1)
@@ -181,3 +185,30 @@ def assert_simulation_passes(env: dict[str, str]) -> None:
     )
     assert sim.returncode == 0, sim.stdout + sim.stderr
     assert "every outcome as expected" in sim.stdout
+
+
+async def start_test_server(
+    dsn: str, tmp_path: Path, keys: MemoryKeyStore, **settings: Any
+) -> RunningServer:
+    """A real server on loopback port 0 over ``dsn``, its demo data seeded.
+
+    ``settings`` are ServerConfig fields (a small queue, a short lock
+    timeout): the one way tests start a server in-process.
+    """
+    from onecard.ledger.devdata import seed_demo_data
+    from onecard.server.app import start_server
+    from onecard.server.config import ServerConfig
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await seed_demo_data(conn)
+    finally:
+        await conn.close()
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        dsn=dsn,
+        data_dir=tmp_path / "data",
+        pii_key_file=pii_key_file(tmp_path / "secrets"),
+        **settings,
+    )
+    return await start_server(config, keys=keys)

@@ -32,7 +32,14 @@ from tests.desk_support import (
     rid,
     terminal_stub,
 )
-from tests.support import STAFF, assert_books_balance, fetch, issue, new_card_number, pii_key_file
+from tests.support import (
+    STAFF,
+    assert_books_balance,
+    fetch,
+    issue,
+    new_card_number,
+    start_test_server,
+)
 
 APPROVED = common_pb2.TXN_STATUS_APPROVED
 NOT_ACTIVE = common_pb2.TXN_STATUS_CARD_NOT_ACTIVE
@@ -757,26 +764,11 @@ async def test_replacement_while_offline_records_of_the_old_card_arrive(
 
 @pytest.fixture
 async def quick_refunds(db_dsn: str, keys, tmp_path):  # type: ignore[no-untyped-def]
-    import asyncpg
-
-    from onecard.ledger.devdata import seed_demo_data
     from onecard.ledger.lifecycle import DeskSettings
-    from onecard.server.app import start_server
-    from onecard.server.config import ServerConfig
 
-    conn = await asyncpg.connect(db_dsn)
-    try:
-        await seed_demo_data(conn)
-    finally:
-        await conn.close()
-    cfg = ServerConfig(
-        listen="127.0.0.1:0",
-        dsn=db_dsn,
-        data_dir=tmp_path / "data",
-        desk=DeskSettings(refund_hold=0, refund_job_interval=0.05),
-        pii_key_file=pii_key_file(tmp_path / "secrets"),
+    running = await start_test_server(
+        db_dsn, tmp_path, keys, desk=DeskSettings(refund_hold=0, refund_job_interval=0.05)
     )
-    running = await start_server(cfg, keys=keys)
     try:
         yield running
     finally:

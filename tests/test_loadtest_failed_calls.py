@@ -12,35 +12,20 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 import pytest_asyncio
 
 from onecard.clients.loadtest import Report, add_arguments, run
-from onecard.ledger.devdata import seed_demo_data
 from onecard.ledger.engine import BatchSettings
-from onecard.server.app import RunningServer, start_server
-from onecard.server.config import ServerConfig
-from tests.support import dev_keys, pii_key_file
+from onecard.server.app import RunningServer
+from tests.support import dev_keys, start_test_server
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def tiny_queue_server(db_dsn: str, tmp_path: Path) -> AsyncIterator[RunningServer]:
     """A server whose online queue holds one debit: most of a burst is refused."""
-    conn = await asyncpg.connect(db_dsn)
-    try:
-        await seed_demo_data(conn)
-    finally:
-        await conn.close()
-    running = await start_server(
-        ServerConfig(
-            listen="127.0.0.1:0",
-            dsn=db_dsn,
-            data_dir=tmp_path / "data",
-            batching=BatchSettings(max_batch=1, max_queue=1, linger=0.02),
-            pii_key_file=pii_key_file(tmp_path / "secrets"),
-        ),
-        keys=dev_keys(),
+    running = await start_test_server(
+        db_dsn, tmp_path, dev_keys(), batching=BatchSettings(max_batch=1, max_queue=1, linger=0.02)
     )
     try:
         yield running

@@ -34,6 +34,7 @@ from tests.support import (
     pii_key_file,
     seed_with_dev_keys,
     start_cli_server,
+    start_test_server,
     stop_cli_server,
 )
 
@@ -289,22 +290,11 @@ async def test_kill_9_mid_load_loses_nothing_acknowledged(tmp_path: Path) -> Non
 async def test_full_queue_answers_resource_exhausted_and_writes_nothing(
     db_dsn: str, tmp_path: Path
 ) -> None:
-    from onecard.ledger.devdata import seed_demo_data
     from onecard.ledger.engine import BatchSettings
 
-    conn = await asyncpg.connect(db_dsn)
-    try:
-        await seed_demo_data(conn)
-    finally:
-        await conn.close()
-    cfg = ServerConfig(
-        listen="127.0.0.1:0",
-        dsn=db_dsn,
-        data_dir=tmp_path,
-        batching=BatchSettings(max_batch=2, max_queue=2, linger=0.05),
-        pii_key_file=pii_key_file(tmp_path / "secrets"),
+    running = await start_test_server(
+        db_dsn, tmp_path, dev_keys(), batching=BatchSettings(max_batch=2, max_queue=2, linger=0.05)
     )
-    running = await start_server(cfg, keys=dev_keys())
     try:
         async with grpc.aio.insecure_channel(running.address) as chan:
             card = await issue(chan, dev_keys())
@@ -364,20 +354,9 @@ async def test_database_outage_is_unavailable_and_recovers(tmp_path: Path) -> No
         conn = await asyncpg.connect(dsn)
         try:
             await apply_migrations(conn)
-            from onecard.ledger.devdata import seed_demo_data
-
-            await seed_demo_data(conn)
         finally:
             await conn.close()
-        running = await start_server(
-            ServerConfig(
-                listen="127.0.0.1:0",
-                dsn=dsn,
-                data_dir=tmp_path / "d",
-                pii_key_file=pii_key_file(tmp_path / "secrets"),
-            ),
-            keys=dev_keys(),
-        )
+        running = await start_test_server(dsn, tmp_path, dev_keys())
         try:
             async with grpc.aio.insecure_channel(running.address) as chan:
                 card = await issue(chan, dev_keys())
@@ -532,23 +511,7 @@ async def test_a_card_locked_by_another_session_stalls_no_other_card(
     left in a transaction) stalled the only online flusher and every debit
     of every card behind it until each caller's deadline.
     """
-    conn = await asyncpg.connect(db_dsn)
-    try:
-        from onecard.ledger.devdata import seed_demo_data
-
-        await seed_demo_data(conn)
-    finally:
-        await conn.close()
-    running = await start_server(
-        ServerConfig(
-            listen="127.0.0.1:0",
-            dsn=db_dsn,
-            data_dir=tmp_path / "d",
-            pii_key_file=pii_key_file(tmp_path / "secrets"),
-            lock_timeout_ms=300,
-        ),
-        keys=dev_keys(),
-    )
+    running = await start_test_server(db_dsn, tmp_path, dev_keys(), lock_timeout_ms=300)
     holder = await asyncpg.connect(db_dsn)
     try:
         async with grpc.aio.insecure_channel(running.address) as chan:
