@@ -121,3 +121,36 @@ async def test_check_room_applies_the_submit_rule_without_queueing() -> None:
     await gc.close()
     with pytest.raises(ShuttingDown):
         gc.check_room(1)  # closing: refused like a submission
+
+
+async def test_a_caller_that_has_gone_is_not_flushed() -> None:
+    """A caller cancelled while it waited (its deadline passed) was told nothing was done.
+
+    Its work used to be committed anyway, after the caller had been answered
+    DEADLINE_EXCEEDED: the database spent on replies nobody reads, most of
+    all under the overload that made callers time out.
+    """
+    gate = asyncio.Event()
+    flushed: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        flushed.append(items)
+        await gate.wait()
+        return items
+
+    gc: GroupCommitter[int, int] = GroupCommitter(flush)
+    gc.start()
+    first = asyncio.create_task(gc.submit(1))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the flusher holds [1] and waits at the gate
+    gone = asyncio.create_task(gc.submit_many([2, 3]))
+    kept = asyncio.create_task(gc.submit(4))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.sleep(0)
+    assert len(gc) == 3  # counted until a flusher drops it
+    gate.set()
+    assert await first == 1 and await kept == 4
+    assert flushed == [[1], [4]]
+    assert len(gc) == 0
+    await gc.close()

@@ -136,13 +136,23 @@ class GroupCommitter(Generic[T, R]):
         await asyncio.gather(*tasks)
 
     def _take_batch(self) -> list[tuple[list[T], asyncio.Future[list[R]]]]:
-        groups = [self._queue.popleft()]
-        size = len(groups[0][0])
-        while self._queue and size + len(self._queue[0][0]) <= self.max_batch:
+        """The next batch; groups whose caller has gone are dropped, not flushed.
+
+        A caller whose deadline passed while it waited (or that hung up) was
+        cancelled, and its future with it: it was told nothing was done, and
+        its retry will be taken as new. Committing its work anyway spent the
+        database on replies nobody reads, most of all under the overload that
+        made callers time out.
+        """
+        groups: list[tuple[list[T], asyncio.Future[list[R]]]] = []
+        size = 0
+        while self._queue and (not groups or size + len(self._queue[0][0]) <= self.max_batch):
             group = self._queue.popleft()
+            self._queued_items -= len(group[0])
+            if group[1].done():
+                continue
             groups.append(group)
             size += len(group[0])
-        self._queued_items -= size
         return groups
 
     async def _run(self) -> None:
@@ -159,6 +169,8 @@ class GroupCommitter(Generic[T, R]):
                 if not self._queue:
                     continue  # another flusher took it
             groups = self._take_batch()
+            if not groups:
+                continue  # every caller queued had gone
             items = [item for group, _ in groups for item in group]
             began = time.perf_counter()
             try:
