@@ -173,6 +173,13 @@ SELECT 3, card_no, NULL, NULL, NULL, NULL, card_random, NULL, online_counter, NU
 FROM mac1_used
 """
 
+# The reversals of a batch's earlier outcomes, read after its card locks are held.
+_EARLIER_AGAIN = """
+SELECT t.terminal_id, t.terminal_seq, t.reversed_by_seq
+FROM unnest($1::bigint[], $2::bigint[]) AS k(terminal_id, terminal_seq)
+JOIN terminal_txns t USING (terminal_id, terminal_seq)
+"""
+
 # Every write of the batch in one statement: outcomes, postings, card balances
 # and the summed deltas of the hot system accounts. No ON CONFLICT on
 # terminal_txns: the batch looked its keys up already, so a clash means another
@@ -237,6 +244,18 @@ async def apply_terminal_batch(
                 cards[r["id"]] = _Card(
                     r["status"], r["balance"], r["product"], r["counter"], r["key_version"]
                 )
+        if seen:
+            # Retries in the batch: read their outcomes again. The read above
+            # saw the database as it was before it waited for the card locks,
+            # and a reversal holds its card's lock until it commits: a retry
+            # of a load reversed meanwhile was handed the reversed load's MAC2.
+            # Now that this batch holds the locks, nothing it reads can change.
+            ids, seqs = zip(*seen, strict=True)
+            for r in await conn.fetch(_EARLIER_AGAIN, list(ids), list(seqs)):
+                fingerprint, status, balance, mac2, _ = seen[r["terminal_id"], r["terminal_seq"]]
+                seen[r["terminal_id"], r["terminal_seq"]] = (
+                    fingerprint, status, balance, mac2, r["reversed_by_seq"],
+                )  # fmt: skip
         writes = _Writes()
         results = [_decide(p, seen, cards, mac1_used, ref, writes) for p in items]
 
