@@ -106,3 +106,43 @@ async def test_a_retry_waiting_behind_the_reversal_of_its_load_gets_no_mac2(
     assert (again.status.name, again.mac2) == ("ALREADY_REVERSED", b"")
     assert await purse(db_dsn, card) == 0
     await assert_books_balance(db_dsn)
+
+
+async def test_a_database_holding_such_a_double_credit_is_named_before_the_upgrade(
+    server: RunningServer, channel: grpc.aio.Channel, keys, db_dsn: str
+) -> None:
+    """Migration 0011's unique index cannot be built over the double credit it prevents.
+
+    A database that ran the code before it may hold one (the race above). The
+    migration failed on the index with a bare unique violation, and the
+    server would not start without saying why; it now names the problem and
+    how to list the loads, and applies nothing.
+    """
+    from onecard.ledger.storage.migrate import MigrationFailed, apply_migrations
+
+    card = await issue(channel, keys)
+    pending, when = card.begin_load(5000, TOPUP), now_bcd_text()
+    assert (await server.ledger.create_loads([load(card, pending, 1, when)]))[0].status.name == (
+        "APPROVED"
+    )
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        # What the race left before 0011: one MAC1 approved under two seqs.
+        await conn.execute("DROP INDEX terminal_txns_load_mac1")
+        await conn.execute("DELETE FROM schema_migrations WHERE version = 11")
+        await conn.execute(
+            "CREATE TEMP TABLE copy AS SELECT * FROM terminal_txns WHERE terminal_id = $1",
+            int(TOPUP),
+        )
+        await conn.execute("UPDATE copy SET terminal_seq = 2")
+        await conn.execute("INSERT INTO terminal_txns SELECT * FROM copy")
+        try:
+            await apply_migrations(conn)
+            raise AssertionError("migration 0011 applied over a double credit")
+        except MigrationFailed as exc:
+            said = str(exc)
+        assert "0011_load_mac1_unique" in said and "approved more than once" in said
+        assert "List them with" in said
+        assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == 10
+    finally:
+        await conn.close()

@@ -14,6 +14,7 @@ import asyncpg
 from onecard.ledger.crypto.encoding import FieldError
 from onecard.ledger.crypto.select import CryptoUnavailable
 from onecard.ledger.keys import KeyStoreError
+from onecard.ledger.storage.migrate import MigrationFailed
 from onecard.server.config import ServerConfig, add_option, add_server_options, config_from_args
 from onecard.server.embedded_pg import EmbeddedPostgresError
 from onecard.server.logs import setup_logging
@@ -233,7 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
-    except (KeyStoreError, FieldError, EmbeddedPostgresError, CryptoUnavailable) as exc:
+    except (
+        KeyStoreError,
+        FieldError,
+        EmbeddedPostgresError,
+        CryptoUnavailable,
+        MigrationFailed,
+    ) as exc:
         # Start-up refusals are the operator's to fix; a traceback would hide the advice.
         print(f"onecard: {exc}", file=sys.stderr)
         return 2

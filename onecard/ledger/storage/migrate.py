@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+import asyncpg
+
 from onecard.ledger.storage import Conn
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -46,14 +48,30 @@ async def applied_versions(conn: Conn) -> set[int]:
     return {r["version"] for r in rows}
 
 
+class MigrationFailed(Exception):
+    """A migration the database refused; nothing of it was applied.
+
+    Its own words (and PostgreSQL's hint) are what the operator needs: one
+    that checks the data first (0011) says what to settle before starting
+    again. Not an outage, so it is not reported as one.
+    """
+
+    def __init__(self, mig: Migration, exc: asyncpg.PostgresError) -> None:
+        hint = getattr(exc, "hint", None)
+        super().__init__(
+            f"migration {mig.version:04d}_{mig.name} refused, nothing of it applied: "
+            f"{exc}" + (f" ({hint})" if hint else "")
+        )
+
+
 async def apply_migrations(conn: Conn) -> list[str]:
     """Apply every migration not yet recorded; return the names applied."""
     applied: list[str] = []
-    # A ledger session bounds its lock waits (--lock-timeout-ms); a server
-    # starting while another migrates waits for it however long it takes.
-    await conn.execute("SET lock_timeout = 0")
-    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
+        # A ledger session bounds its lock waits (--lock-timeout-ms); a server
+        # starting while another migrates waits for it however long it takes.
+        await conn.execute("SET lock_timeout = 0")
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    version integer PRIMARY KEY,
@@ -65,7 +83,10 @@ async def apply_migrations(conn: Conn) -> list[str]:
             if mig.version in done:
                 continue
             async with conn.transaction():
-                await conn.execute(mig.sql)
+                try:
+                    await conn.execute(mig.sql)
+                except asyncpg.PostgresError as exc:
+                    raise MigrationFailed(mig, exc) from exc
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                     mig.version,
