@@ -53,6 +53,15 @@ def _cards(rng: random.Random) -> dict[int, _Card]:
             dt.datetime(2026, 11, 22, tzinfo=dt.UTC) if status == CardStatus.LOST else None,
             None,
             rng.choice([1] * 8 + [2]),
+            # now and then a loss reported and released since: records are
+            # stamped 2026-11-23 07:30, inside the first window, after the second
+            rng.choice(
+                [None] * 6
+                + [
+                    (dt.datetime(2026, 11, 23, 7), dt.datetime(2026, 11, 23, 8)),
+                    (dt.datetime(2026, 11, 22, 7), dt.datetime(2026, 11, 22, 8)),
+                ]
+            ),
         )
     # One card replaced by another: its money follows.
     cards[CARDS[-1]].status = int(CardStatus.BLOCKED)

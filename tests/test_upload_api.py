@@ -577,6 +577,44 @@ async def test_lost_card_used_after_loss(server: RunningServer, channel, keys) -
     await assert_books_balance(server.dsn)
 
 
+async def test_a_ride_inside_a_released_loss_period_is_still_card_lost(
+    server: RunningServer, channel, keys
+) -> None:
+    """Releasing a loss report cleared lost_at, and with it the sign finance needed.
+
+    A record dated inside the loss period but uploaded after the release (a
+    bus back in its depot days later) was posted as if nothing had happened.
+    The last loss period now stays on the card.
+    """
+    from tests.desk_support import OK, release_loss, report_loss
+
+    card = await funded(channel, keys)
+    assert (await report_loss(channel, card.card_no)).status == OK
+    await fetch(
+        server.dsn,
+        "UPDATE cards SET lost_at = now() - interval '2 hours' WHERE card_no = $1",
+        int(card.card_no),
+    )  # reported two hours ago
+    assert (await release_loss(channel, card.card_no)).status == OK
+    now = dt.datetime.now(CHINA_TIME)
+    stamp = "%Y%m%d%H%M%S"
+    before = ride(card, 200, (now - dt.timedelta(hours=3)).strftime(stamp))
+    during = ride(card, 200, (now - dt.timedelta(hours=1)).strftime(stamp))
+    after = ride(card, 200, (now + dt.timedelta(minutes=1)).strftime(stamp))
+    (reply,) = await Gateway(channel).upload([make_batch("w", [before, during, after])])
+    assert [r.outcome for r in reply.results] == [POSTED, WITH_EXCEPTION, POSTED]
+    assert list(reply.results[1].exceptions) == [upload_pb2.RECORD_EXCEPTION_CARD_LOST]
+    stored = await fetch(
+        server.dsn,
+        "SELECT terminal_seq, detail FROM finance_exceptions WHERE card_no = $1",
+        int(card.card_no),
+    )
+    assert [r["terminal_seq"] for r in stored] == [during.terminal_seq]
+    assert "while reported lost" in stored[0]["detail"]
+    await assert_acknowledged(server.dsn, [before, during, after], [reply])
+    await assert_books_balance(server.dsn)
+
+
 async def replace_by_sql(dsn: str, old: SimulatedCard, new: SimulatedCard) -> None:
     """The desk's replacement, as direct SQL: the purse moves by a posting, the old
     card is blocked for good and names its successor."""

@@ -381,8 +381,8 @@ async def release_loss(ctx: Context, conn: Conn, req: CardAction) -> DeskOutcome
     if refusal:
         return DeskOutcome(DeskStatus.HOLDER_MISMATCH, before, refusal)
     await conn.execute(
-        "UPDATE cards SET status = $2, lost_at = NULL, status_changed_at = now() "
-        "WHERE card_no = $1",
+        "UPDATE cards SET status = $2, last_loss_from = lost_at, last_loss_until = now(), "
+        "lost_at = NULL, status_changed_at = now() WHERE card_no = $1",
         card_no,
         int(CardStatus.ACTIVE),
     )

@@ -69,6 +69,9 @@ class _Card:
     lost_at: dt.datetime | None
     replaced_by: int | None
     key_version: int
+    #: The last loss period since released, in terminal local time: a record
+    #: dated inside it is CARD_LOST though the card is active again.
+    loss_window: tuple[dt.datetime, dt.datetime] | None = None
     delta: int = 0
     touched: bool = False
 
@@ -174,7 +177,8 @@ SELECT DISTINCT replaced_by FROM chain
 """
 
 _LOCK_CARDS = """
-SELECT card_no, status, purse_balance, offline_counter, lost_at, replaced_by, key_version
+SELECT card_no, status, purse_balance, offline_counter, lost_at, replaced_by, key_version,
+       last_loss_from, last_loss_until
 FROM cards WHERE card_no = ANY($1::bigint[])
 ORDER BY card_no
 FOR UPDATE
@@ -370,12 +374,11 @@ async def apply_offline_batch(
         successors = {r["replaced_by"] for r in await conn.fetch(_SUCCESSORS, list(card_nos))}
         lock = sorted(card_nos | successors)
         # Rows unpacked in _LOCK_CARDS's column order (by name: 0.2 us a card more).
-        cards = {
-            card_no: _Card(status, balance, counter, lost_at, replaced_by, kv)
-            for card_no, status, balance, counter, lost_at, replaced_by, kv in await conn.fetch(
-                _LOCK_CARDS, lock
-            )
-        }
+        cards: dict[int, _Card] = {}
+        for row in await conn.fetch(_LOCK_CARDS, lock):
+            card_no, status, balance, counter, lost_at, replaced_by, kv, lost_from, lost_until = row
+            window = (_local(lost_from), _local(lost_until)) if lost_until is not None else None
+            cards[card_no] = _Card(status, balance, counter, lost_at, replaced_by, kv, window)
         if any(c.replaced_by is not None and c.replaced_by not in cards for c in cards.values()):
             raise BatchRaced()  # replaced between the two reads; run again
 
@@ -430,6 +433,11 @@ async def apply_offline_batch(
     return results
 
 
+def _local(moment: dt.datetime) -> dt.datetime:
+    """A database time as terminals stamp theirs (UTC+8, no zone)."""
+    return moment.astimezone(TERMINAL_TZ).replace(tzinfo=None)
+
+
 def _holder(card: _Card, cards: dict[int, _Card]) -> int:
     """The end of a replaced card's chain: the card whose purse holds the money now.
 
@@ -474,6 +482,7 @@ def _decide(
         and p.mac_code == MAC_OK
         and r.key_version == card.key_version
         and card.status == _ACTIVE
+        and card.loss_window is None
         and card.replaced_by is None
         and r.card_balance_before == card.balance
         and r.amount <= card.balance
@@ -581,6 +590,14 @@ def _decide_in_full(
                     what += f" and in turn by {holder:016d}"
                 what += ": the amount follows to it"
             found.append((RecordException.CARD_BLOCKED, f"card is {what}"))
+    elif card.loss_window is not None and card.loss_window[0] <= p.txn_time < card.loss_window[1]:
+        lost_from, lost_until = card.loss_window
+        found.append(
+            (
+                RecordException.CARD_LOST,
+                f"used at {p.txn_time}, while reported lost ({lost_from} to {lost_until})",
+            )
+        )
     if r.card_balance_before != card.balance:
         found.append(
             (
