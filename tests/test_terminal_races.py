@@ -143,6 +143,6 @@ async def test_a_database_holding_such_a_double_credit_is_named_before_the_upgra
             said = str(exc)
         assert "0011_load_mac1_unique" in said and "approved more than once" in said
         assert "List them with" in said
-        assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == 10
+        assert not await conn.fetchval("SELECT count(*) FROM schema_migrations WHERE version = 11")
     finally:
         await conn.close()
