@@ -20,28 +20,24 @@ from onecard.clients.gateway import Gateway, make_batch
 from onecard.clients.terminal import Terminal
 from onecard.ledger.engine import UPLOAD_COMMITTER, BatchSettings
 from onecard.ledger.validation import Limits
-from onecard.server.app import RunningServer, start_server
-from onecard.server.config import ServerConfig
-from tests.support import dev_keys, pii_key_file, seed_with_dev_keys, wait_until
+from onecard.server.app import RunningServer
+from tests.support import dev_keys, start_test_server, wait_until
 from tests.test_upload_api import funded, ride
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def small(db_dsn: str, tmp_path: Path) -> AsyncIterator[RunningServer]:
     """A server whose limits are small enough to hit: amount, queues, upload batch."""
-    await seed_with_dev_keys(db_dsn, tmp_path)
-    cfg = ServerConfig(
-        listen="127.0.0.1:0",
-        dsn=db_dsn,
-        data_dir=tmp_path / "data",
-        pii_key_file=pii_key_file(tmp_path / "secrets"),
+    running = await start_test_server(
+        db_dsn,
+        tmp_path,
+        dev_keys(),
         limits=Limits(max_amount=5_000, max_upload_batch=2),
         # A long linger: the test sees an upload queued, then taken by the flusher.
         batching=BatchSettings(
             max_batch=2, max_queue=1, upload_max_queue=1, upload_flushers=1, linger=0.3
         ),
     )
-    running = await start_server(cfg, keys=dev_keys())
     try:
         yield running
     finally:

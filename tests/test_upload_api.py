@@ -18,15 +18,13 @@ from onecard.clients.terminal import CHINA_TIME, Terminal, now_bcd_text
 from onecard.ledger.accounts import purse_account
 from onecard.ledger.engine import UPLOAD_COMMITTER, BatchSettings
 from onecard.ledger.keys import MemoryKeyStore
-from onecard.server.app import RunningServer, start_server
-from onecard.server.config import ServerConfig
+from onecard.server.app import RunningServer
 from onecard.v1 import common_pb2, terminal_pb2, upload_pb2
 from tests.support import (
     assert_books_balance,
     fetch,
     issue,
-    pii_key_file,
-    seed_with_dev_keys,
+    start_test_server,
     wait_until,
 )
 
@@ -831,16 +829,13 @@ async def test_a_full_queue_still_names_what_is_wrong_with_a_malformed_batch(
     gateway's batch and waits while a second gateway's batch fills the queue.
     Its linger is long, so the test can see the first batch queued, then taken.
     """
-    await seed_with_dev_keys(db_dsn, tmp_path)
-    cfg = ServerConfig(
-        listen="127.0.0.1:0",
-        dsn=db_dsn,
-        data_dir=tmp_path / "data",
-        pii_key_file=pii_key_file(tmp_path / "secrets"),
+    server = await start_test_server(
+        db_dsn,
+        tmp_path,
+        keys,
         batching=BatchSettings(upload_max_queue=1, upload_flushers=1, linger=0.3),
         metrics_listen="127.0.0.1:0",
     )
-    server = await start_server(cfg, keys=keys)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             cards = [await funded(channel, keys) for _ in range(3)]
