@@ -25,20 +25,12 @@ TOPUP, BUS = "310400000009", "310400000001"
 WHEN = "20261202090000"
 
 
-def load_request(card: SimulatedCard, pending: PendingLoad, seq: int) -> terminal_pb2.LoadRequest:
-    return terminal_pb2.LoadRequest(
-        card_number=card.card_no,
-        amount=pending.amount,
-        transaction_type=0x02,
-        terminal_id=pending.terminal_id,
-        terminal_seq=seq,
-        date_time=WHEN,
-        key_version=card.key_version,
-        card_random=pending.random,
-        online_counter=pending.online_counter,
-        old_balance=pending.old_balance,
-        mac1=pending.mac1,
-        payment_channel=common_pb2.PAYMENT_CHANNEL_CASH,
+def load_request(
+    channel: grpc.aio.Channel, card: SimulatedCard, pending: PendingLoad, seq: int
+) -> terminal_pb2.LoadRequest:
+    """The request of a load the card began, from the machine it began it at."""
+    return Terminal(channel, pending.terminal_id).load_request(
+        card, pending, seq=seq, date_time=WHEN
     )
 
 
@@ -70,11 +62,11 @@ async def test_a_load_sent_again_under_a_new_seq_is_not_credited_twice(
     card = await issue(channel, keys)
     stub = terminal_stub(channel)
     pending = card.begin_load(5000, TOPUP)
-    first = await stub.Load(load_request(card, pending, 1))
+    first = await stub.Load(load_request(channel, card, pending, 1))
     assert first.status == APPROVED
     card.finish_load(pending, WHEN, first.mac2)  # the chip: 5000, counter 1
 
-    replay = await stub.Load(load_request(card, pending, 2))  # same MAC1, new seq
+    replay = await stub.Load(load_request(channel, card, pending, 2))  # same MAC1, new seq
     assert replay.status == common_pb2.TXN_STATUS_STALE_COUNTER
     assert not replay.mac2
     assert "online counter 0" in replay.detail
@@ -116,12 +108,12 @@ async def test_a_card_whose_load_never_completed_can_load_again(
     card = await issue(channel, keys)
     stub = terminal_stub(channel)
     lost = card.begin_load(3000, TOPUP)
-    assert (await stub.Load(load_request(card, lost, 1))).status == APPROVED
+    assert (await stub.Load(load_request(channel, card, lost, 1))).status == APPROVED
     # The MAC2 never reaches the chip, and the terminal goes on to other work.
 
     retry = card.begin_load(3000, TOPUP)
     assert retry.online_counter == lost.online_counter == 0
-    reply = await stub.Load(load_request(card, retry, 2))
+    reply = await stub.Load(load_request(channel, card, retry, 2))
     assert reply.status == APPROVED, reply
     card.finish_load(retry, WHEN, reply.mac2)
     assert card.balance == 3000
@@ -129,9 +121,9 @@ async def test_a_card_whose_load_never_completed_can_load_again(
     # rest, and shows it (the desk refunds it on the chip's evidence).
     assert await purse(server.dsn, card) == (6000, 1)
 
-    replayed = await stub.Load(load_request(card, lost, 3))  # the first MAC1 again
+    replayed = await stub.Load(load_request(channel, card, lost, 3))  # the first MAC1 again
     assert replayed.status == common_pb2.TXN_STATUS_STALE_COUNTER and not replayed.mac2
-    again = await stub.Load(load_request(card, retry, 4))  # the second one again
+    again = await stub.Load(load_request(channel, card, retry, 4))  # the second one again
     assert again.status == common_pb2.TXN_STATUS_STALE_COUNTER
     assert await purse(server.dsn, card) == (6000, 1)
 
@@ -139,7 +131,7 @@ async def test_a_card_whose_load_never_completed_can_load_again(
     assert (await Terminal(channel, TOPUP, 5).load(card, 500)).status == APPROVED
     behind = SimulatedCard(card.card_no, keys.get("3104", 1))  # a chip image at counter 0
     old = behind.begin_load(500, TOPUP)
-    stale = await stub.Load(load_request(behind, old, 6))
+    stale = await stub.Load(load_request(channel, behind, old, 6))
     assert stale.status == common_pb2.TXN_STATUS_STALE_COUNTER
     assert await purse(server.dsn, card) == (6500, 2)
     await assert_books_balance(server.dsn)
@@ -151,7 +143,7 @@ async def test_a_reversed_load_retried_gets_no_mac2_and_the_counter_comes_back(
     card = await issue(channel, keys)
     stub = terminal_stub(channel)
     pending = card.begin_load(5000, TOPUP)
-    request = load_request(card, pending, 41)
+    request = load_request(channel, card, pending, 41)
     assert (await stub.Load(request)).status == APPROVED  # the reply never reaches the terminal
     reversal = await stub.Reverse(reverse_request(card, 5000, TOPUP, 42, 41))
     assert reversal.status == APPROVED and reversal.balance_after == 0
@@ -167,7 +159,7 @@ async def test_a_reversed_load_retried_gets_no_mac2_and_the_counter_comes_back(
     # The chip never completed the load, so it tries the same counter again.
     again = card.begin_load(5000, TOPUP)
     assert again.online_counter == 0
-    reply = await stub.Load(load_request(card, again, 43))
+    reply = await stub.Load(load_request(channel, card, again, 43))
     assert reply.status == APPROVED, reply
     card.finish_load(again, WHEN, reply.mac2)
     assert card.balance == 5000
@@ -213,7 +205,7 @@ async def test_a_purchase_signed_under_another_key_version_than_the_card_s_is_re
 
     # A load's MAC1 under the old version likewise.
     pending = forger.begin_load(1000, TOPUP)
-    request = load_request(forger, pending, 81)
+    request = load_request(channel, forger, pending, 81)
     load = await terminal_stub(channel).Load(request)
     assert load.status == common_pb2.TXN_STATUS_MAC_INVALID and not load.mac2
     assert await purse(server.dsn, card) == (5000, 1)

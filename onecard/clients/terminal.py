@@ -15,7 +15,7 @@ import itertools
 
 import grpc
 
-from onecard.clients.card import SimulatedCard
+from onecard.clients.card import PendingLoad, SimulatedCard
 from onecard.ledger.crypto.suites import TYPE_LOAD, TYPE_PURCHASE
 from onecard.v1 import common_pb2, terminal_pb2, terminal_pb2_grpc
 
@@ -74,6 +74,31 @@ class Terminal:
             card.offline_counter -= 1
         return reply
 
+    def load_request(
+        self,
+        card: SimulatedCard,
+        pending: PendingLoad,
+        *,
+        seq: int | None = None,
+        date_time: str | None = None,
+        channel: common_pb2.PaymentChannel = common_pb2.PAYMENT_CHANNEL_CASH,
+    ) -> terminal_pb2.LoadRequest:
+        """The request for a load the card has begun (its MAC1 in ``pending``)."""
+        return terminal_pb2.LoadRequest(
+            card_number=card.card_no,
+            amount=pending.amount,
+            transaction_type=TYPE_LOAD,
+            terminal_id=self.terminal_id,
+            terminal_seq=self.next_seq() if seq is None else seq,
+            date_time=date_time or now_bcd_text(),
+            key_version=card.key_version,
+            card_random=pending.random,
+            online_counter=pending.online_counter,
+            old_balance=pending.old_balance,
+            mac1=pending.mac1,
+            payment_channel=channel,
+        )
+
     async def load(
         self,
         card: SimulatedCard,
@@ -83,20 +108,7 @@ class Terminal:
         pending = card.begin_load(amount, self.terminal_id)
         when = now_bcd_text()
         reply: terminal_pb2.LoadReply = await self.stub.Load(
-            terminal_pb2.LoadRequest(
-                card_number=card.card_no,
-                amount=amount,
-                transaction_type=TYPE_LOAD,
-                terminal_id=self.terminal_id,
-                terminal_seq=self.next_seq(),
-                date_time=when,
-                key_version=card.key_version,
-                card_random=pending.random,
-                online_counter=pending.online_counter,
-                old_balance=pending.old_balance,
-                mac1=pending.mac1,
-                payment_channel=channel,
-            )
+            self.load_request(card, pending, date_time=when, channel=channel)
         )
         if approved(reply):
             card.finish_load(pending, when, reply.mac2)
