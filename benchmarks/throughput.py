@@ -746,7 +746,7 @@ class _Bench:
         try:
             await run_online(
                 server.address,
-                debit_requests(pop, n // 5, 50_000_000, rng),
+                debit_requests(pop, n // 5, 50_000_000, rng, zipf_s=args.zipf),
                 args.concurrency,
                 args.channels,
             )
@@ -758,13 +758,14 @@ class _Bench:
             ledger_cpu = CpuMeter(postmaster, {})
             for r in range(args.rounds):
                 # Requests are signed before the meters start: that is not the call's cost.
-                reqs = debit_requests(pop, per_round, r * per_round, rng)
+                reqs = debit_requests(pop, per_round, r * per_round, rng, zipf_s=args.zipf)
                 before = noop_cpu.sample(*noops)
                 bases.append(
                     await run_online(noops[0].address, reqs, args.concurrency, args.channels)
                 )
                 noop_cpu.add(before, noop_cpu.sample(*noops))
-                reqs = debit_requests(pop, per_round, 60_000_000 + r * per_round, rng)
+                seq0 = 60_000_000 + r * per_round
+                reqs = debit_requests(pop, per_round, seq0, rng, zipf_s=args.zipf)
                 before = ledger_cpu.sample(server)
                 onlines.append(
                     await run_online(server.address, reqs, args.concurrency, args.channels)
@@ -778,7 +779,7 @@ class _Bench:
             # and gRPC alone add to the p99 at this rate on these two cores.
             noop_p99, noop_achieved, _ = await run_online_open(
                 noops[0].address,
-                debit_requests(pop, open_n, 80_000_000, rng),
+                debit_requests(pop, open_n, 80_000_000, rng, zipf_s=args.zipf),
                 open_rate,
                 args.channels,
             )
@@ -788,7 +789,7 @@ class _Bench:
             inside_before = await asyncio.to_thread(inside_buckets, server.metrics_url)
             p99, achieved, refused = await run_online_open(
                 server.address,
-                debit_requests(pop, open_n, 65_000_000, rng),
+                debit_requests(pop, open_n, 65_000_000, rng, zipf_s=args.zipf),
                 open_rate,
                 args.channels,
             )
@@ -832,7 +833,7 @@ class _Bench:
         try:
             naive = await run_online(
                 naive_server.address,
-                debit_requests(pop, n // 2, 70_000_000, rng),
+                debit_requests(pop, n // 2, 70_000_000, rng, zipf_s=args.zipf),
                 args.concurrency,
                 args.channels,
             )
@@ -873,6 +874,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--p99-load", type=float, default=0.8, help="open-loop rate for the p99, x closed loop"
     )
     parser.add_argument("--p99-seconds", type=float, default=10.0, help="open-loop run length")
+    parser.add_argument(
+        "--zipf",
+        type=float,
+        default=1.0,
+        help="online card skew (0.0001: about uniform; s = 1 puts 8%% of debits on one card)",
+    )
     parser.add_argument("--seed", type=int, default=20261123)
     parser.add_argument("--workers", type=int, default=2, help="onecard serve --workers")
     parser.add_argument("--quick", action="store_true", help="a 1,000,000-card large population")
