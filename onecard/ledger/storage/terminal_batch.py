@@ -340,7 +340,7 @@ def _decide(
             TxnStatus.UNKNOWN_TERMINAL, detail=f"terminal {req.terminal_id} is not registered"
         )
 
-    result = _decide_new(p, cards.get(p.card_no), mac1_used, ref, operator, writes)
+    result = _decide_new(p, card, mac1_used, ref, operator, writes)
     writes.outcome(p, result.status, result.balance_after, result.mac2 or None)
     seen[key] = (p.fingerprint, result.status, result.balance_after, result.mac2, None)
     return result
