@@ -468,7 +468,7 @@ async def show_statements(dsn: str, seconds: float) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            "SELECT calls, total_exec_time, rows, wal_bytes, wal_fpi,"
+            "SELECT calls, total_exec_time, total_plan_time, rows, wal_bytes, wal_fpi,"
             " regexp_replace(query, '\\s+', ' ', 'g') AS q"
             " FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database"
             " WHERE datname = current_database()) ORDER BY total_exec_time DESC LIMIT 8"
@@ -478,13 +478,15 @@ async def show_statements(dsn: str, seconds: float) -> None:
     # WAL per statement: full-page images (the first change to a page after a
     # checkpoint) are what a large card population costs.
     print(
-        f"    {'calls':>7}{'ms total':>10}{'% of run':>9}{'rows':>9}{'WAL MB':>8}{'FPIs':>8}"
+        f"    {'calls':>7}{'ms total':>10}{'% of run':>9}{'plan ms':>9}{'rows':>9}{'WAL MB':>8}"
+        f"{'FPIs':>8}"
         "  statement"
     )
     for r in rows:
         share = r["total_exec_time"] / 1e3 / seconds * 100
         print(
-            f"    {r['calls']:>7}{r['total_exec_time']:>10.0f}{share:>8.0f}%{r['rows']:>9}"
+            f"    {r['calls']:>7}{r['total_exec_time']:>10.0f}{share:>8.0f}%"
+            f"{r['total_plan_time']:>9.0f}{r['rows']:>9}"
             f"{int(r['wal_bytes']) / 1e6:>8.1f}{r['wal_fpi']:>8}  {r['q'][:60]}"
         )
 
