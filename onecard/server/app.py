@@ -37,7 +37,7 @@ from onecard.server.metrics import (
     sample_process,
 )
 from onecard.server.terminal_service import TerminalServicer
-from onecard.server.upload_service import UploadServicer
+from onecard.server.upload_service import StreamSlots, UploadServicer
 from onecard.v1 import (
     desk_pb2,
     desk_pb2_grpc,
@@ -124,7 +124,10 @@ async def start_embedded_postgres(cfg: ServerConfig) -> tuple[EmbeddedPostgres, 
 
 
 def _grpc_server(
-    cfg: ServerConfig, ledger: Ledger, health: health_aio.HealthServicer
+    cfg: ServerConfig,
+    ledger: Ledger,
+    health: health_aio.HealthServicer,
+    upload_streams: StreamSlots,
 ) -> grpc.aio.Server:
     """One gRPC server with every service on the one ledger (one of ``--acceptors``)."""
     options = [
@@ -144,7 +147,9 @@ def _grpc_server(
     server = grpc.aio.server(options=options)
     terminal_pb2_grpc.add_TerminalServiceServicer_to_server(TerminalServicer(ledger), server)
     desk_pb2_grpc.add_DeskServiceServicer_to_server(DeskServicer(ledger), server)
-    upload_pb2_grpc.add_UploadServiceServicer_to_server(UploadServicer(ledger), server)
+    upload_pb2_grpc.add_UploadServiceServicer_to_server(
+        UploadServicer(ledger, upload_streams), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
@@ -313,8 +318,9 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
         )
         health_servicer = health_aio.HealthServicer()
         port = 0
+        upload_streams = StreamSlots(cfg.max_upload_streams)  # one bound for the process
         for _ in range(cfg.acceptors):
-            server = _grpc_server(cfg, ledger, health_servicer)
+            server = _grpc_server(cfg, ledger, health_servicer, upload_streams)
             servers.append(server)
             # The first binds the address asked for (port 0: a free one), the
             # others the port it got.

@@ -45,6 +45,10 @@ class ServerConfig:
     #: while the ledger has room. Two servers take them two at a time
     #: (python -m benchmarks.acceptors measures it against one).
     acceptors: int = 2
+    #: Upload streams open at once per process. Each may hold a few MB of
+    #: batches in gRPC's buffers (its flow-control window) while it waits
+    #: for the ledger; past this a new stream is refused RESOURCE_EXHAUSTED.
+    max_upload_streams: int = 64
     limits: Limits = field(default_factory=Limits)
     batching: BatchSettings = field(default_factory=BatchSettings)
     shutdown_grace: float = 10.0
@@ -299,6 +303,13 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     )
     add_option(
         p,
+        "--max-upload-streams",
+        type=int,
+        default=d.max_upload_streams,
+        help="upload streams open at once per process; one more is refused RESOURCE_EXHAUSTED",
+    )
+    add_option(
+        p,
         "--upload-flush-records",
         type=int,
         default=d.batching.upload_max_batch,
@@ -378,6 +389,7 @@ _COUNTS = (
     "--upload-flush-records",
     "--max-upload-batch",
     "--max-upload-queue",
+    "--max-upload-streams",
     "--max-pending-calls",
 )
 
@@ -407,6 +419,7 @@ LIMIT_FLAGS = {
     "max_upload_batch": "--max-upload-batch",
     ONLINE_COMMITTER: "--max-queue",
     UPLOAD_COMMITTER: "--max-upload-queue",
+    "max_upload_streams": "--max-upload-streams",
 }
 
 
@@ -493,6 +506,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_message_bytes=args.max_message_bytes,
         max_pending_calls=args.max_pending_calls,
         acceptors=args.acceptors,
+        max_upload_streams=args.max_upload_streams,
         limits=Limits(max_amount=args.max_amount, max_upload_batch=args.max_upload_batch),
         batching=BatchSettings(
             max_batch=args.max_batch,

@@ -49,6 +49,18 @@ _OUTAGE = (
 )
 
 
+class TooManyStreams(Exception):
+    """As many upload streams are open in this process as --max-upload-streams allows."""
+
+    setting = "max_upload_streams"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"{limit} upload streams are open in this server process, its limit; "
+            "retry later or send on a stream already open"
+        )
+
+
 def _with_setting(details: str, setting: str) -> str:
     """``details`` naming the flag that sets the limit it reports, when a flag does.
 
@@ -84,6 +96,11 @@ async def guarded(
         code = "RESOURCE_EXHAUSTED"
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED, _with_setting(str(exc), exc.committer)
+        )
+    except TooManyStreams as exc:
+        code = "RESOURCE_EXHAUSTED"
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, _with_setting(str(exc), exc.setting)
         )
     except ShuttingDown as exc:
         code = "UNAVAILABLE"

@@ -5,6 +5,11 @@ answered (after its COMMIT) before the next one is read, so a gateway knows
 exactly which of its batches are safe to delete. A batch refused as malformed
 ends the stream with INVALID_ARGUMENT naming the claim or the record field;
 nothing of it was written, and every batch answered before it stays committed.
+
+Each open stream can hold a few megabytes of batches in gRPC's buffers (its
+flow-control window) before the ledger reads them, so the streams a process
+keeps open are bounded (``--max-upload-streams``); one more is answered
+RESOURCE_EXHAUSTED before any of its batches is read.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import grpc
 from onecard.ledger.engine import Ledger
 from onecard.ledger.model import OfflineRecord, OfflineResult, RecordOutcome
 from onecard.ledger.validation import check_upload_batch
-from onecard.server.errors import guarded
+from onecard.server.errors import TooManyStreams, guarded
 from onecard.v1 import upload_pb2, upload_pb2_grpc
 
 # The record's fields in OfflineRecord's order, read in C: one attrgetter
@@ -70,23 +75,53 @@ def _reply(batch_id: str, results: list[OfflineResult]) -> upload_pb2.UploadBatc
     return reply
 
 
+class StreamSlots:
+    """The upload streams open in one process, shared by its ``--acceptors`` servers."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    def take(self) -> bool:
+        if self.open >= self.limit:
+            return False
+        self.open += 1
+        return True
+
+    def give_back(self) -> None:
+        self.open -= 1
+
+
 class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, streams: StreamSlots) -> None:
         self.ledger = ledger
+        self.streams = streams
 
     async def UploadRecords(
         self,
         request_iterator: AsyncIterator[upload_pb2.UploadBatch],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[upload_pb2.UploadBatchReply]:
-        async for batch in request_iterator:
+        if not self.streams.take():
 
-            async def call(batch: upload_pb2.UploadBatch = batch) -> upload_pb2.UploadBatchReply:
-                records = _records(batch)
-                check_upload_batch(
-                    records, batch.claimed_count, batch.claimed_total, self.ledger.limits
-                )
-                results = await self.ledger.submit_offline_records(records)
-                return _reply(batch.batch_id, results)
+            async def refuse() -> upload_pb2.UploadBatchReply:
+                raise TooManyStreams(self.streams.limit)
 
-            yield await guarded(context, call)
+            yield await guarded(context, refuse)  # raises: the stream ends refused
+            return
+        try:
+            async for batch in request_iterator:
+
+                async def call(
+                    batch: upload_pb2.UploadBatch = batch,
+                ) -> upload_pb2.UploadBatchReply:
+                    records = _records(batch)
+                    check_upload_batch(
+                        records, batch.claimed_count, batch.claimed_total, self.ledger.limits
+                    )
+                    results = await self.ledger.submit_offline_records(records)
+                    return _reply(batch.batch_id, results)
+
+                yield await guarded(context, call)
+        finally:
+            self.streams.give_back()
