@@ -106,8 +106,12 @@ async def start_embedded_postgres(cfg: ServerConfig) -> tuple[EmbeddedPostgres, 
     cancellation) between starting it and returning is undone here.
     """
     pg = EmbeddedPostgres(cfg.data_dir / "pg")
-    await asyncio.to_thread(pg.start)
+    # pg_ctl runs in a thread, which a stop cannot interrupt: cancelled
+    # meanwhile, the thread is waited out before the database is stopped, or
+    # the stop would find nothing started and the start leave an orphan.
+    starting = asyncio.ensure_future(asyncio.to_thread(pg.start))
     try:
+        await asyncio.shield(starting)
         conn = await asyncpg.connect(pg.dsn("postgres"))
         try:
             exists = await conn.fetchval(
@@ -118,7 +122,9 @@ async def start_embedded_postgres(cfg: ServerConfig) -> tuple[EmbeddedPostgres, 
         finally:
             await conn.close()
     except BaseException:
-        await asyncio.to_thread(pg.stop)
+        if not starting.done():
+            await asyncio.wait([starting])
+        await asyncio.to_thread(pg.stop)  # a no-op if it never started
         raise
     return pg, pg.dsn(EMBEDDED_DATABASE)
 

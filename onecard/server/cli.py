@@ -46,7 +46,23 @@ async def _serve(cfg: ServerConfig) -> None:
     if signals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-    running = await start_server(cfg)
+    # A stop while starting ends the start (a database that does not answer
+    # would otherwise hold it for asyncpg's whole connect timeout, and a
+    # stopping parent would wait for its worker as long); start_server
+    # undoes what it had started when cancelled.
+    starting = asyncio.ensure_future(start_server(cfg))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not starting.done():
+        starting.cancel()
+        await asyncio.wait([starting])
+        if starting.cancelled():
+            print("onecard: stopped cleanly (stopped while starting)", flush=True)
+            return
+    running = starting.result()
     if signals:
         loop.add_signal_handler(signal.SIGHUP, running.reload_keys)
     # The server talks to its embedded database over the Unix socket; people

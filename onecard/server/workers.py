@@ -113,6 +113,25 @@ async def _prepare(
     return dsn, key_path, pii_path, embedded
 
 
+async def _prepare_unless_stopped(
+    cfg: ServerConfig, stopping: Callable[[], bool]
+) -> tuple[str, Path | None, Path, EmbeddedPostgres | None] | None:
+    """``_prepare``, ended by a stop asked for meanwhile (then None).
+
+    The signal handlers only note a stop, and a step may wait long: the
+    migrations wait for another server's migration lock however long it
+    holds it. Looked at every tick, a stop cancels the step, and ``_prepare``
+    stops the embedded database it started.
+    """
+    task = asyncio.ensure_future(_prepare(cfg, stopping))
+    while not task.done():
+        await asyncio.wait([task], timeout=_TICK)
+        if stopping() and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+    return None if task.cancelled() else task.result()
+
+
 #: A worker that exits while the server is not stopping is started again, up
 #: to this many times within RESTART_WINDOW seconds; one more exit in that
 #: window stops the server (a worker that dies at once would otherwise be
@@ -151,9 +170,9 @@ class _Worker:
 class _Supervisor:
     """Starts the workers one by one, restarts those that exit, and stops them all.
 
-    Signal handlers only note what was asked; this loop does the rest, so a
-    stop that arrives while a worker starts reaches it once it is up (its own
-    handlers installed), and no worker is started after it.
+    Signal handlers only note what was asked; this loop does the rest: a
+    stop reaches every worker, started or starting, and no worker is
+    started after it.
     """
 
     def __init__(
@@ -201,8 +220,8 @@ class _Supervisor:
             stdout=subprocess.PIPE,
             env=self.env,
             # Its own process group: a Ctrl-C meant for the server reaches
-            # the parent only, which stops each worker once it is up (a
-            # worker still importing would die with a traceback instead).
+            # the parent only, which sends each worker SIGTERM (a SIGINT
+            # would kill a worker still importing with a traceback).
             process_group=0,
         )
         self.workers.append(_Worker(slot, proc, self.up, hups=self.hups))
@@ -233,12 +252,16 @@ class _Supervisor:
 
     def _forward(self) -> None:
         for w in self.workers:
-            if not w.serving or w.proc.poll() is not None:
+            if w.proc.poll() is not None:
                 continue
             if self.stopping and not w.told_to_stop:
+                # Starting workers too: one whose database does not answer
+                # would otherwise hold the stop for asyncpg's connect timeout.
+                # Its handlers end the start; before they are installed,
+                # SIGTERM's default ends a process that has nothing in flight.
                 w.told_to_stop = True
                 w.proc.send_signal(signal.SIGTERM)
-            elif not self.stopping and w.hups < self.hups:
+            elif not self.stopping and w.serving and w.hups < self.hups:
                 w.hups = self.hups
                 w.proc.send_signal(signal.SIGHUP)
 
@@ -323,8 +346,10 @@ def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
     embedded: EmbeddedPostgres | None = None
     metrics: MetricsServer | None = None
     try:
-        dsn, key_path, pii_path, embedded = asyncio.run(_prepare(cfg, lambda: sup.stopping))
-        if sup.stopping:
+        prepared = asyncio.run(_prepare_unless_stopped(cfg, lambda: sup.stopping))
+        if prepared is not None:
+            dsn, key_path, pii_path, embedded = prepared
+        if prepared is None or sup.stopping:
             print("onecard: stopped cleanly (stopped while starting)", flush=True)
             return 0
         host, _, port = cfg.listen.rpartition(":")
