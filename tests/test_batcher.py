@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from onecard.ledger.batcher import GroupCommitter, Overloaded, ShuttingDown
+from onecard.ledger.batcher import GroupCommitter, ItemsHeld, Overloaded, ShuttingDown
 
 
 async def test_groups_merge_but_never_split_and_results_align() -> None:
@@ -153,4 +153,55 @@ async def test_a_caller_that_has_gone_is_not_flushed() -> None:
     assert await first == 1 and await kept == 4
     assert flushed == [[1], [4]]
     assert len(gc) == 0
+    await gc.close()
+
+
+class _Odd(ItemsHeld):
+    """Holds the odd items, as CardsHeld holds a held card's requests."""
+
+    def holds(self, item: object) -> bool:
+        return isinstance(item, int) and item % 2 == 1
+
+
+async def test_items_held_fail_their_groups_and_the_others_flush_again() -> None:
+    gate = asyncio.Event()
+    flushed: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        await gate.wait()
+        flushed.append(items)
+        if any(i % 2 for i in items):
+            raise _Odd("held")
+        return [i * 10 for i in items]
+
+    gc: GroupCommitter[int, int] = GroupCommitter(flush, max_batch=10, max_queue=100)
+    gc.start()
+    groups = [[2], [4, 5], [6, 8], [7]]
+    tasks = [asyncio.create_task(gc.submit_many(g)) for g in groups]
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert results[0] == [20]
+    assert isinstance(results[1], _Odd)  # a group commits whole: [4, 5] fails with 5
+    assert results[2] == [60, 80]
+    assert isinstance(results[3], _Odd)
+    assert flushed == [[2, 4, 5, 6, 8, 7], [2, 6, 8]]
+    await gc.close()
+
+
+async def test_items_held_that_name_nothing_of_the_batch_fail_it_whole() -> None:
+    """No loop: a flush that names none of its items as held is a plain failure."""
+    flushes = 0
+
+    async def flush(items: list[int]) -> list[int]:
+        nonlocal flushes
+        flushes += 1
+        raise _Odd("held elsewhere")
+
+    gc: GroupCommitter[int, int] = GroupCommitter(flush, max_batch=10, max_queue=100)
+    gc.start()
+    tasks = [asyncio.create_task(gc.submit(i)) for i in (2, 4)]
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, _Odd) for r in results)
+    assert flushes == 1
     await gc.close()

@@ -14,7 +14,7 @@ import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,6 +35,20 @@ class Overloaded(Exception):
         )
         self.limit = limit
         self.committer = committer
+
+
+class ItemsHeld(Exception):
+    """Some items of a batch cannot be written now; the others can go without them.
+
+    Raised by a flush: a card whose row another session holds past the lock
+    timeout failed every caller of the batch it landed in, and every batch
+    after it while the terminals resent, so one stuck row stopped a whole
+    process's debits. The committer fails only the groups with an item
+    ``holds`` matches and flushes the rest again at once.
+    """
+
+    def holds(self, item: Any) -> bool:
+        raise NotImplementedError
 
 
 class ShuttingDown(Exception):
@@ -175,6 +189,19 @@ class GroupCommitter(Generic[T, R]):
             began = time.perf_counter()
             try:
                 results = await self._flush(items)
+            except ItemsHeld as exc:
+                held = [any(exc.holds(i) for i in group) for group, _ in groups]
+                for (_, fut), fails in zip(groups, held, strict=True):
+                    # If it named nothing of this batch, the whole batch fails.
+                    if (fails or not any(held)) and not fut.done():
+                        fut.set_exception(exc)
+                if any(held):
+                    # The others go first in the next flush, in their order.
+                    for (group, fut), fails in reversed(list(zip(groups, held, strict=True))):
+                        if not fails:
+                            self._queue.appendleft((group, fut))
+                            self._queued_items += len(group)
+                continue
             except Exception as exc:  # the whole batch failed: every caller sees why
                 for _, fut in groups:
                     if not fut.done():

@@ -37,7 +37,7 @@ from onecard.ledger.model import (
     TxnStatus,
 )
 from onecard.ledger.refdata import ReferenceData, StaleReference
-from onecard.ledger.storage import Conn, Contention
+from onecard.ledger.storage import CardsHeld, Conn, Contention
 from onecard.ledger.storage import cards as card_store
 from onecard.ledger.storage.offline_batch import (
     PreparedRecord,
@@ -288,7 +288,10 @@ class Ledger:
     async def _create_terminal_txns(self, items: list[Debit | Load]) -> list[TxnResult]:
         prepared = self._prepare(items)
         results = await self._apply(
-            apply_terminal_batch, prepared, {p.terminal_id for p in prepared}
+            apply_terminal_batch,
+            prepared,
+            {p.terminal_id for p in prepared},
+            lambda: [p.card_no for p in prepared],
         )
         for p, r in zip(prepared, results, strict=True):
             if r.status is TxnStatus.MAC_INVALID:
@@ -308,6 +311,7 @@ class Ledger:
         apply: Callable[[Conn, ReferenceData, list[P]], Awaitable[list[R]]],
         prepared: list[P],
         terminals: set[int],
+        cards: Callable[[], list[int]],
     ) -> list[R]:
         """Run one batch transaction; again if another writer raced it.
 
@@ -315,7 +319,9 @@ class Ledger:
         batch again is safe: a (terminal, seq) another writer committed
         meanwhile is answered as a duplicate, a deadlock victim (two flushes
         of other processes meeting in the other order) just runs again, and
-        reference data another process added is read before the rerun.
+        reference data another process added is read before the rerun. A
+        lock wait past the lock timeout names the cards held (CardsHeld), so
+        the committer can write the rest without them.
         """
         async with self.pool.acquire() as conn:
             unknown = terminals - self.ref.terminal_operator.keys()
@@ -335,6 +341,19 @@ class Ledger:
                         raise
                     await self.ref.refresh(conn)
                     refreshed = True
+                except asyncpg.LockNotAvailableError:
+                    # A card's row held past the lock timeout (a session left
+                    # open on it): refuse only its requests, so that the
+                    # committer writes the rest of the batch without them.
+                    held = await card_store.held_cards(conn, cards())
+                    if not held:
+                        raise
+                    log.warning(
+                        "cards %s held by another database session past the lock timeout: "
+                        "their requests are refused for a retry, the rest of the batch goes on",
+                        ", ".join(f"{c:016d}" for c in sorted(held)),
+                    )
+                    raise CardsHeld(held) from None
             raise Contention("batch kept racing concurrent writers; retry")
 
     # -- offline uploads -------------------------------------------------------
@@ -379,7 +398,12 @@ class Ledger:
         return await self._apply_offline_records(self._prepare_records(items))
 
     async def _apply_offline_records(self, prepared: list[PreparedRecord]) -> list[OfflineResult]:
-        return await self._apply(apply_offline_batch, prepared, {p.terminal_id for p in prepared})
+        return await self._apply(
+            apply_offline_batch,
+            prepared,
+            {p.terminal_id for p in prepared},
+            lambda: [p.card_no for p in prepared],
+        )
 
     # -- cards ---------------------------------------------------------------
 

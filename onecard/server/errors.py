@@ -20,7 +20,7 @@ import grpc
 
 from onecard.ledger.batcher import Overloaded, ShuttingDown
 from onecard.ledger.crypto.encoding import FieldError
-from onecard.ledger.storage import Contention
+from onecard.ledger.storage import CardsHeld, Contention
 from onecard.server.config import flag_for
 from onecard.server.metrics import observe_call
 
@@ -103,6 +103,9 @@ async def guarded(
             grpc.StatusCode.RESOURCE_EXHAUSTED, _with_setting(str(exc), exc.setting)
         )
     except ShuttingDown as exc:
+        code = "UNAVAILABLE"
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    except CardsHeld as exc:
         code = "UNAVAILABLE"
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     except _OUTAGE as exc:

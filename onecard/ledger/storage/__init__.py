@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
+
+from onecard.ledger.batcher import ItemsHeld
 
 #: What storage functions accept: a bare connection or one borrowed from a pool.
 #: asyncpg hands out proxies from pools; the stubs keep the two types apart.
@@ -18,3 +20,22 @@ class Contention(Exception):
     Every write is idempotent, so the caller may retry: the server answers
     it as UNAVAILABLE, as it does a database outage.
     """
+
+
+class CardsHeld(ItemsHeld):
+    """Cards whose rows another session held past the lock timeout; nothing was written.
+
+    Only the requests for these cards are refused (the server answers them
+    UNAVAILABLE, so terminals resend); the rest of their batch is written
+    without them. The message names no card: it reaches every caller refused.
+    """
+
+    def __init__(self, cards: set[int]) -> None:
+        super().__init__(
+            "the card's record is locked by another database session past the lock "
+            "timeout; nothing was written, retry"
+        )
+        self.cards = cards
+
+    def holds(self, item: Any) -> bool:
+        return int(item.card_no) in self.cards

@@ -217,3 +217,28 @@ async def _issue_in_tx(
         json.dumps(view_json(view)),
     )
     return DeskResult(DeskStatus.OK, view)
+
+
+# The cards of a batch whose rows another session holds now: those it cannot
+# lock without waiting. Each free one is locked only until this statement's
+# own transaction ends, and in card order, as every batch locks them.
+_HELD = """
+WITH free AS (
+    SELECT card_no FROM cards WHERE card_no = ANY($1::bigint[])
+    ORDER BY card_no
+    FOR UPDATE SKIP LOCKED
+)
+SELECT card_no FROM cards
+WHERE card_no = ANY($1::bigint[]) AND card_no NOT IN (SELECT card_no FROM free)
+"""
+
+
+async def held_cards(conn: Conn, card_nos: Sequence[int]) -> set[int]:
+    """Of ``card_nos``, the cards another session holds a row lock on.
+
+    Asked after a batch gave up waiting for a lock (the lock timeout): a
+    card a concurrent flush holds for a moment may be named too, and its
+    requests are then refused for a retry, which is safe.
+    """
+    async with conn.transaction():
+        return {r["card_no"] for r in await conn.fetch(_HELD, sorted(set(card_nos)))}

@@ -1,0 +1,120 @@
+"""A card whose row another session holds fails only its own requests, not its batch.
+
+With --lock-timeout-ms a batch stopped waiting for a row nobody released
+(a psql session left open on a card) and failed whole: every other card's
+request in it was told to retry too, and while the held card's terminal
+kept resending, every batch it landed in failed again, so one stuck row
+stopped a process's debits and uploads. Now the requests for the held card
+are refused (UNAVAILABLE, retry-safe) and the rest of the batch is written
+without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest_asyncio
+
+from onecard.clients.gateway import Gateway, make_batch
+from onecard.clients.terminal import Terminal
+from onecard.ledger.engine import BatchSettings
+from onecard.ledger.model import PostingKind
+from onecard.server.app import RunningServer
+from onecard.v1 import common_pb2
+from tests.support import assert_books_balance, dev_keys, start_test_server
+from tests.test_upload_api import funded, postings_of, ride
+
+APPROVED = common_pb2.TXN_STATUS_APPROVED
+HELD = "locked by another database session"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def server(db_dsn: str, tmp_path: Path) -> AsyncIterator[RunningServer]:
+    # A linger long enough that requests sent together share one batch.
+    running = await start_test_server(
+        db_dsn,
+        tmp_path,
+        dev_keys(),
+        lock_timeout_ms=300,
+        batching=BatchSettings(linger=0.2, upload_flushers=1),
+    )
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def _hold(
+    dsn: str, card_no: str
+) -> tuple[asyncpg.Connection, asyncpg.transaction.Transaction]:
+    holder = await asyncpg.connect(dsn)
+    tx = holder.transaction()
+    await tx.start()
+    await holder.execute("SELECT 1 FROM cards WHERE card_no = $1 FOR UPDATE", int(card_no))
+    return holder, tx
+
+
+async def test_a_held_card_refuses_its_debit_and_the_batch_goes_on(
+    server: RunningServer, db_dsn: str
+) -> None:
+    keys = dev_keys()
+    async with grpc.aio.insecure_channel(server.address) as chan:
+        held, free = await funded(chan, keys), await funded(chan, keys)
+        before = [await postings_of(db_dsn, c) for c in (held, free)]
+        bus = Terminal(chan, "310400000001", 90_000)
+        on_held, on_free = bus.debit_request(held, 100), bus.debit_request(free, 100)
+        holder, tx = await _hold(db_dsn, held.card_no)
+        try:
+            refused, approved = await asyncio.gather(
+                bus.stub.Debit(on_held), bus.stub.Debit(on_free), return_exceptions=True
+            )
+        finally:
+            await tx.rollback()
+            await holder.close()
+        assert not isinstance(approved, BaseException), approved
+        assert approved.status == APPROVED
+        assert isinstance(refused, grpc.aio.AioRpcError), refused
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert HELD in (refused.details() or "")
+        # The terminal resends what was not answered: posted once, now.
+        assert (await bus.stub.Debit(on_held)).status == APPROVED
+    purchase = (int(PostingKind.PURCHASE), 100)
+    assert await postings_of(db_dsn, held) == [*before[0], purchase]
+    assert await postings_of(db_dsn, free) == [*before[1], purchase]
+    await assert_books_balance(db_dsn)
+
+
+async def test_a_held_card_refuses_its_upload_batch_and_the_others_post(
+    server: RunningServer, db_dsn: str
+) -> None:
+    keys = dev_keys()
+    async with grpc.aio.insecure_channel(server.address) as chan:
+        held, free = await funded(chan, keys), await funded(chan, keys)
+        before = [await postings_of(db_dsn, c) for c in (held, free)]
+        on_held = make_batch("held", [ride(held, 100)])
+        on_free = make_batch("free", [ride(free, 100)])
+        holder, tx = await _hold(db_dsn, held.card_no)
+        try:
+            refused, replies = await asyncio.gather(
+                Gateway(chan).upload([on_held]),
+                Gateway(chan).upload([on_free]),
+                return_exceptions=True,
+            )
+        finally:
+            await tx.rollback()
+            await holder.close()
+        assert not isinstance(replies, BaseException), replies
+        assert [r.posted for r in replies] == [1]
+        assert isinstance(refused, grpc.aio.AioRpcError), refused
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert HELD in (refused.details() or "")
+        # The gateway sends the refused batch again: posted once, now.
+        assert [r.posted for r in await Gateway(chan).upload([on_held])] == [1]
+    purchase = (int(PostingKind.PURCHASE), 100)
+    assert await postings_of(db_dsn, held) == [*before[0], purchase]
+    assert await postings_of(db_dsn, free) == [*before[1], purchase]
+    await assert_books_balance(db_dsn)
