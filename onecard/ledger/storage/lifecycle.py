@@ -380,6 +380,14 @@ async def release_loss(ctx: Context, conn: Conn, req: CardAction) -> DeskOutcome
     refusal = await _holder_refusal(ctx, conn, card_no, req.holder_id_number)
     if refusal:
         return DeskOutcome(DeskStatus.HOLDER_MISMATCH, before, refusal)
+    # The period is kept (every one, migration 0013): an offline record dated
+    # inside it may come days later, and is CARD_LOST though the card is not.
+    await conn.execute(
+        "INSERT INTO card_loss_periods (card_no, lost_from, lost_until) "
+        "SELECT card_no, lost_at, now() FROM cards WHERE card_no = $1 AND lost_at IS NOT NULL "
+        "ON CONFLICT DO NOTHING",
+        card_no,
+    )
     await conn.execute(
         "UPDATE cards SET status = $2, last_loss_from = lost_at, last_loss_until = now(), "
         "lost_at = NULL, status_changed_at = now() WHERE card_no = $1",

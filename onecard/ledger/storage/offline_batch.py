@@ -74,6 +74,9 @@ class _Card:
     loss_window: tuple[dt.datetime, dt.datetime] | None = None
     delta: int = 0
     touched: bool = False
+    #: Loss periods released before ``loss_window`` (migration 0013), read
+    #: only when a record of the batch is dated before it.
+    earlier_losses: tuple[tuple[dt.datetime, dt.datetime], ...] = ()
 
 
 @dataclass(slots=True)
@@ -182,6 +185,13 @@ SELECT card_no, status, purse_balance, offline_counter, lost_at, replaced_by, ke
 FROM cards WHERE card_no = ANY($1::bigint[])
 ORDER BY card_no
 FOR UPDATE
+"""
+
+# The loss periods of cards whose records may fall in one before the last.
+_EARLIER_LOSSES = """
+SELECT card_no, lost_from, lost_until FROM card_loss_periods
+WHERE card_no = ANY($1::bigint[])
+ORDER BY card_no, lost_from
 """
 
 # Counters a card has used before, for the records that could repeat one: a
@@ -382,6 +392,22 @@ async def apply_offline_batch(
         if any(c.replaced_by is not None and c.replaced_by not in cards for c in cards.values()):
             raise BatchRaced()  # replaced between the two reads; run again
 
+        # Records dated before a card's last loss period may fall in an
+        # earlier one: those cards' earlier periods, in one look (rare).
+        before_last = {
+            p.card_no
+            for p in items
+            if (c := cards.get(p.card_no)) is not None
+            and c.loss_window is not None
+            and p.txn_time < c.loss_window[0]
+        }
+        if before_last:
+            for r in await conn.fetch(_EARLIER_LOSSES, sorted(before_last)):
+                c = cards[r["card_no"]]
+                period = (_local(r["lost_from"]), _local(r["lost_until"]))
+                if period != c.loss_window:
+                    c.earlier_losses += (period,)
+
         suspects = [
             (p.card_no, p.record.offline_counter)
             for p in items
@@ -436,6 +462,25 @@ async def apply_offline_batch(
 def _local(moment: dt.datetime) -> dt.datetime:
     """A database time as terminals stamp theirs (UTC+8, no zone)."""
     return moment.astimezone(TERMINAL_TZ).replace(tzinfo=None)
+
+
+def _loss_period(card: _Card, when: dt.datetime) -> tuple[dt.datetime, dt.datetime] | None:
+    """The released loss period of ``card`` that ``when`` falls in, if any."""
+    if card.loss_window is None:
+        return None
+    for start, end in (card.loss_window, *card.earlier_losses):
+        if start <= when < end:
+            return start, end
+    return None
+
+
+def _lost_while(
+    when: dt.datetime, period: tuple[dt.datetime, dt.datetime]
+) -> tuple[RecordException, str]:
+    return (
+        RecordException.CARD_LOST,
+        f"used at {when}, while reported lost ({period[0]} to {period[1]})",
+    )
 
 
 def _holder(card: _Card, cards: dict[int, _Card]) -> int:
@@ -581,6 +626,8 @@ def _decide_in_full(
             )
             if lost is None or p.txn_time >= lost:
                 found.append((RecordException.CARD_LOST, f"used at {p.txn_time}, lost at {lost}"))
+            elif (period := _loss_period(card, p.txn_time)) is not None:
+                found.append(_lost_while(p.txn_time, period))
         elif card.status in (CardStatus.BLOCKED, CardStatus.CLOSED):
             what = CardStatus(card.status).name.lower()
             if card.replaced_by is not None:
@@ -590,14 +637,8 @@ def _decide_in_full(
                     what += f" and in turn by {holder:016d}"
                 what += ": the amount follows to it"
             found.append((RecordException.CARD_BLOCKED, f"card is {what}"))
-    elif card.loss_window is not None and card.loss_window[0] <= p.txn_time < card.loss_window[1]:
-        lost_from, lost_until = card.loss_window
-        found.append(
-            (
-                RecordException.CARD_LOST,
-                f"used at {p.txn_time}, while reported lost ({lost_from} to {lost_until})",
-            )
-        )
+    elif (period := _loss_period(card, p.txn_time)) is not None:
+        found.append(_lost_while(p.txn_time, period))
     if r.card_balance_before != card.balance:
         found.append(
             (
