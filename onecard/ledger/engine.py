@@ -80,6 +80,10 @@ class BatchSettings:
 #: Committer names, as metrics and logs label them.
 ONLINE_COMMITTER = "group-commit"
 UPLOAD_COMMITTER = "group-commit-uploads"
+#: Held cards remembered at most (a few stuck rows at a time is already an
+#: incident); the oldest is forgotten first and, if still held, costs one
+#: more lock timeout to find again.
+MAX_HELD_REMEMBERED = 1024
 
 
 def _txn_time(s: str) -> dt.datetime:
@@ -172,6 +176,11 @@ class Ledger:
             flushers=b.upload_flushers,
             on_flush=on_flush,
         )
+        #: Cards found held past the lock timeout, oldest first: a batch with
+        #: one of them asks first whether it is still held (without waiting),
+        #: so that its terminal's resends are refused at once and do not make
+        #: every batch they land in wait the lock timeout out again.
+        self._held: dict[int, None] = {}
         #: The service desk's card lifecycle (loss, replacement, cancellation, ...).
         self.lifecycle = CardLifecycle(pool, ref, keys, self.limits, desk or DeskSettings())
 
@@ -327,6 +336,8 @@ class Ledger:
             unknown = terminals - self.ref.terminal_operator.keys()
             if unknown:
                 await self.ref.learn_terminals(conn, unknown)
+            if self._held:
+                await self._refuse_still_held(conn, cards())
             refreshed = False
             for attempt in range(5):
                 try:
@@ -353,8 +364,29 @@ class Ledger:
                         "their requests are refused for a retry, the rest of the batch goes on",
                         ", ".join(f"{c:016d}" for c in sorted(held)),
                     )
+                    for card_no in held:
+                        self._held[card_no] = None
+                    while len(self._held) > MAX_HELD_REMEMBERED:
+                        del self._held[next(iter(self._held))]
                     raise CardsHeld(held) from None
             raise Contention("batch kept racing concurrent writers; retry")
+
+    async def _refuse_still_held(self, conn: Conn, card_nos: list[int]) -> None:
+        """Refuse at once the requests for cards still held since a batch waited on them.
+
+        Without this, each resend of a held card's request put the batch it
+        landed in through the whole lock timeout again, and the requests
+        waiting behind that batch ran out of time (DEADLINE_EXCEEDED) instead
+        of being written. A card found free is forgotten.
+        """
+        suspects = self._held.keys() & set(card_nos)
+        if not suspects:
+            return
+        still = await card_store.held_cards(conn, sorted(suspects))
+        for card_no in suspects - still:
+            self._held.pop(card_no, None)
+        if still:
+            raise CardsHeld(still)
 
     # -- offline uploads -------------------------------------------------------
 

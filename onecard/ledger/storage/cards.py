@@ -222,23 +222,35 @@ async def _issue_in_tx(
 # The cards of a batch whose rows another session holds now: those it cannot
 # lock without waiting. Each free one is locked only until this statement's
 # own transaction ends, and in card order, as every batch locks them.
+# A replaced card's late records lock the cards that replaced it too (the
+# amount follows to the last): a hold on any of them holds the first.
 _HELD = """
-WITH free AS (
-    SELECT card_no FROM cards WHERE card_no = ANY($1::bigint[])
+WITH RECURSIVE chain (origin, card_no) AS (
+    SELECT card_no, card_no FROM cards WHERE card_no = ANY($1::bigint[])
+    UNION
+    SELECT chain.origin, succ.card_no
+    FROM chain
+    JOIN cards c ON c.card_no = chain.card_no
+    JOIN cards succ ON succ.card_no = c.replaced_by
+),
+free AS (
+    SELECT card_no FROM cards WHERE card_no IN (SELECT card_no FROM chain)
     ORDER BY card_no
     FOR UPDATE SKIP LOCKED
 )
-SELECT card_no FROM cards
-WHERE card_no = ANY($1::bigint[]) AND card_no NOT IN (SELECT card_no FROM free)
+SELECT DISTINCT origin AS card_no FROM chain
+WHERE card_no NOT IN (SELECT card_no FROM free)
 """
 
 
 async def held_cards(conn: Conn, card_nos: Sequence[int]) -> set[int]:
-    """Of ``card_nos``, the cards another session holds a row lock on.
+    """Of ``card_nos``, the cards another session holds a row lock on, or on a successor.
 
-    Asked after a batch gave up waiting for a lock (the lock timeout): a
-    card a concurrent flush holds for a moment may be named too, and its
-    requests are then refused for a retry, which is safe.
+    Asked after a batch gave up waiting for a lock (the lock timeout), and
+    before a batch with a card that was held then, so that its resends are
+    refused at once instead of each waiting the timeout out. It waits for
+    no row: a card a concurrent flush holds for a moment may be named too,
+    and its requests are then refused for a retry, which is safe.
     """
     async with conn.transaction():
         return {r["card_no"] for r in await conn.fetch(_HELD, sorted(set(card_nos)))}
