@@ -193,3 +193,27 @@ async def test_a_held_successor_refuses_the_replaced_cards_upload_only(
     assert await balance_of(db_dsn, new) == 5000 - 100
     assert await balance_of(db_dsn, free) == 5000 - 100
     await assert_books_balance(db_dsn)
+
+
+async def test_a_replaced_cards_debit_is_answered_while_its_successor_is_held(
+    server: RunningServer, db_dsn: str
+) -> None:
+    """An online debit locks only its own card: a hold on the card that replaced it
+    refuses the successor's debit, and the old card's is declined at once, as always."""
+    keys = dev_keys()
+    async with grpc.aio.insecure_channel(server.address) as chan:
+        old, new = await funded(chan, keys), await funded(chan, keys)
+        await replace_by_sql(db_dsn, old, new)
+        bus = Terminal(chan, "310400000001", 90_000)
+        on_new, on_old = bus.debit_request(new, 100), bus.debit_request(old, 100)
+        refused, declined = await _while_held(
+            db_dsn, new.card_no, bus.stub.Debit(on_new), bus.stub.Debit(on_old)
+        )
+        _assert_refused_as_held(refused)
+        assert not isinstance(declined, BaseException), declined
+        assert declined.status == common_pb2.TXN_STATUS_CARD_NOT_ACTIVE
+        # Its terminal asks again while nothing is held: the same answer.
+        again = await bus.stub.Debit(on_old)
+        assert common_pb2.TXN_STATUS_CARD_NOT_ACTIVE in (again.status, again.original_status)
+    assert await balance_of(db_dsn, new) == 5000 + 5000  # its own and the old card's
+    await assert_books_balance(db_dsn)

@@ -321,6 +321,7 @@ class Ledger:
         prepared: list[P],
         terminals: set[int],
         cards: Callable[[], list[int]],
+        successors: bool = False,
     ) -> list[R]:
         """Run one batch transaction; again if another writer raced it.
 
@@ -337,7 +338,7 @@ class Ledger:
             if unknown:
                 await self.ref.learn_terminals(conn, unknown)
             if self._held:
-                await self._refuse_still_held(conn, cards())
+                await self._refuse_still_held(conn, cards(), successors)
             refreshed = False
             for attempt in range(5):
                 try:
@@ -356,7 +357,7 @@ class Ledger:
                     # A card's row held past the lock timeout (a session left
                     # open on it): refuse only its requests, so that the
                     # committer writes the rest of the batch without them.
-                    held = await card_store.held_cards(conn, cards())
+                    held = await card_store.held_cards(conn, cards(), successors=successors)
                     if not held:
                         raise
                     log.warning(
@@ -371,7 +372,7 @@ class Ledger:
                     raise CardsHeld(held) from None
             raise Contention("batch kept racing concurrent writers; retry")
 
-    async def _refuse_still_held(self, conn: Conn, card_nos: list[int]) -> None:
+    async def _refuse_still_held(self, conn: Conn, card_nos: list[int], successors: bool) -> None:
         """Refuse at once the requests for cards still held since a batch waited on them.
 
         Without this, each resend of a held card's request put the batch it
@@ -382,7 +383,7 @@ class Ledger:
         suspects = self._held.keys() & set(card_nos)
         if not suspects:
             return
-        still = await card_store.held_cards(conn, sorted(suspects))
+        still = await card_store.held_cards(conn, sorted(suspects), successors=successors)
         for card_no in suspects - still:
             self._held.pop(card_no, None)
         if still:
@@ -435,6 +436,7 @@ class Ledger:
             prepared,
             {p.terminal_id for p in prepared},
             lambda: [p.card_no for p in prepared],
+            successors=True,  # a replaced card's record locks its successors too
         )
 
     # -- cards ---------------------------------------------------------------

@@ -222,35 +222,49 @@ async def _issue_in_tx(
 # The cards of a batch whose rows another session holds now: those it cannot
 # lock without waiting. Each free one is locked only until this statement's
 # own transaction ends, and in card order, as every batch locks them.
-# A replaced card's late records lock the cards that replaced it too (the
-# amount follows to the last): a hold on any of them holds the first.
+# With ``$2``, a replaced card's successors count too: its late offline
+# records lock the cards that replaced it (the amount follows to the last),
+# so a hold on any of them holds the first. The chain starts only at
+# replaced cards, and every set is probed by key (an array, an anti-join):
+# a recursive part over every card, and NOT IN against it, took seconds
+# for a batch of thousands of cards while it held their locks.
 _HELD = """
-WITH RECURSIVE chain (origin, card_no) AS (
-    SELECT card_no, card_no FROM cards WHERE card_no = ANY($1::bigint[])
+WITH RECURSIVE chain (origin, card_no, depth) AS (
+    SELECT card_no, replaced_by, 0 FROM cards
+    WHERE $2::boolean AND card_no = ANY($1::bigint[]) AND replaced_by IS NOT NULL
     UNION
-    SELECT chain.origin, succ.card_no
-    FROM chain
-    JOIN cards c ON c.card_no = chain.card_no
-    JOIN cards succ ON succ.card_no = c.replaced_by
+    SELECT chain.origin, c.replaced_by, chain.depth + 1
+    FROM cards c JOIN chain ON c.card_no = chain.card_no
+    WHERE c.replaced_by IS NOT NULL AND chain.depth < 32
+),
+reach AS (
+    SELECT card_no AS origin, card_no FROM cards WHERE card_no = ANY($1::bigint[])
+    UNION ALL
+    SELECT origin, card_no FROM chain
 ),
 free AS (
-    SELECT card_no FROM cards WHERE card_no IN (SELECT card_no FROM chain)
+    SELECT card_no FROM cards
+    WHERE card_no = ANY(ARRAY(SELECT card_no FROM reach))
     ORDER BY card_no
     FOR UPDATE SKIP LOCKED
 )
-SELECT DISTINCT origin AS card_no FROM chain
-WHERE card_no NOT IN (SELECT card_no FROM free)
+SELECT DISTINCT origin AS card_no FROM reach r
+WHERE NOT EXISTS (SELECT 1 FROM free f WHERE f.card_no = r.card_no)
 """
 
 
-async def held_cards(conn: Conn, card_nos: Sequence[int]) -> set[int]:
-    """Of ``card_nos``, the cards another session holds a row lock on, or on a successor.
+async def held_cards(conn: Conn, card_nos: Sequence[int], *, successors: bool = False) -> set[int]:
+    """Of ``card_nos``, the cards another session holds a row lock on.
 
+    With ``successors`` (an upload's records), also those whose successor
+    card (one that replaced it, and so on) is held: only uploads lock those.
     Asked after a batch gave up waiting for a lock (the lock timeout), and
     before a batch with a card that was held then, so that its resends are
     refused at once instead of each waiting the timeout out. It waits for
-    no row: a card a concurrent flush holds for a moment may be named too,
-    and its requests are then refused for a retry, which is safe.
+    no row lock (a table lock, as ALTER TABLE takes, it does wait for, up to
+    the lock timeout): a card a concurrent flush holds at that moment is
+    named too, and its requests are refused for a retry, which is safe.
     """
     async with conn.transaction():
-        return {r["card_no"] for r in await conn.fetch(_HELD, sorted(set(card_nos)))}
+        found = await conn.fetch(_HELD, sorted(set(card_nos)), successors)
+        return {r["card_no"] for r in found}
