@@ -58,3 +58,32 @@ async def test_a_stop_while_waiting_for_the_migration_lock_stops_at_once(
         assert not await _waiting_for_migration_lock(other)
     finally:
         await other.close()
+
+
+async def test_a_reload_while_starting_is_done_once_up(db_dsn: str, tmp_path: Path) -> None:
+    """SIGHUP (reload the keys) to a server still starting: its default action ended
+    the process, the embedded PostgreSQL of a single process left running."""
+    env = await cli_server_env(db_dsn, tmp_path)
+    other = await asyncpg.connect(db_dsn)
+    try:
+        await other.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+        proc, out = start_parent([], env)
+        try:
+            deadline = time.monotonic() + 60
+            while not await _waiting_for_migration_lock(other):
+                assert time.monotonic() < deadline and proc.poll() is None, out.text
+                await asyncio.sleep(0.01)
+            proc.send_signal(signal.SIGHUP)
+            await other.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+            # Reloaded as soon as it is up, before its banner.
+            await asyncio.to_thread(out.wait_for, "key file reloaded")
+            await asyncio.to_thread(out.wait_for, "serving gRPC on")
+            assert proc.poll() is None, out.text
+            proc.send_signal(signal.SIGTERM)
+            text = await asyncio.to_thread(out.rest, 30.0)
+        finally:
+            kill_all(proc)
+        assert proc.returncode == 0, text
+        assert "onecard: stopped cleanly" in text, text
+    finally:
+        await other.close()

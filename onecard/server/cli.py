@@ -43,9 +43,15 @@ async def _serve(cfg: ServerConfig) -> None:
     signals = threading.current_thread() is threading.main_thread()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # SIGHUP too: its default action ended a starting server outright (its
+    # embedded PostgreSQL left running). One that comes while starting is
+    # kept and the keys reloaded once up: the file may have changed after
+    # the start read it.
+    reload_asked: list[int] = []
     if signals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload_asked.append, 1)
     # A stop while starting ends the start (a database that does not answer
     # would otherwise hold it for asyncpg's whole connect timeout, and a
     # stopping parent would wait for its worker as long); start_server
@@ -65,6 +71,8 @@ async def _serve(cfg: ServerConfig) -> None:
     running = starting.result()
     if signals:
         loop.add_signal_handler(signal.SIGHUP, running.reload_keys)
+        if reload_asked:
+            running.reload_keys()
     # The server talks to its embedded database over the Unix socket; people
     # (psql -h 127.0.0.1 -p PORT) and tools are shown its TCP address.
     db = (
