@@ -20,12 +20,13 @@ from onecard.clients.terminal import CHINA_TIME
 from onecard.ledger.keys import MemoryKeyStore
 from onecard.ledger.storage.migrate import apply_migrations
 from onecard.server.app import RunningServer
-from onecard.v1 import upload_pb2
-from tests.desk_support import OK, release_loss, report_loss
-from tests.support import assert_books_balance, fetch
+from onecard.v1 import desk_pb2, upload_pb2
+from tests.desk_support import OK, release_loss, replace, report_loss
+from tests.support import assert_books_balance, fetch, new_card_number
 from tests.test_upload_api import POSTED, WITH_EXCEPTION, assert_acknowledged, funded, ride
 
 LOST = [upload_pb2.RECORD_EXCEPTION_CARD_LOST]
+BLOCKED = upload_pb2.RECORD_EXCEPTION_CARD_BLOCKED
 
 
 async def _lost_between(
@@ -145,3 +146,51 @@ async def test_migration_0013_keeps_the_periods_released_before_it(
         released[-1]["lost_from"],
         released[-1]["lost_until"],
     )
+
+
+async def test_a_replaced_cards_rides_while_lost_are_card_lost_too(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """A replaced card is BLOCKED, and its loss was looked at only while it was LOST:
+    its late rides from inside a released period, or after the loss it was
+    replaced for, got CARD_BLOCKED alone."""
+    damaged, lost = await funded(channel, keys), await funded(channel, keys)
+    await _lost_between(channel, server.dsn, damaged, (6, 5))
+    await _lost_between(channel, server.dsn, damaged, (3, 2))
+    reason = desk_pb2.REPLACE_REASON_DAMAGED
+    assert (await replace(channel, damaged.card_no, new_card_number(), reason)).status == OK
+    assert (await report_loss(channel, lost.card_no)).status == OK
+    await fetch(
+        server.dsn,
+        "UPDATE cards SET lost_at = now() - interval '2 hours' WHERE card_no = $1",
+        int(lost.card_no),
+    )
+    assert (await replace(channel, lost.card_no, new_card_number())).status == OK
+
+    rides = [ride(damaged, 100, _at(h)) for h in (5.5, 4, 2.5)]
+    rides += [ride(lost, 100, _at(h)) for h in (3, 1)]
+    (reply,) = await Gateway(channel).upload([make_batch("r", rides)])
+    assert [r.outcome for r in reply.results] == [WITH_EXCEPTION] * 5
+    assert [LOST[0] in r.exceptions for r in reply.results] == [True, False, True, False, True]
+    assert all(BLOCKED in r.exceptions for r in reply.results)
+    await assert_acknowledged(server.dsn, rides, [reply])
+    await assert_books_balance(server.dsn)
+
+
+async def test_a_period_released_by_a_server_before_0013_is_kept_at_the_next_release(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """A server of the code before 0013, running beside the migrated database, releases
+    a loss onto the card alone; the card's next release used to overwrite it."""
+    card = await funded(channel, keys)
+    assert (await report_loss(channel, card.card_no)).status == OK
+    await fetch(  # the release as that code did it: no period row
+        server.dsn,
+        "UPDATE cards SET status = 1, last_loss_from = now() - interval '6 hours',"
+        " last_loss_until = now() - interval '5 hours', lost_at = NULL WHERE card_no = $1",
+        int(card.card_no),
+    )
+    await _lost_between(channel, server.dsn, card, (2, None))
+    (reply,) = await Gateway(channel).upload([make_batch("p", [ride(card, 100, _at(5.5))])])
+    assert list(reply.results[0].exceptions) == LOST
+    await assert_books_balance(server.dsn)

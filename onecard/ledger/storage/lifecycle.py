@@ -382,9 +382,15 @@ async def release_loss(ctx: Context, conn: Conn, req: CardAction) -> DeskOutcome
         return DeskOutcome(DeskStatus.HOLDER_MISMATCH, before, refusal)
     # The period is kept (every one, migration 0013): an offline record dated
     # inside it may come days later, and is CARD_LOST though the card is not.
+    # The card's last period goes in too: a server of the code before 0013,
+    # still running beside this one, released it onto the card alone, and
+    # the update below would overwrite it.
     await conn.execute(
         "INSERT INTO card_loss_periods (card_no, lost_from, lost_until) "
         "SELECT card_no, lost_at, now() FROM cards WHERE card_no = $1 AND lost_at IS NOT NULL "
+        "UNION ALL "
+        "SELECT card_no, last_loss_from, last_loss_until FROM cards WHERE card_no = $1 "
+        "AND last_loss_from IS NOT NULL AND last_loss_until IS NOT NULL "
         "ON CONFLICT DO NOTHING",
         card_no,
     )

@@ -474,13 +474,24 @@ def _loss_period(card: _Card, when: dt.datetime) -> tuple[dt.datetime, dt.dateti
     return None
 
 
-def _lost_while(
-    when: dt.datetime, period: tuple[dt.datetime, dt.datetime]
-) -> tuple[RecordException, str]:
-    return (
-        RecordException.CARD_LOST,
-        f"used at {when}, while reported lost ({period[0]} to {period[1]})",
-    )
+def _lost_when_used(card: _Card, when: dt.datetime) -> tuple[RecordException, str] | None:
+    """CARD_LOST if the card was reported lost at ``when``, whatever its status now.
+
+    A card replaced or cancelled after its loss keeps ``lost_at``; it was
+    checked only while the card was LOST, so a blocked or closed card's
+    ride after its loss, or inside a loss period released before, was
+    posted with CARD_BLOCKED alone.
+    """
+    if card.status == CardStatus.LOST or card.lost_at is not None:
+        lost = _local(card.lost_at) if card.lost_at is not None else None
+        if lost is None or when >= lost:
+            return RecordException.CARD_LOST, f"used at {when}, lost at {lost}"
+    if (period := _loss_period(card, when)) is not None:
+        return (
+            RecordException.CARD_LOST,
+            f"used at {when}, while reported lost ({period[0]} to {period[1]})",
+        )
+    return None
 
 
 def _holder(card: _Card, cards: dict[int, _Card]) -> int:
@@ -619,26 +630,17 @@ def _decide_in_full(
     assert operator is not None
 
     found: list[tuple[RecordException, str]] = []
-    if card.status != _ACTIVE:
-        if card.status == CardStatus.LOST:
-            lost = (
-                card.lost_at.astimezone(TERMINAL_TZ).replace(tzinfo=None) if card.lost_at else None
-            )
-            if lost is None or p.txn_time >= lost:
-                found.append((RecordException.CARD_LOST, f"used at {p.txn_time}, lost at {lost}"))
-            elif (period := _loss_period(card, p.txn_time)) is not None:
-                found.append(_lost_while(p.txn_time, period))
-        elif card.status in (CardStatus.BLOCKED, CardStatus.CLOSED):
-            what = CardStatus(card.status).name.lower()
-            if card.replaced_by is not None:
-                what += f", replaced by {card.replaced_by:016d}"
-                holder = _holder(card, cards)
-                if holder != card.replaced_by:
-                    what += f" and in turn by {holder:016d}"
-                what += ": the amount follows to it"
-            found.append((RecordException.CARD_BLOCKED, f"card is {what}"))
-    elif (period := _loss_period(card, p.txn_time)) is not None:
-        found.append(_lost_while(p.txn_time, period))
+    if (lost := _lost_when_used(card, p.txn_time)) is not None:
+        found.append(lost)
+    if card.status in (CardStatus.BLOCKED, CardStatus.CLOSED):
+        what = CardStatus(card.status).name.lower()
+        if card.replaced_by is not None:
+            what += f", replaced by {card.replaced_by:016d}"
+            holder = _holder(card, cards)
+            if holder != card.replaced_by:
+                what += f" and in turn by {holder:016d}"
+            what += ": the amount follows to it"
+        found.append((RecordException.CARD_BLOCKED, f"card is {what}"))
     if r.card_balance_before != card.balance:
         found.append(
             (
