@@ -33,6 +33,7 @@ def _describe_dsn(dsn: str) -> str:
 
 async def _serve(cfg: ServerConfig) -> None:
     from onecard.server.app import EMBEDDED_DATABASE, start_server
+    from onecard.server.entry import take_noted
 
     # Handlers before starting: a SIGTERM that lands meanwhile (a supervisor's
     # stop right after its start, a worker's parent stopping just after the
@@ -52,6 +53,12 @@ async def _serve(cfg: ServerConfig) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload_asked.append, 1)
+        # What came before these handlers, while the server was imported.
+        for early in take_noted():
+            if early == signal.SIGHUP:
+                reload_asked.append(1)
+            else:
+                stop.set()
     # A stop while starting ends the start (a database that does not answer
     # would otherwise hold it for asyncpg's whole connect timeout, and a
     # stopping parent would wait for its worker as long); start_server

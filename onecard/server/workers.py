@@ -36,6 +36,7 @@ from onecard.ledger.devdata import seed_demo_data
 from onecard.ledger.storage.migrate import apply_migrations
 from onecard.server.config import ServerConfig
 from onecard.server.embedded_pg import EmbeddedPostgres
+from onecard.server.entry import take_noted
 from onecard.server.listen import WORKER_ENV, check_port_free
 from onecard.server.metrics import MULTIPROC_ENV, MetricsServer, workers_dir
 
@@ -343,6 +344,8 @@ def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             previous[sig] = signal.signal(sig, sup.on_signal)
+        for early in take_noted():  # noted while this process imported the server
+            sup.on_signal(early, None)
     embedded: EmbeddedPostgres | None = None
     metrics: MetricsServer | None = None
     try:
