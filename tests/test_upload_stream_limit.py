@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 
 from onecard.clients.gateway import Gateway, make_batch
 from onecard.ledger.model import PostingKind
@@ -91,3 +92,95 @@ async def test_a_stream_past_the_limit_is_refused_and_writes_nothing(
     # Every ride answered posted is there exactly once, the refused one never.
     for card, before in zip(cards, funded_postings, strict=True):
         assert await postings_of(db_dsn, card) == [*before, (int(PostingKind.PURCHASE), 100)]
+
+
+class _BlackHole:
+    """A TCP relay to the server that, once cut, goes silent and keeps its sockets
+    open: a gateway gone without a word (a network cut, a host powered off)."""
+
+    def __init__(self, target: str) -> None:
+        self.host, _, port = target.rpartition(":")
+        self.port = int(port)
+        self.cut = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for w in self._writers:
+            w.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self._writers += [writer, up_writer]
+        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while not self.cut.is_set():
+            read = asyncio.ensure_future(src.read(65536))
+            cut = asyncio.ensure_future(self.cut.wait())
+            await asyncio.wait([read, cut], return_when=asyncio.FIRST_COMPLETED)
+            cut.cancel()
+            if not read.done():
+                read.cancel()
+                break
+            data = read.result()
+            if not data:
+                break
+            dst.write(data)
+            await dst.drain()
+        await asyncio.Event().wait()  # silent from now on, sockets kept open
+
+
+async def test_a_gateway_gone_without_a_word_gives_its_stream_place_back(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """The server pings a silent connection (--keepalive-s) and drops one that does
+    not answer, ending its stream: with gRPC's two-hour default a vanished gateway
+    kept its place, and enough of them refused every upload of the process."""
+    keys = dev_keys()
+    running = await start_test_server(
+        db_dsn, tmp_path, keys, max_upload_streams=1, acceptors=1, keepalive_s=1
+    )
+    try:
+        async with grpc.aio.insecure_channel(running.address) as chan:
+            card = await funded(chan, keys)
+        release = asyncio.Event()
+        hole = _BlackHole(running.address)
+        async with hole as via:
+            gone = grpc.aio.insecure_channel(via)
+            stub = upload_pb2_grpc.UploadServiceStub(gone)
+            call = stub.UploadRecords(_held_open(make_batch("gone", [ride(card, 100)]), release))
+            first = await call.read()
+            assert first.posted == 1
+            assert REGISTRY.get_sample_value("onecard_upload_streams_open") == 1
+            hole.cut.set()
+            async with grpc.aio.insecure_channel(running.address) as direct:
+                # Its place comes back once the silent connection is dropped.
+                began = asyncio.get_running_loop().time()
+                deadline = began + 60
+                late = make_batch("next", [ride(card, 100)])
+                while True:
+                    try:
+                        (reply,) = await Gateway(direct).upload([late])
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        # A refusal that overtakes the batch being sent reaches a
+                        # grpc.aio client as INTERNAL (grpc/grpc#36066).
+                        refused = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
+                        assert exc.code() in refused, exc
+                        assert asyncio.get_running_loop().time() < deadline, "place never back"
+                        await asyncio.sleep(0.2)
+                assert reply.posted == 1
+            call.cancel()
+            await gone.close(None)
+    finally:
+        await running.stop()
+    purchase = (int(PostingKind.PURCHASE), 100)
+    assert (await postings_of(db_dsn, card))[-2:] == [purchase, purchase]
+    assert REGISTRY.get_sample_value("onecard_upload_streams_open") == 0

@@ -26,7 +26,7 @@ from onecard.ledger.keys import FileKeyStore, KeyStoreError, MemoryKeyStore, key
 from onecard.ledger.pii import load_or_create_key, read_key_file
 from onecard.ledger.storage.migrate import apply_migrations
 from onecard.ledger.storage.pool import create_ledger_pool
-from onecard.server.config import ServerConfig
+from onecard.server.config import KEEPALIVE_TIMEOUT_S, ServerConfig
 from onecard.server.desk_service import DeskServicer
 from onecard.server.embedded_pg import EmbeddedPostgres
 from onecard.server.listen import check_port_free, grpc_port_options, is_worker, refused
@@ -129,6 +129,29 @@ async def start_embedded_postgres(cfg: ServerConfig) -> tuple[EmbeddedPostgres, 
     return pg, pg.dsn(EMBEDDED_DATABASE)
 
 
+def keepalive_options(seconds: int) -> list[tuple[str, int]]:
+    """Pings on a silent connection, so that a peer gone without a word is dropped.
+
+    Without them a gateway that vanished (a network cut, a host powered off)
+    kept its upload streams open for gRPC's two-hour default, each holding
+    one of ``--max-upload-streams``' places: enough of them refused every
+    upload of the process.
+    """
+    if not seconds:
+        return []
+    return [
+        ("grpc.keepalive_time_ms", seconds * 1000),
+        ("grpc.keepalive_timeout_ms", min(seconds, KEEPALIVE_TIMEOUT_S) * 1000),
+        # gRPC core's own wait for a ping's answer (a minute by default):
+        # the keepalive timeout alone left a vanished peer another minute.
+        ("grpc.http2.ping_timeout_ms", min(seconds, KEEPALIVE_TIMEOUT_S) * 1000),
+        # Ping connections with no call too, and without data sent between
+        # pings (gRPC stops after two such pings by default).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 def _grpc_server(
     cfg: ServerConfig,
     ledger: Ledger,
@@ -149,6 +172,7 @@ def _grpc_server(
         ("grpc.server.max_pending_requests", cfg.max_pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", 3 * cfg.max_pending_calls),
         *grpc_port_options(cfg.acceptors),
+        *keepalive_options(cfg.keepalive_s),
     ]
     server = grpc.aio.server(options=options)
     terminal_pb2_grpc.add_TerminalServiceServicer_to_server(TerminalServicer(ledger), server)

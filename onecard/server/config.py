@@ -49,6 +49,11 @@ class ServerConfig:
     #: batches in gRPC's buffers (its flow-control window) while it waits
     #: for the ledger; past this a new stream is refused RESOURCE_EXHAUSTED.
     max_upload_streams: int = 64
+    #: Seconds a connection may be silent before the server pings it; a peer
+    #: that does not answer as long again (KEEPALIVE_TIMEOUT_S at most) is
+    #: dropped and its calls end (an upload stream's place with them). 0: no
+    #: pings of ours (gRPC's own default pings after two hours).
+    keepalive_s: int = 60
     limits: Limits = field(default_factory=Limits)
     batching: BatchSettings = field(default_factory=BatchSettings)
     shutdown_grace: float = 10.0
@@ -310,6 +315,15 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     )
     add_option(
         p,
+        "--keepalive-s",
+        type=int,
+        default=d.keepalive_s,
+        help="seconds of silence before the server pings a connection; one that does not "
+        f"answer as long again (at most {KEEPALIVE_TIMEOUT_S}s) is dropped with its calls "
+        "(0: gRPC's own two hours)",
+    )
+    add_option(
+        p,
         "--upload-flush-records",
         type=int,
         default=d.batching.upload_max_batch,
@@ -378,6 +392,8 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
 
 #: More servers per process than this only add idle requests for calls.
 MAX_ACCEPTORS = 16
+#: The longest a pinged connection has to answer before it is dropped.
+KEEPALIVE_TIMEOUT_S = 20
 
 #: Options that count something the server cannot run with none of.
 _COUNTS = (
@@ -410,6 +426,7 @@ _BOUNDS: dict[str, tuple[int | None, int | None]] = {
     "--refund-job-interval": (0, None),
     "--reversal-window": (0, None),
     "--lock-timeout-ms": (0, 3_600_000),
+    "--keepalive-s": (0, 86_400),
 }
 
 #: Ledger settings (and group committers) by the flag that sets them, for
@@ -507,6 +524,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_pending_calls=args.max_pending_calls,
         acceptors=args.acceptors,
         max_upload_streams=args.max_upload_streams,
+        keepalive_s=args.keepalive_s,
         limits=Limits(max_amount=args.max_amount, max_upload_batch=args.max_upload_batch),
         batching=BatchSettings(
             max_batch=args.max_batch,

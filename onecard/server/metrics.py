@@ -77,6 +77,12 @@ QUEUED_ITEMS = Gauge(
     multiprocess_mode="livesum",
 )
 
+UPLOAD_STREAMS_OPEN = Gauge(
+    "onecard_upload_streams_open",
+    "Upload streams open, each holding one of --max-upload-streams' places in its process",
+    multiprocess_mode="livesum",
+)
+
 _METHODS: dict[CodeType, str] = {}
 
 

@@ -24,6 +24,7 @@ from onecard.ledger.engine import Ledger
 from onecard.ledger.model import OfflineRecord, OfflineResult, RecordOutcome
 from onecard.ledger.validation import check_upload_batch
 from onecard.server.errors import TooManyStreams, guarded
+from onecard.server.metrics import UPLOAD_STREAMS_OPEN
 from onecard.v1 import upload_pb2, upload_pb2_grpc
 
 # The record's fields in OfflineRecord's order, read in C: one attrgetter
@@ -86,10 +87,12 @@ class StreamSlots:
         if self.open >= self.limit:
             return False
         self.open += 1
+        UPLOAD_STREAMS_OPEN.inc()
         return True
 
     def give_back(self) -> None:
         self.open -= 1
+        UPLOAD_STREAMS_OPEN.dec()
 
 
 class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
