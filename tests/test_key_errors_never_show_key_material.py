@@ -171,3 +171,60 @@ async def test_sighup_with_a_bad_key_file_logs_the_place_and_keeps_the_old_keys(
     assert not _shows_key(text)
     assert "Traceback" not in text
     assert os.path.exists(key_file)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        json.dumps(_doc({"suite": "sm4", "mtk": KEY, "mlk": KEY})),  # short: "does not exist"
+        json.dumps(_doc({"suite": "sm4", "mtk": KEY, "mlk": KEY, "pad": "0" * 400})),  # too long
+        KEY,
+    ],
+    ids=["key JSON", "long key JSON", "hex key"],
+)
+@pytest.mark.parametrize("flag", ["ONECARD_KEYS", "--pii-key-file"])
+def test_a_key_given_where_a_file_name_goes_is_not_echoed(
+    given: str,
+    flag: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Keys pasted into ONECARD_KEYS (the file's name; inline keys go in
+    ONECARD_KEYS_JSON) or --pii-key-file came back whole in the refusal."""
+    argv = ["serve", "--data-dir", str(tmp_path / "data"), "--listen", "127.0.0.1:0"]
+    if flag == "ONECARD_KEYS":
+        monkeypatch.setenv("ONECARD_KEYS", given)
+    else:
+        keys = tmp_path / "keys.json"
+        keys.write_text(json.dumps(DEV_KEYS))
+        keys.chmod(0o600)
+        argv += ["--keys", str(keys), "--dsn", "postgresql://u@127.0.0.1:1/x", "--pii-key-file"]
+        argv.append(given)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not shown: it looks like key material" in err, err
+    assert not _shows_key(err), err
+    assert "Traceback" not in err
+
+
+def test_a_key_file_reached_through_a_link_is_checked_as_the_file_read(tmp_path: Path) -> None:
+    """The file is checked as opened: a link to a file others can read, or a file of
+    another user, is refused, whichever name it is reached by."""
+    private = tmp_path / "keys.json"
+    private.write_text(json.dumps(DEV_KEYS))
+    private.chmod(0o600)
+    public = tmp_path / "public.json"
+    public.write_text(json.dumps(DEV_KEYS))
+    public.chmod(0o644)
+    link = tmp_path / "current.json"
+    link.symlink_to(private)
+    FileKeyStore(link)  # a private file through a link: fine
+    link.unlink()
+    link.symlink_to(public)
+    with pytest.raises(KeyStoreError, match="accessible by group or others"):
+        FileKeyStore(link)
+    if os.geteuid() == 0:  # only root can give a file away
+        os.chown(private, 65534, 65534)
+        with pytest.raises(KeyStoreError, match="belongs to another user"):
+            FileKeyStore(private)

@@ -218,14 +218,64 @@ def _unhex(text: object, where: str) -> bytes:
     return material
 
 
-def check_private(path: Path) -> None:
-    """Refuse a key file that users other than its owner can read or write."""
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+#: What a path is shown as when it looks like key material: a key pasted
+#: where a file name goes (ONECARD_KEYS for ONECARD_KEYS_JSON) was quoted
+#: whole in the error that said no such file exists.
+NOT_A_PATH = (
+    "(not shown: it looks like key material, not a file name; card keys given inline "
+    "go in ONECARD_KEYS_JSON)"
+)
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as errors and logs show it: not at all if it could be a key."""
+    text = os.fspath(path)
+    stripped = text.strip()
+    hexish = len(stripped) >= 32 and all(c in "0123456789abcdefABCDEF" for c in stripped)
+    if stripped.startswith(("{", "[", '"')) or "\n" in text or len(text) > 1024 or hexish:
+        return NOT_A_PATH
+    return text
+
+
+def read_private_file(path: Path, what: str) -> bytes:
+    """The bytes of a secret file that only its owner, this process's user, can read.
+
+    The file is opened once and checked as opened (fstat): a check by name
+    followed by a second open let a symlink re-pointed in between (to a
+    file others can read) pass. A file another user owns is refused too:
+    that user can read it whatever its mode.
+    """
+    shown = shown_path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KeyStoreError(f"{what} {shown} does not exist") from None
+    except OSError as exc:
         raise KeyStoreError(
-            f"key file {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
-            f"run: chmod 600 {path}"
-        )
+            f"{what} {shown} cannot be read: {exc.strerror or type(exc).__name__}"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyStoreError(f"{what} {shown} cannot be read: not a regular file")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyStoreError(
+                f"{what} {shown} is accessible by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {shown}"
+            )
+        if st.st_uid != os.geteuid():
+            raise KeyStoreError(
+                f"{what} {shown} belongs to another user (uid {st.st_uid}), who can read it; "
+                "it must belong to the user the server runs as"
+            )
+        with open(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    except OSError as exc:
+        raise KeyStoreError(
+            f"{what} {shown} cannot be read: {exc.strerror or type(exc).__name__}"
+        ) from None
+    finally:
+        os.close(fd)
 
 
 class FileKeyStore(MemoryKeyStore):
@@ -236,26 +286,20 @@ class FileKeyStore(MemoryKeyStore):
         super().__init__(self._load())
 
     def _load(self) -> list[KeyVersion]:
+        shown = shown_path(self.path)
+        text = read_private_file(self.path, "key file")
         try:
-            check_private(self.path)
-            with self.path.open("rb") as fh:
-                doc = json.load(fh)
-        except FileNotFoundError:
-            raise KeyStoreError(f"key file {self.path} does not exist") from None
+            doc = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise KeyStoreError(f"key file {self.path} is not JSON (line {exc.lineno})") from None
+            raise KeyStoreError(f"key file {shown} is not JSON (line {exc.lineno})") from None
         except UnicodeDecodeError as exc:
             # Its own text quotes the offending byte: say only where it is.
             raise KeyStoreError(
-                f"key file {self.path} is not UTF-8 text (at byte {exc.start})"
+                f"key file {shown} is not UTF-8 text (at byte {exc.start})"
             ) from None
         except RecursionError:
-            raise KeyStoreError(f"key file {self.path} is nested too deeply") from None
-        except OSError as exc:
-            raise KeyStoreError(
-                f"key file {self.path} cannot be read: {exc.strerror or type(exc).__name__}"
-            ) from None
-        return parse_key_document(doc, str(self.path))
+            raise KeyStoreError(f"key file {shown} is nested too deeply") from None
+        return parse_key_document(doc, shown)
 
     def reload(self) -> None:
         """Swap in the file's current versions; on error the old set stays in force."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onecard.ledger.crypto.encoding import FieldError
-from onecard.ledger.keys import KeyStoreError
+from onecard.ledger.keys import KeyStoreError, read_private_file, shown_path
 from onecard.ledger.model import ProtectedHolder
 
 KEY_BYTES = 32
@@ -142,16 +142,12 @@ def load_or_create_key(path: Path) -> bytes:
 
 def read_key_file(path: Path) -> bytes:
     """A hex key in a file only its owner can read (like the card key file)."""
+    what = "personal-data key file"
+    shown = shown_path(path)
     try:
-        if path.stat().st_mode & 0o077:
-            raise KeyStoreError(
-                f"personal-data key file {path} must be readable by its owner only (chmod 600)"
-            )
-        key = bytes.fromhex(path.read_text().strip())
-    except OSError as exc:
-        raise KeyStoreError(f"cannot read personal-data key file {path}: {exc.strerror}") from None
-    except ValueError:
-        raise KeyStoreError(f"personal-data key file {path} must hold hex digits") from None
+        key = bytes.fromhex(read_private_file(path, what).decode("ascii").strip())
+    except ValueError:  # UnicodeDecodeError too
+        raise KeyStoreError(f"{what} {shown} must hold hex digits") from None
     if len(key) < 16:
-        raise KeyStoreError(f"personal-data key file {path} must hold at least 16 bytes")
+        raise KeyStoreError(f"{what} {shown} must hold at least 16 bytes")
     return key
