@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NoReturn
 
-from onecard.ledger.crypto.encoding import FieldError, is_datetime, parse_datetime
+from onecard.ledger.crypto.encoding import FieldError, described, is_datetime, parse_datetime
 from onecard.ledger.crypto.suites import PURCHASE_TYPES, TYPE_LOAD, Suite
 from onecard.ledger.keys import KeyStore
 from onecard.ledger.model import CardIssue, Debit, Load, OfflineRecord, PaymentChannel
@@ -46,7 +46,7 @@ def issuer_of(card_no: str) -> str:
 
 def check_digits(value: str, n: int, field: str) -> None:
     if len(value) != n or not value.isascii() or not value.isdigit():
-        raise FieldError(field, f"must be exactly {n} decimal digits, got {value!r}")
+        raise FieldError(field, f"must be exactly {n} decimal digits, got {described(value)}")
 
 
 def check_amount(amount: int, limits: Limits, field: str = "amount") -> None:

@@ -56,7 +56,7 @@ from onecard.ledger.crypto._openssl cimport (
 import os
 import threading
 
-from onecard.ledger.crypto.encoding import FieldError
+from onecard.ledger.crypto.encoding import FieldError, described
 
 ctypedef unsigned char uchar
 
@@ -750,13 +750,13 @@ cdef int _bcd(object s, uchar* out, Py_ssize_t ndigits, str field) except -1:
     cdef unsigned int hi, lo
     if (not PyUnicode_Check(s) or PyUnicode_GET_LENGTH(s) != ndigits
             or PyUnicode_KIND(s) != PyUnicode_1BYTE_KIND):
-        raise FieldError(field, f"must be exactly {ndigits} decimal digits, got {s!r}")
+        raise FieldError(field, f"must be exactly {ndigits} decimal digits, got {described(s)}")
     p = PyUnicode_1BYTE_DATA(s)
     for i in range(ndigits // 2):
         hi = p[2 * i] - 48u
         lo = p[2 * i + 1] - 48u
         if hi > 9 or lo > 9:
-            raise FieldError(field, f"must be exactly {ndigits} decimal digits, got {s!r}")
+            raise FieldError(field, f"must be exactly {ndigits} decimal digits, got {described(s)}")
         out[i] = <uchar>((hi << 4) | lo)
     return 0
 

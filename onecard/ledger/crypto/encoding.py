@@ -19,9 +19,22 @@ class FieldError(ValueError):
         self.rule = rule
 
 
+def described(value: object) -> str:
+    """A refused field's value by kind and length, never itself.
+
+    An ID or phone number typed into a card-number field came back whole in
+    the refusal (to the desk client, its terminal, its logs).
+    """
+    if not isinstance(value, str):
+        return type(value).__name__
+    if value.isascii() and value.isdigit():
+        return f"{len(value)} digits"
+    return f"{len(value)} characters, not all decimal digits"
+
+
 def _digits(value: str, n: int, field: str) -> str:
     if len(value) != n or not value.isascii() or not value.isdigit():
-        raise FieldError(field, f"must be exactly {n} decimal digits, got {value!r}")
+        raise FieldError(field, f"must be exactly {n} decimal digits, got {described(value)}")
     return value
 
 

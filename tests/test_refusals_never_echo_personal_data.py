@@ -1,0 +1,46 @@
+"""A refused field is described by kind and length, never quoted.
+
+An ID number or a phone number typed into a card-number field (an easy
+slip at a service desk) came back whole in the INVALID_ARGUMENT details:
+to the desk client, its terminal and whatever logs what the server said.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from onecard.clients.terminal import Terminal
+from onecard.ledger.keys import MemoryKeyStore
+from onecard.server.app import RunningServer
+from onecard.v1 import desk_pb2, terminal_pb2
+from tests.desk_support import STAFF, desk, get_card, report_loss
+from tests.support import issue
+
+ID_NUMBER = "32010219900101123X"
+PHONE = "13812345678"
+
+
+@pytest.mark.parametrize("typed", [ID_NUMBER, PHONE], ids=["ID number", "phone"])
+async def test_personal_data_in_a_card_number_field_is_not_echoed(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore, typed: str
+) -> None:
+    card = await issue(channel, keys)
+    await Terminal(channel, "310400000009").load(card, 1_000)
+    bus = Terminal(channel, "310400000001")
+    debit = bus.debit_request(card, 100)
+    debit.card_number = typed  # the Cython parser's path
+    calls = [
+        get_card(channel, typed),
+        report_loss(channel, typed),
+        desk(channel).GetHistory(desk_pb2.GetHistoryRequest(card_number=typed), metadata=STAFF),
+        bus.stub.Debit(debit),
+        bus.stub.Debit(terminal_pb2.DebitRequest(card_number=typed, terminal_id=PHONE)),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = refused.value.details() or ""
+        assert "decimal digits, got " in details, details
+        assert typed not in details and typed[:11] not in details, details
