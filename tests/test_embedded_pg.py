@@ -178,3 +178,23 @@ async def test_harness_databases_are_fresh_per_test(db_dsn: str, empty_db_dsn: s
     finally:
         await migrated.close()
         await empty.close()
+
+
+async def test_the_server_processes_get_no_secret_of_our_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Master keys given inline (ONECARD_KEYS_JSON) reached the postmaster and every
+    backend, where a superuser session read them from the environment."""
+    monkeypatch.setenv("ONECARD_KEYS_JSON", '{"issuers": "00112233445566778899AABBCCDDEEFF"}')
+    monkeypatch.setenv("PGPORT", "1")  # and a developer's PG* still redirects nothing
+    with EmbeddedPostgres(tmp_path / "data") as pg:
+        conn = await asyncpg.connect(pg.dsn())
+        try:
+            await conn.execute("CREATE TEMP TABLE env (line text)")
+            await conn.execute("COPY env FROM PROGRAM 'env'")
+            names = {r["line"].split("=", 1)[0] for r in await conn.fetch("SELECT line FROM env")}
+        finally:
+            await conn.close()
+    assert "PATH" in names
+    assert not {n for n in names if n.startswith("ONECARD_")}, names
+    assert "PGPORT" not in names  # (the server sets PGDATA and others itself)

@@ -85,6 +85,11 @@ _LOG_FILE = "onecard-postgres.log"
 _LOG_ROTATE_BYTES = 8 * 1024 * 1024
 _SHUTDOWN_MODES = ("smart", "fast", "immediate")
 _BIND_FAILURE = ("could not bind", "address already in use")
+#: All of our environment PostgreSQL's tools get: what they need to run and
+#: to pick a locale. They got all of it but PG*, so the postmaster and every
+#: backend held ONECARD_KEYS_JSON (master keys), which a superuser session
+#: reads with COPY ... FROM PROGRAM 'env'.
+_ENV_KEPT = ("PATH", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "HOME")
 
 
 class EmbeddedPostgresError(RuntimeError):
@@ -545,10 +550,11 @@ class EmbeddedPostgres:
 
         Output goes to temporary files, not pipes: ``pg_ctl start`` leaves a
         daemon behind, and pipes it might inherit would keep ``run`` waiting.
-        ``PG*`` variables are dropped so a developer's ``PGDATA``/``PGPORT``
-        cannot redirect the tools to another cluster.
+        Only :data:`_ENV_KEPT` and ``LC_*`` pass: no ``ONECARD_*`` secret
+        reaches the server's processes, and no ``PGDATA``/``PGPORT`` of a
+        developer's redirects the tools to another cluster.
         """
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env = {k: v for k, v in os.environ.items() if k in _ENV_KEPT or k.startswith("LC_")}
         kwargs: dict[str, Any] = {}
         if self._user is not None:
             env["HOME"] = "/"
