@@ -412,3 +412,33 @@ async def test_a_failed_migration_stops_the_embedded_database(tmp_path: Path) ->
     assert "worker 1 of 2 starting" not in run.stderr
     assert not (data / "pg" / "postmaster.pid").exists()
     assert not _postgres_running_on(data / "pg")
+
+
+async def test_the_database_address_is_not_on_a_workers_command_line(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """A DSN (it can hold a password) given by the environment showed on every
+    worker's command line, which any user of the host reads with ps."""
+    secret = "not-shown-4f2a"
+    dsn = f"{db_dsn}{'&' if '?' in db_dsn else '?'}password={secret}"
+    env = await cli_server_env(db_dsn, tmp_path, ONECARD_ACCEPTORS="1", ONECARD_DSN=dsn)
+    proc, banner = await asyncio.to_thread(start_cli_server, ["--workers", "2"], env)
+    out = Output(proc, banner)
+    try:
+        address = banner.split("serving gRPC on ")[1].split()[0]
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            line = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            assert secret not in line and "--dsn" not in line, line
+        keys = dev_keys()
+        async with grpc.aio.insecure_channel(address) as chan:
+            card = await issue(chan, keys)
+            await Terminal(chan, "310400000009").load(card, 1_000)
+        await answers(address, keys, card, 4)  # both workers reach the database
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        text = await asyncio.to_thread(out.rest)
+        kill_all(proc)
+    assert proc.returncode == 0, text
+    assert secret not in text

@@ -15,20 +15,15 @@ from onecard.ledger.crypto.encoding import FieldError
 from onecard.ledger.crypto.select import CryptoUnavailable
 from onecard.ledger.keys import KeyStoreError
 from onecard.ledger.storage.migrate import MigrationFailed
-from onecard.server.config import ServerConfig, add_option, add_server_options, config_from_args
+from onecard.server.config import (
+    ServerConfig,
+    add_option,
+    add_server_options,
+    config_from_args,
+    describe_dsn,
+)
 from onecard.server.embedded_pg import EmbeddedPostgresError
 from onecard.server.logs import setup_logging
-
-
-def _describe_dsn(dsn: str) -> str:
-    """Where we are connected, without a password."""
-    from urllib.parse import parse_qs, urlsplit
-
-    parts = urlsplit(dsn)
-    query = parse_qs(parts.query)
-    host = parts.hostname or query.get("host", ["?"])[0]
-    port = parts.port or query.get("port", ["5432"])[0]
-    return f"{host}:{port}{parts.path}"
 
 
 async def _serve(cfg: ServerConfig) -> None:
@@ -84,9 +79,9 @@ async def _serve(cfg: ServerConfig) -> None:
     # (psql -h 127.0.0.1 -p PORT) and tools are shown its TCP address.
     db = (
         f"embedded PostgreSQL in {cfg.data_dir / 'pg'} "
-        f"({_describe_dsn(running.embedded.tcp_dsn(EMBEDDED_DATABASE))})"
+        f"({describe_dsn(running.embedded.tcp_dsn(EMBEDDED_DATABASE))})"
         if running.embedded
-        else f"PostgreSQL at {_describe_dsn(running.dsn)}"
+        else f"PostgreSQL at {describe_dsn(running.dsn)}"
     )
     if running.metrics is not None:
         print(f"onecard metrics on {running.metrics.url}", flush=True)
@@ -143,7 +138,7 @@ async def _dev_init(cfg: ServerConfig) -> None:
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
     print(f"migrations applied: {', '.join(applied) or 'none needed'}")
-    print(f"demo issuer, products, operators and terminals are in {_describe_dsn(dsn)}")
+    print(f"demo issuer, products, operators and terminals are in {describe_dsn(dsn)}")
 
 
 def cmd_dev_init(args: argparse.Namespace) -> int:

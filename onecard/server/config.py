@@ -440,6 +440,18 @@ LIMIT_FLAGS = {
 }
 
 
+def describe_dsn(dsn: str) -> str:
+    """Where a DSN points (host:port/database), as banners show it: never a password,
+    whether it comes as ``user:password@`` or as a ``?password=`` parameter."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(dsn)
+    query = parse_qs(parts.query)
+    host = parts.hostname or query.get("host", ["?"])[0]
+    port = parts.port or query.get("port", ["5432"])[0]
+    return f"{host}:{port}{parts.path}"
+
+
 def flag_for(setting: str) -> str | None:
     """``--max-queue (ONECARD_MAX_QUEUE)`` for a ledger setting's name, if a flag sets it."""
     flag = LIMIT_FLAGS.get(setting)

@@ -34,7 +34,7 @@ from prometheus_client import multiprocess
 
 from onecard.ledger.devdata import seed_demo_data
 from onecard.ledger.storage.migrate import apply_migrations
-from onecard.server.config import ServerConfig
+from onecard.server.config import ServerConfig, describe_dsn
 from onecard.server.embedded_pg import EmbeddedPostgres
 from onecard.server.entry import take_noted
 from onecard.server.listen import WORKER_ENV, check_port_free
@@ -49,21 +49,21 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def _worker_argv(
-    argv: list[str], dsn: str, listen: str, keys: Path | None, pii_key: Path
-) -> list[str]:
-    """The parent's own command line, pinned to one worker, its database and port.
+def _worker_argv(argv: list[str], listen: str, keys: Path | None, pii_key: Path) -> list[str]:
+    """The parent's own command line, pinned to one worker, its port and key files.
 
-    A worker always gets ``--dsn`` (the parent's embedded PostgreSQL or the
-    one named), so it also gets the personal-data key file explicitly: with a
-    DSN a worker refuses to make up a key of its own.
+    The database comes in the worker's environment (``ONECARD_DSN``, set by
+    the caller), never here: a DSN can hold a password, and a command line is
+    anyone's to read (``ps``); one given to the parent by its environment
+    showed on every worker's. With a DSN a worker refuses to make up a
+    personal-data key of its own, so it gets the file explicitly.
     """
     # -P: not the current directory first on sys.path, as -m would put it.
     # Started from a source checkout after `pip install .`, a worker would
     # otherwise import the checkout (no built extension there) instead of the
     # package the parent runs, and die before serving.
     out = [sys.executable, "-P", "-m", "onecard.server.cli", *argv, "--workers", "1"]
-    out += ["--dsn", dsn, "--listen", listen, "--pii-key-file", str(pii_key)]
+    out += ["--listen", listen, "--pii-key-file", str(pii_key)]
     if keys is not None:
         out += ["--keys", str(keys)]
     return out
@@ -359,13 +359,14 @@ def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
         if int(port) == 0:
             port = str(_free_port(host.strip("[]")))
         listen = f"{host}:{port}"
-        sup.argv = _worker_argv(argv, dsn, listen, key_path, pii_path)
+        sup.argv = _worker_argv(argv, listen, key_path, pii_path)
+        sup.env["ONECARD_DSN"] = dsn
         if cfg.metrics_listen:
             # Workers record into files here; this process serves their sum.
             sup.metrics_dir = workers_dir(cfg.data_dir)
             sup.env[MULTIPROC_ENV] = str(sup.metrics_dir)
             metrics = MetricsServer(cfg.metrics_listen, sup.metrics_dir)
-        where = cfg.data_dir / "pg" if embedded is not None else dsn.rsplit("@", 1)[-1]
+        where = cfg.data_dir / "pg" if embedded is not None else describe_dsn(dsn)
 
         def banner(pids: list[int]) -> None:
             if metrics is not None:
