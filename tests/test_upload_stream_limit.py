@@ -137,15 +137,21 @@ class _BlackHole:
         await asyncio.Event().wait()  # silent from now on, sockets kept open
 
 
+@pytest.mark.parametrize(
+    "found_by",
+    [{"upload_idle_s": 1}, {"upload_idle_s": 0, "keepalive_s": 1}],
+    ids=["upload idle limit", "keepalive pings"],
+)
 async def test_a_gateway_gone_without_a_word_gives_its_stream_place_back(
-    db_dsn: str, tmp_path: Path
+    db_dsn: str, tmp_path: Path, found_by: dict[str, int]
 ) -> None:
-    """The server pings a silent connection (--keepalive-s) and drops one that does
-    not answer, ending its stream: with gRPC's two-hour default a vanished gateway
-    kept its place, and enough of them refused every upload of the process."""
+    """A stream with no batch for --upload-idle-s is ended, and with --keepalive-s a
+    connection that does not answer the server's pings is dropped: with gRPC's
+    two-hour keepalive alone a vanished gateway kept its place, and enough of them
+    refused every upload of the process."""
     keys = dev_keys()
     running = await start_test_server(
-        db_dsn, tmp_path, keys, max_upload_streams=1, acceptors=1, keepalive_s=1
+        db_dsn, tmp_path, keys, max_upload_streams=1, acceptors=1, **found_by
     )
     try:
         async with grpc.aio.insecure_channel(running.address) as chan:
@@ -161,7 +167,7 @@ async def test_a_gateway_gone_without_a_word_gives_its_stream_place_back(
             assert REGISTRY.get_sample_value("onecard_upload_streams_open") == 1
             hole.cut.set()
             async with grpc.aio.insecure_channel(running.address) as direct:
-                # Its place comes back once the silent connection is dropped.
+                # Its place comes back once the silent stream has idled out.
                 began = asyncio.get_running_loop().time()
                 deadline = began + 60
                 late = make_batch("next", [ride(card, 100)])
@@ -183,4 +189,35 @@ async def test_a_gateway_gone_without_a_word_gives_its_stream_place_back(
         await running.stop()
     purchase = (int(PostingKind.PURCHASE), 100)
     assert (await postings_of(db_dsn, card))[-2:] == [purchase, purchase]
+    assert REGISTRY.get_sample_value("onecard_upload_streams_open") == 0
+
+
+async def test_an_idle_stream_is_ended_naming_the_limit_and_a_busy_one_is_not(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    keys = dev_keys()
+    running = await start_test_server(db_dsn, tmp_path, keys, upload_idle_s=1)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as chan:
+            card = await funded(chan, keys)
+            stub = upload_pb2_grpc.UploadServiceStub(chan)
+
+            async def every_half_second() -> AsyncIterator[upload_pb2.UploadBatch]:
+                for i in range(4):  # two seconds in all, never a second apart
+                    yield make_batch(f"busy{i}", [ride(card, 10)])
+                    await asyncio.sleep(0.5)
+
+            busy = [reply.posted async for reply in stub.UploadRecords(every_half_second())]
+            assert busy == [1, 1, 1, 1]
+
+            call = stub.UploadRecords(
+                _held_open(make_batch("idle", [ride(card, 10)]), asyncio.Event())
+            )
+            assert (await call.read()).posted == 1
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await call.read()
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "--upload-idle-s" in (ended.value.details() or "")
+    finally:
+        await running.stop()
     assert REGISTRY.get_sample_value("onecard_upload_streams_open") == 0

@@ -348,7 +348,8 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
         )
         health_servicer = health_aio.HealthServicer()
         port = 0
-        upload_streams = StreamSlots(cfg.max_upload_streams)  # one bound for the process
+        # One bound for the process, and one idle limit.
+        upload_streams = StreamSlots(cfg.max_upload_streams, cfg.upload_idle_s)
         for _ in range(cfg.acceptors):
             server = _grpc_server(cfg, ledger, health_servicer, upload_streams)
             servers.append(server)

@@ -51,9 +51,14 @@ class ServerConfig:
     max_upload_streams: int = 64
     #: Seconds a connection may be silent before the server pings it; a peer
     #: that does not answer as long again (KEEPALIVE_TIMEOUT_S at most) is
-    #: dropped and its calls end (an upload stream's place with them). 0: no
-    #: pings of ours (gRPC's own default pings after two hours).
-    keepalive_s: int = 60
+    #: dropped and its calls end (an upload stream's place with them). 0, the
+    #: default: gRPC's own (two hours). Off by default because gRPC core then
+    #: re-arms a timer on every read: 8-12% more CPU a debit, 0.05 off the
+    #: online ratio (python -m benchmarks.throughput --only online, A/B).
+    keepalive_s: int = 0
+    #: Seconds an upload stream may go without a batch before it is ended,
+    #: giving its --max-upload-streams place back (0: never).
+    upload_idle_s: int = 300
     limits: Limits = field(default_factory=Limits)
     batching: BatchSettings = field(default_factory=BatchSettings)
     shutdown_grace: float = 10.0
@@ -315,12 +320,20 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     )
     add_option(
         p,
+        "--upload-idle-s",
+        type=int,
+        default=d.upload_idle_s,
+        help="seconds an upload stream may go without a batch before the server ends it, "
+        "freeing its place (0: never)",
+    )
+    add_option(
+        p,
         "--keepalive-s",
         type=int,
         default=d.keepalive_s,
         help="seconds of silence before the server pings a connection; one that does not "
         f"answer as long again (at most {KEEPALIVE_TIMEOUT_S}s) is dropped with its calls "
-        "(0: gRPC's own two hours)",
+        "(default 0: gRPC's own, two hours; pings cost CPU on every call)",
     )
     add_option(
         p,
@@ -427,6 +440,7 @@ _BOUNDS: dict[str, tuple[int | None, int | None]] = {
     "--reversal-window": (0, None),
     "--lock-timeout-ms": (0, 3_600_000),
     "--keepalive-s": (0, 86_400),
+    "--upload-idle-s": (0, 86_400),
 }
 
 #: Ledger settings (and group committers) by the flag that sets them, for
@@ -437,6 +451,7 @@ LIMIT_FLAGS = {
     ONLINE_COMMITTER: "--max-queue",
     UPLOAD_COMMITTER: "--max-upload-queue",
     "max_upload_streams": "--max-upload-streams",
+    "upload_idle_s": "--upload-idle-s",
 }
 
 
@@ -537,6 +552,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         acceptors=args.acceptors,
         max_upload_streams=args.max_upload_streams,
         keepalive_s=args.keepalive_s,
+        upload_idle_s=args.upload_idle_s,
         limits=Limits(max_amount=args.max_amount, max_upload_batch=args.max_upload_batch),
         batching=BatchSettings(
             max_batch=args.max_batch,

@@ -61,6 +61,18 @@ class TooManyStreams(Exception):
         )
 
 
+class StreamIdle(Exception):
+    """An upload stream sent no batch for --upload-idle-s: it is ended to free its place."""
+
+    setting = "upload_idle_s"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"no batch on this upload stream for {seconds:g}s: it is closed to give its "
+            "place back; open a new one when there is more to send"
+        )
+
+
 def _with_setting(details: str, setting: str) -> str:
     """``details`` naming the flag that sets the limit it reports, when a flag does.
 
@@ -100,6 +112,8 @@ async def guarded(
         )
     except (ShuttingDown, CardsHeld) as exc:
         status, details = grpc.StatusCode.UNAVAILABLE, str(exc)
+    except StreamIdle as exc:
+        status, details = grpc.StatusCode.UNAVAILABLE, _with_setting(str(exc), exc.setting)
     except _OUTAGE as exc:
         log.warning("database unavailable: %s", type(exc).__name__)
         status, details = grpc.StatusCode.UNAVAILABLE, "ledger database unavailable; retry"

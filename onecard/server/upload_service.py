@@ -14,6 +14,7 @@ RESOURCE_EXHAUSTED before any of its batches is read.
 
 from __future__ import annotations
 
+import asyncio
 import operator
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +24,7 @@ import grpc
 from onecard.ledger.engine import Ledger
 from onecard.ledger.model import OfflineRecord, OfflineResult, RecordOutcome
 from onecard.ledger.validation import check_upload_batch
-from onecard.server.errors import TooManyStreams, guarded
+from onecard.server.errors import StreamIdle, TooManyStreams, guarded
 from onecard.server.metrics import UPLOAD_STREAMS_OPEN
 from onecard.v1 import upload_pb2, upload_pb2_grpc
 
@@ -77,10 +78,17 @@ def _reply(batch_id: str, results: list[OfflineResult]) -> upload_pb2.UploadBatc
 
 
 class StreamSlots:
-    """The upload streams open in one process, shared by its ``--acceptors`` servers."""
+    """The upload streams open in one process, shared by its ``--acceptors`` servers.
 
-    def __init__(self, limit: int) -> None:
+    ``idle_s`` (0: never): a stream with no batch for that long is ended, so
+    that a gateway gone without a word (a network cut, a host switched off)
+    does not keep its place for gRPC's two hours. Not gRPC's keepalive
+    pings, which would find it too but cost every call of the process CPU.
+    """
+
+    def __init__(self, limit: int, idle_s: float = 0) -> None:
         self.limit = limit
+        self.idle_s = idle_s
         self.open = 0
 
     def take(self) -> bool:
@@ -112,8 +120,24 @@ class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
 
             yield await guarded(context, refuse)  # raises: the stream ends refused
             return
+        idle_s = self.streams.idle_s
+        batches = aiter(request_iterator)
         try:
-            async for batch in request_iterator:
+            while True:
+                try:
+                    if idle_s:
+                        batch = await asyncio.wait_for(anext(batches), idle_s)
+                    else:
+                        batch = await anext(batches)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+
+                    async def idle() -> upload_pb2.UploadBatchReply:
+                        raise StreamIdle(idle_s)
+
+                    yield await guarded(context, idle)  # raises: the stream ends
+                    return
 
                 async def call(
                     batch: upload_pb2.UploadBatch = batch,
