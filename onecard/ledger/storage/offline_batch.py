@@ -393,14 +393,20 @@ async def apply_offline_batch(
             raise BatchRaced()  # replaced between the two reads; run again
 
         # Records dated before a card's last loss period may fall in an
-        # earlier one: those cards' earlier periods, in one look (rare).
-        before_last = {
-            p.card_no
-            for p in items
-            if (c := cards.get(p.card_no)) is not None
-            and c.loss_window is not None
-            and p.txn_time < c.loss_window[0]
-        }
+        # earlier one: those cards' earlier periods, in one look (rare). The
+        # records are looked at only when a card of the batch has a period,
+        # which few do: a pass over every record cost each batch 0.1 us a
+        # record on the upload's hot path for nothing.
+        lost_once = {no for no, c in cards.items() if c.loss_window is not None}
+        before_last = (
+            {
+                p.card_no
+                for p in items
+                if p.card_no in lost_once and p.txn_time < cards[p.card_no].loss_window[0]  # type: ignore[index]
+            }
+            if lost_once
+            else set()
+        )
         if before_last:
             for r in await conn.fetch(_EARLIER_LOSSES, sorted(before_last)):
                 c = cards[r["card_no"]]
