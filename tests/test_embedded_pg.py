@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pwd
 import socket
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -60,7 +62,6 @@ async def test_rows_survive_stop_and_restart_on_the_same_data_dir(tmp_path: Path
     pg.start()
     try:
         assert pg.port != 5432
-        assert pg.tcp_dsn() == f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
         assert pg.dsn().startswith("postgresql://postgres@/postgres?host=/")
         conn = await asyncpg.connect(pg.dsn())
         try:
@@ -86,7 +87,7 @@ async def test_rows_survive_stop_and_restart_on_the_same_data_dir(tmp_path: Path
             "full_page_writes": "on",
             "shared_buffers": "256MB",
             "max_connections": "200",
-            "listen_addresses": "127.0.0.1",
+            "listen_addresses": "",
             "work_mem": "8MB",
         }
         old_dsn = pg.dsn()
@@ -134,15 +135,91 @@ def test_start_failure_includes_the_server_log(tmp_path: Path) -> None:
     assert not (tmp_path / "data" / "postmaster.pid").exists()
 
 
-def test_explicit_port_in_use_fails_clearly(tmp_path: Path) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        pg = EmbeddedPostgres(tmp_path / "data", port=port)
-        with pytest.raises(EmbeddedPostgresError, match=f"(?s)127.0.0.1:{port}.*could not bind"):
-            pg.start()
-        assert not pg.running
+def _startup(user: str, database: str) -> bytes:
+    """PostgreSQL's StartupMessage (protocol 3.0), what any client sends first."""
+    body = struct.pack("!i", 196608) + b"".join(
+        part.encode() + b"\0" for part in ("user", user, "database", database)
+    )
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def _knock(connect: Callable[[], socket.socket]) -> str:
+    """What a client gets: 'trusted' (in as superuser, no password), 'refused' or 'denied'."""
+    try:
+        sock = connect()
+    except ConnectionRefusedError:
+        return "refused"
+    except (PermissionError, FileNotFoundError):
+        return "denied"
+    with sock:
+        sock.settimeout(5)
+        sock.sendall(_startup("postgres", "postgres"))
+        head = sock.recv(9)
+    # AuthenticationOk: 'R', length 8, code 0.
+    return "trusted" if head == b"R\0\0\0\x08\0\0\0\0" else f"other {head!r}"
+
+
+def _tcp(port: int) -> socket.socket:
+    """A loopback TCP connection, without a name lookup (the child may not read the codecs)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    try:
+        sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _knock_as(user: pwd.struct_passwd, connect: Callable[[], socket.socket]) -> str:
+    """:func:`_knock` from a child process running as ``user``."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            os.write(write_end, _knock(connect).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, answer
+    return answer
+
+
+def test_the_server_listens_on_no_tcp_port(tmp_path: Path) -> None:
+    """Authentication is trust: a TCP listener let any local user in as superuser."""
+    with EmbeddedPostgres(tmp_path / "data") as pg:
+        assert _knock(lambda: _tcp(pg.port)) == "refused"
+        path = str(pg.socket_dir / f".s.PGSQL.{pg.port}")
+        unix = socket.socket(socket.AF_UNIX)
+        unix.connect(path)
+        assert _knock(lambda: unix) == "trusted"  # the owner (or root) still gets in
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can knock as another user")
+@pytest.mark.parametrize("long_path", [False, True], ids=["socket in data dir", "socket in /tmp"])
+def test_another_local_user_cannot_reach_the_books(tmp_path: Path, long_path: bool) -> None:
+    nobody = pwd.getpwnam("nobody")
+    data = tmp_path / ("d" * 60) / ("e" * 60) / "data" if long_path else tmp_path / "data"
+    with EmbeddedPostgres(data) as pg:
+        path = str(pg.socket_dir / f".s.PGSQL.{pg.port}")
+
+        def by_socket() -> socket.socket:
+            unix = socket.socket(socket.AF_UNIX)
+            unix.connect(path)
+            return unix
+
+        assert _knock_as(nobody, by_socket) == "denied"
+        assert _knock_as(nobody, lambda: _tcp(pg.port)) == "refused"
 
 
 async def test_long_data_dir_path_moves_the_socket_to_tmp(tmp_path: Path) -> None:

@@ -63,8 +63,13 @@ async def test_closed_loop_stops_at_the_duration(server: RunningServer, tmp_path
 def test_embedded_dsn_comes_from_the_postmaster_pid(tmp_path: Path) -> None:
     assert embedded_dsn(tmp_path) is None
     (tmp_path / "pg").mkdir()
-    (tmp_path / "pg" / "postmaster.pid").write_text("4242\n/data\n1700000000\n54321\n")
-    assert embedded_dsn(tmp_path) == f"postgresql://postgres@127.0.0.1:54321/{EMBEDDED_DATABASE}"
+    pid = tmp_path / "pg" / "postmaster.pid"
+    pid.write_text("4242\n/data\n1700000000\n54321\n")
+    assert embedded_dsn(tmp_path) is None  # no socket line: not a server we can reach
+    pid.write_text("4242\n/data\n1700000000\n54321\n/data/pg\n\n")
+    assert embedded_dsn(tmp_path) == (
+        f"postgresql://postgres@/{EMBEDDED_DATABASE}?host=/data/pg&port=54321"
+    )
 
 
 async def test_the_generator_collects_no_garbage_while_it_times_calls(

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from onecard.clients.card import SimulatedCard
+from onecard.clients.loadtest import embedded_dsn
 from onecard.clients.terminal import Terminal
 from onecard.ledger.devdata import DEV_KEYS
 from onecard.ledger.keys import FileKeyStore, KeyStoreError
@@ -224,8 +225,9 @@ def _start_cli_server(env: dict[str, str]) -> tuple[subprocess.Popen[str], str, 
     """`onecard serve` as a child process: (process, gRPC address, embedded database DSN)."""
     proc, banner = start_cli_server([], env)
     address = banner.split("serving gRPC on ")[1].split()[0]
-    where = banner.split("database: embedded PostgreSQL in ")[1].split("(")[1].split(")")[0]
-    return proc, address, f"postgresql://postgres@{where}"
+    dsn = embedded_dsn(Path(env["ONECARD_DATA_DIR"]))
+    assert dsn is not None and "psql -h " in banner
+    return proc, address, dsn
 
 
 async def test_kill_9_mid_load_loses_nothing_acknowledged(tmp_path: Path) -> None:

@@ -470,17 +470,22 @@ async def _run_ops(
 def embedded_dsn(data_dir: Path) -> str | None:
     """The DSN of the embedded PostgreSQL that ``onecard serve`` runs in ``data_dir``.
 
-    Read from PostgreSQL's own ``postmaster.pid`` (its fourth line is the port),
-    so the server needs to publish nothing for the load generator.
+    Read from PostgreSQL's own ``postmaster.pid`` (its fourth line is the port,
+    its fifth the socket's directory: the server listens on no TCP port), so
+    the server needs to publish nothing for the load generator.
     """
     from onecard.server.app import EMBEDDED_DATABASE
+    from onecard.server.embedded_pg import socket_dsn
 
     try:
         lines = (data_dir / "pg" / "postmaster.pid").read_text().splitlines()
         port = int(lines[3])
+        socket_dir = lines[4].strip()
     except (OSError, IndexError, ValueError):
         return None
-    return f"postgresql://postgres@127.0.0.1:{port}/{EMBEDDED_DATABASE}"
+    if not socket_dir:
+        return None
+    return socket_dsn(Path(socket_dir), port, EMBEDDED_DATABASE)
 
 
 _CHECK_POSTINGS = """

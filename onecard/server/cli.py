@@ -75,11 +75,12 @@ async def _serve(cfg: ServerConfig) -> None:
         loop.add_signal_handler(signal.SIGHUP, running.reload_keys)
         if reload_asked:
             running.reload_keys()
-    # The server talks to its embedded database over the Unix socket; people
-    # (psql -h 127.0.0.1 -p PORT) and tools are shown its TCP address.
+    # The embedded database has no TCP listener: people reach it with psql
+    # through its socket, as the server's user or root.
     db = (
-        f"embedded PostgreSQL in {cfg.data_dir / 'pg'} "
-        f"({describe_dsn(running.embedded.tcp_dsn(EMBEDDED_DATABASE))})"
+        f"embedded PostgreSQL in {cfg.data_dir / 'pg'} (psql -h "
+        f"{running.embedded.socket_dir} -p {running.embedded.port} -U postgres "
+        f"{EMBEDDED_DATABASE})"
         if running.embedded
         else f"PostgreSQL at {describe_dsn(running.dsn)}"
     )

@@ -7,8 +7,13 @@ us: it listens on a unix socket only, serialises every instance on a global
 lock file and stops servers from ``atexit``. So we drive ``initdb``/``pg_ctl``
 ourselves and keep the rules explicit:
 
-* The server listens on TCP ``127.0.0.1`` only, on a port chosen by the kernel
-  when none is given, so it never collides with a machine-wide PostgreSQL.
+* The server listens on a Unix socket only, in a directory only its owner
+  (and root) can enter, with no TCP listener: its authentication is
+  ``trust``, so the socket's permissions are what keep other local users
+  out. It listened on ``127.0.0.1`` before, where any local user could
+  connect as its superuser and change the books. The socket's number (the
+  "port") is one the kernel reports free, so it never looks like a
+  machine-wide PostgreSQL's.
 * Durability is not negotiable: ``fsync``, ``synchronous_commit`` and
   ``full_page_writes`` stay on and attempts to turn them off are rejected.
   A ledger that is fast in tests because it lies about commits would hide
@@ -53,6 +58,7 @@ __all__ = [
     "EmbeddedPostgres",
     "EmbeddedPostgresError",
     "find_binaries",
+    "socket_dsn",
 ]
 
 PG_SYSTEM_USER = "onecard-pg"
@@ -75,7 +81,7 @@ _DURABILITY = {
     "full_page_writes": {"off", "false", "no", "0"},
 }
 # Settings that this class owns because dsn() and port depend on them.
-_MANAGED = {"port", "listen_addresses", "unix_socket_directories"}
+_MANAGED = {"port", "listen_addresses", "unix_socket_directories", "unix_socket_permissions"}
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _SOCKET_PATH_MAX = 107
@@ -188,7 +194,11 @@ def _server_major(bindir: Path) -> int:
 
 
 def _free_port() -> int:
-    """Ask the kernel for a free 127.0.0.1 port (never one already in use, e.g. 5432)."""
+    """A port number the kernel reports free (never one in use, e.g. 5432).
+
+    The server listens on no TCP port; the number names its socket, and one
+    no other server uses keeps ``psql -p`` and the logs unambiguous.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -328,12 +338,13 @@ def _is_zombie(pid: int) -> bool:
 
 
 class EmbeddedPostgres:
-    """A PostgreSQL server in ``data_dir``, listening on ``127.0.0.1:port``.
+    """A PostgreSQL server in ``data_dir``, listening on a private Unix socket.
 
-    ``port=0`` lets the kernel choose a free port at every :meth:`start`, so
-    read :attr:`port` / :meth:`dsn` after starting. Authentication is
-    ``trust`` for the ``postgres`` superuser, which is acceptable only because
-    the server listens on loopback and exists for one local process tree.
+    ``port=0`` lets the kernel choose a free port number at every
+    :meth:`start`, so read :attr:`port` / :meth:`dsn` after starting.
+    Authentication is ``trust`` for the ``postgres`` superuser, which is
+    acceptable only because the socket is the sole way in and sits in a
+    directory that only the server's user and root can enter.
     """
 
     def __init__(
@@ -365,7 +376,7 @@ class EmbeddedPostgres:
 
     @property
     def port(self) -> int:
-        """The TCP port; with ``port=0`` only known once started."""
+        """The socket's port number; with ``port=0`` only known once started."""
         if self._port == 0:
             raise EmbeddedPostgresError("port not chosen yet: call start() first")
         return self._port
@@ -383,20 +394,22 @@ class EmbeddedPostgres:
     def dsn(self, database: str = "postgres") -> str:
         """A libpq/asyncpg URI for ``database`` as the ``postgres`` superuser.
 
-        Over the Unix socket: an upload flush writes megabytes to its
-        connection, and through loopback TCP those writes cost the server
-        more (``benchmarks.throughput`` upload workload, three runs each:
-        39,900 against 43,800 records/s). :meth:`tcp_dsn` is the same
-        database over TCP, for what cannot reach the socket.
+        The socket is the only way in (see the module's notes). It is also
+        the faster one: an upload flush writes megabytes to its connection,
+        and through loopback TCP those writes cost the server more
+        (``benchmarks.throughput`` upload workload, three runs each: 39,900
+        against 43,800 records/s).
         """
         if self._socket_dir_used is None:
             raise EmbeddedPostgresError("not started: call start() first")
-        host = quote(str(self._socket_dir_used), safe="/")
-        return f"postgresql://postgres@/{quote(database, safe='')}?host={host}&port={self.port}"
+        return socket_dsn(self._socket_dir_used, self.port, database)
 
-    def tcp_dsn(self, database: str = "postgres") -> str:
-        """``database`` over TCP on 127.0.0.1 (the server listens on both)."""
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{quote(database, safe='')}"
+    @property
+    def socket_dir(self) -> Path:
+        """The directory holding the server's socket (the data dir unless its path is long)."""
+        if self._socket_dir_used is None:
+            raise EmbeddedPostgresError("not started: call start() first")
+        return self._socket_dir_used
 
     def start(self) -> None:
         """Initialise the data directory if needed and start the server.
@@ -469,7 +482,8 @@ class EmbeddedPostgres:
             if out.returncode == 0:
                 self._port, self._running = port, True
                 self._log.info(
-                    "embedded PostgreSQL started on 127.0.0.1:%d (data %s) in %.1fs",
+                    "embedded PostgreSQL started on socket %s/.s.PGSQL.%d (data %s) in %.1fs",
+                    socket_dir,
                     port,
                     self.data_dir,
                     time.monotonic() - began,
@@ -482,7 +496,8 @@ class EmbeddedPostgres:
                 self._log.warning("port %d was taken before the server bound it; retrying", port)
                 continue
             raise EmbeddedPostgresError(
-                f"PostgreSQL failed to start on 127.0.0.1:{port} (data {self.data_dir}).\n"
+                f"PostgreSQL failed to start on port {port} (socket in {socket_dir}, "
+                f"data {self.data_dir}).\n"
                 f"pg_ctl output: {out.text() or f'exit {out.returncode}'}\n"
                 f"--- last lines of {self.log_file} ---\n{log_tail}"
             )
@@ -750,9 +765,12 @@ class EmbeddedPostgres:
             with main_conf.open("a") as fh:
                 fh.write(f"\n# Added by onecard.server.embedded_pg\n{_INCLUDE_LINE}\n")
         values = {
-            "listen_addresses": "127.0.0.1",
+            # No TCP listener: with trust authentication, the socket's
+            # directory (0700, the server's user) is the lock on the door.
+            "listen_addresses": "",
             "port": str(port),
             "unix_socket_directories": str(socket_dir),
+            "unix_socket_permissions": "0700",
             **self._settings,
         }
         body = "".join(f"{k} = {_conf_quote(v)}\n" for k, v in values.items())
@@ -772,6 +790,12 @@ class EmbeddedPostgres:
             [str(bindir / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "immediate", "-w"],
             timeout=120,
         )
+
+
+def socket_dsn(socket_dir: Path, port: int, database: str) -> str:
+    """A URI for ``database`` as ``postgres`` through the socket in ``socket_dir``."""
+    host = quote(str(socket_dir), safe="/")
+    return f"postgresql://postgres@/{quote(database, safe='')}?host={host}&port={port}"
 
 
 def _same_file(a: Path, b: Path) -> bool:
