@@ -275,7 +275,7 @@ def call_buckets(url: str, method: str) -> dict[float, float]:
 
 #: What the open-loop run scrapes besides the calls: the online flushes and
 #: the workers' event-loop lag, so the p99 can be split by where it was spent.
-INSIDE_HISTOGRAMS = (
+INSIDE_HISTOGRAMS: tuple[tuple[str, dict[str, str]], ...] = (
     ("onecard_flush_duration_seconds", {"committer": ONLINE_COMMITTER}),
     ("onecard_event_loop_lag_seconds", {}),
 )
@@ -787,7 +787,7 @@ class _Bench:
             )
             assert server.metrics_url is not None
             method = "TerminalServicer.Debit"
-            before = await asyncio.to_thread(call_buckets, server.metrics_url, method)
+            calls_before = await asyncio.to_thread(call_buckets, server.metrics_url, method)
             inside_before = await asyncio.to_thread(inside_buckets, server.metrics_url)
             p99, achieved, refused = await run_online_open(
                 server.address,
@@ -795,9 +795,9 @@ class _Bench:
                 open_rate,
                 args.channels,
             )
-            after = await asyncio.to_thread(call_buckets, server.metrics_url, method)
+            calls_after = await asyncio.to_thread(call_buckets, server.metrics_url, method)
             inside_after = await asyncio.to_thread(inside_buckets, server.metrics_url)
-            servicer_p99, servicer_calls = bucket_p99(before, after)
+            servicer_p99, servicer_calls = bucket_p99(calls_before, calls_after)
             (flush_p99, flushes), (lag_p99, lags) = (
                 bucket_p99(b, a) for b, a in zip(inside_before, inside_after, strict=True)
             )

@@ -45,7 +45,6 @@ from benchmarks.throughput import (
 from onecard.clients.population import Population
 from onecard.server.embedded_pg import EmbeddedPostgres
 
-STREAMS = 8
 BATCH = 500
 
 
@@ -69,24 +68,28 @@ async def run(args: argparse.Namespace) -> dict[int, float]:
             }
             try:
                 seq = 10_000_000
-                for server in servers.values():  # connections and caches up
+                streams_of = {"baseline": args.baseline_streams, "this": args.streams}
+                for name, server in servers.items():  # connections and caches up
+                    n = streams_of[name]
                     await run_upload(
-                        server.address,
-                        upload_streams(pop, STREAMS, STREAMS * BATCH, BATCH, seq, rng),
+                        server.address, upload_streams(pop, n, n * BATCH, BATCH, seq, rng)
                     )
                     seq += 1_000_000
                 # Every card page written once since the checkpoint (steady
                 # state; benchmarks.throughput explains the three a page).
                 warm = 3 * await table_pages(dsn, "cards")
                 await run_upload(
-                    servers["this"].address, upload_streams(pop, STREAMS, warm, BATCH, seq, rng)
+                    servers["this"].address,
+                    upload_streams(pop, args.streams, warm, BATCH, seq, rng),
                 )
                 seq += 30_000_000
                 rates: dict[str, list[Rate]] = {name: [] for name in servers}
                 meters = {name: CpuMeter(postmaster, {}) for name in servers}
                 for _ in range(args.rounds):
                     for name, server in servers.items():
-                        streams = upload_streams(pop, STREAMS, args.records, BATCH, seq, rng)
+                        streams = upload_streams(
+                            pop, streams_of[name], args.records, BATCH, seq, rng
+                        )
                         seq += args.records
                         before = meters[name].sample(server)
                         rates[name].append(await run_upload(server.address, streams))
@@ -122,6 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--records", type=int, default=200_000, help="records a round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each installation")
+    parser.add_argument("--streams", type=int, default=8, help="upload streams of this checkout")
+    parser.add_argument(
+        "--baseline-streams",
+        type=int,
+        default=8,
+        help="upload streams of the baseline (with --baseline-python this checkout's own "
+        "python: how many streams it takes to fill the cores)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     asyncio.run(run(parser.parse_args(argv)))
     return 0

@@ -78,7 +78,7 @@ _seqs = itertools.count(1)
 def rows(n: int) -> list[tuple[object, ...]]:
     """A batch as the flush builds it: fresh (terminal, seq) keys, 10,000 cards."""
     when = dt.datetime(2026, 11, 23, 8, 0, 0)
-    out = []
+    out: list[tuple[object, ...]] = []
     for _ in range(n):
         seq = next(_seqs)
         card = 3104000000000000 + seq % 10_000
