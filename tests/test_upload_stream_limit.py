@@ -94,6 +94,57 @@ async def test_a_stream_past_the_limit_is_refused_and_writes_nothing(
         assert await postings_of(db_dsn, card) == [*before, (int(PostingKind.PURCHASE), 100)]
 
 
+async def test_one_connection_cannot_take_every_place(db_dsn: str, tmp_path: Path) -> None:
+    """A gateway that opens stream after stream on its connection (a retry loop
+    that never closes one) is refused past its share; other gateways still get in."""
+    keys = dev_keys()
+    running = await start_test_server(
+        db_dsn, tmp_path, keys, max_upload_streams=4, max_upload_streams_per_connection=2
+    )
+    release = asyncio.Event()
+    # A subchannel pool each: channels to one address otherwise share a connection.
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    greedy = grpc.aio.insecure_channel(running.address, options=own)
+    other = grpc.aio.insecure_channel(running.address, options=own)
+    try:
+        cards = [await funded(greedy, keys) for _ in range(4)]
+        before = [await postings_of(db_dsn, card) for card in cards]
+        stub = upload_pb2_grpc.UploadServiceStub(greedy)
+        held = []
+        for i in range(2):
+            call = stub.UploadRecords(
+                _held_open(make_batch(f"held{i}", [ride(cards[i], 100)]), release)
+            )
+            assert (await call.read()).posted == 1  # type: ignore[union-attr]
+            held.append(call)
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await Gateway(greedy).upload([make_batch("third", [ride(cards[2], 100)])])
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = info.value.details() or ""
+        assert "2 upload streams are open on this connection" in details
+        assert "--max-upload-streams-per-connection" in details
+        assert await postings_of(db_dsn, cards[2]) == before[2], "a refused ride posted"
+
+        # The process has places left, and another connection gets one.
+        replies = await Gateway(other).upload([make_batch("other", [ride(cards[3], 100)])])
+        assert [r.posted for r in replies] == [1]
+
+        # The greedy connection's streams end; it may open one again.
+        release.set()
+        for call in held:
+            assert await call.code() == grpc.StatusCode.OK
+        replies = await Gateway(greedy).upload([make_batch("again", [ride(cards[2], 100)])])
+        assert [r.posted for r in replies] == [1]
+    finally:
+        release.set()
+        await greedy.close()
+        await other.close()
+        await running.stop()
+    for card, was in zip(cards, before, strict=True):
+        assert await postings_of(db_dsn, card) == [*was, (int(PostingKind.PURCHASE), 100)]
+
+
 class _BlackHole:
     """A TCP relay to the server that, once cut, goes silent and keeps its sockets
     open: a gateway gone without a word (a network cut, a host powered off)."""

@@ -349,7 +349,9 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
         health_servicer = health_aio.HealthServicer()
         port = 0
         # One bound for the process, and one idle limit.
-        upload_streams = StreamSlots(cfg.max_upload_streams, cfg.upload_idle_s)
+        upload_streams = StreamSlots(
+            cfg.max_upload_streams, cfg.upload_idle_s, cfg.max_upload_streams_per_connection
+        )
         for _ in range(cfg.acceptors):
             server = _grpc_server(cfg, ledger, health_servicer, upload_streams)
             servers.append(server)

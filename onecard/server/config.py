@@ -49,6 +49,10 @@ class ServerConfig:
     #: batches in gRPC's buffers (its flow-control window) while it waits
     #: for the ledger; past this a new stream is refused RESOURCE_EXHAUSTED.
     max_upload_streams: int = 64
+    #: Of those, how many one connection may hold, so that a gateway opening
+    #: stream after stream on its connection (a retry loop that never closes
+    #: one) cannot take every place and shut the other gateways out.
+    max_upload_streams_per_connection: int = 16
     #: Seconds a connection may be silent before the server pings it; a peer
     #: that does not answer as long again (KEEPALIVE_TIMEOUT_S at most) is
     #: dropped and its calls end (an upload stream's place with them). 0, the
@@ -320,6 +324,14 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     )
     add_option(
         p,
+        "--max-upload-streams-per-connection",
+        type=int,
+        default=d.max_upload_streams_per_connection,
+        help="of those, upload streams one connection may hold; one more on it is refused "
+        "RESOURCE_EXHAUSTED",
+    )
+    add_option(
+        p,
         "--upload-idle-s",
         type=int,
         default=d.upload_idle_s,
@@ -419,6 +431,7 @@ _COUNTS = (
     "--max-upload-batch",
     "--max-upload-queue",
     "--max-upload-streams",
+    "--max-upload-streams-per-connection",
     "--max-pending-calls",
 )
 
@@ -451,6 +464,7 @@ LIMIT_FLAGS = {
     ONLINE_COMMITTER: "--max-queue",
     UPLOAD_COMMITTER: "--max-upload-queue",
     "max_upload_streams": "--max-upload-streams",
+    "max_upload_streams_per_connection": "--max-upload-streams-per-connection",
     "upload_idle_s": "--upload-idle-s",
 }
 
@@ -551,6 +565,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_pending_calls=args.max_pending_calls,
         acceptors=args.acceptors,
         max_upload_streams=args.max_upload_streams,
+        max_upload_streams_per_connection=args.max_upload_streams_per_connection,
         keepalive_s=args.keepalive_s,
         upload_idle_s=args.upload_idle_s,
         limits=Limits(max_amount=args.max_amount, max_upload_batch=args.max_upload_batch),

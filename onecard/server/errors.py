@@ -50,13 +50,16 @@ _OUTAGE = (
 
 
 class TooManyStreams(Exception):
-    """As many upload streams are open in this process as --max-upload-streams allows."""
+    """As many upload streams are open as --max-upload-streams allows (in this process)
+    or, on one connection, as --max-upload-streams-per-connection allows."""
 
-    setting = "max_upload_streams"
-
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, per_connection: bool = False) -> None:
+        self.setting = (
+            "max_upload_streams_per_connection" if per_connection else "max_upload_streams"
+        )
+        where = "on this connection" if per_connection else "in this server process"
         super().__init__(
-            f"{limit} upload streams are open in this server process, its limit; "
+            f"{limit} upload streams are open {where}, its limit; "
             "retry later or send on a stream already open"
         )
 

@@ -84,21 +84,37 @@ class StreamSlots:
     that a gateway gone without a word (a network cut, a host switched off)
     does not keep its place for gRPC's two hours. Not gRPC's keepalive
     pings, which would find it too but cost every call of the process CPU.
+
+    ``per_connection``: the places one connection (a peer address and port)
+    may hold. Without it one gateway's connection could open every place
+    and the others were refused until its streams ended.
     """
 
-    def __init__(self, limit: int, idle_s: float = 0) -> None:
+    def __init__(self, limit: int, idle_s: float = 0, per_connection: int | None = None) -> None:
         self.limit = limit
         self.idle_s = idle_s
+        self.per_connection = limit if per_connection is None else per_connection
         self.open = 0
+        self._held: dict[str, int] = {}
 
-    def take(self) -> bool:
+    def take(self, peer: str) -> TooManyStreams | None:
+        """A place for a stream of ``peer``; the refusal to raise when there is none."""
         if self.open >= self.limit:
-            return False
+            return TooManyStreams(self.limit)
+        held = self._held.get(peer, 0)
+        if held >= self.per_connection:
+            return TooManyStreams(self.per_connection, per_connection=True)
+        self._held[peer] = held + 1
         self.open += 1
         UPLOAD_STREAMS_OPEN.inc()
-        return True
+        return None
 
-    def give_back(self) -> None:
+    def give_back(self, peer: str) -> None:
+        held = self._held[peer] - 1
+        if held:
+            self._held[peer] = held
+        else:
+            del self._held[peer]
         self.open -= 1
         UPLOAD_STREAMS_OPEN.dec()
 
@@ -113,10 +129,12 @@ class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
         request_iterator: AsyncIterator[upload_pb2.UploadBatch],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[upload_pb2.UploadBatchReply]:
-        if not self.streams.take():
+        peer = context.peer()
+        refusal = self.streams.take(peer)
+        if refusal is not None:
 
-            async def refuse() -> upload_pb2.UploadBatchReply:
-                raise TooManyStreams(self.streams.limit)
+            async def refuse(refusal: TooManyStreams = refusal) -> upload_pb2.UploadBatchReply:
+                raise refusal
 
             yield await guarded(context, refuse)  # raises: the stream ends refused
             return
@@ -151,4 +169,4 @@ class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
 
                 yield await guarded(context, call)
         finally:
-            self.streams.give_back()
+            self.streams.give_back(peer)
