@@ -245,6 +245,50 @@ async def test_registered_card_needs_the_holders_id(server: RunningServer, chann
     await assert_no_clear_pii(server.dsn)
 
 
+def _full_width(text: str) -> str:
+    """As a Chinese input method in full-width mode types it: ３２０１…Ｘ."""
+    return "".join(chr(ord(c) + 0xFEE0) for c in text)
+
+
+async def test_an_id_number_typed_in_full_width_is_the_same_number(
+    server: RunningServer, channel
+) -> None:
+    """Full-width digits were kept as typed; the holder's ASCII ID then did not match."""
+
+    async def registered(id_number: str) -> str:
+        no = new_card_number()
+        reply = await desk(channel).IssueCard(
+            desk_pb2.IssueCardRequest(
+                request_id=rid(),
+                card_number=no,
+                product="standard",
+                deposit=2000,
+                key_version=1,
+                payment_channel=common_pb2.PAYMENT_CHANNEL_CASH,
+                holder=desk_pb2.Holder(name="张三丰", id_number=id_number),
+            ),
+            metadata=STAFF,
+        )
+        assert reply.status == OK
+        return no
+
+    typed_wide = await registered(_full_width("32010219900101123X"))
+    assert (await get_card(channel, typed_wide)).holder.id_number == "3201**********123X"
+    shown = await report_loss(channel, typed_wide, id_number="32010219900101123x")
+    assert shown.status == OK, shown.detail
+
+    typed_ascii = await registered("320102199001011234")
+    shown = await report_loss(channel, typed_ascii, id_number=_full_width("320102199001011234"))
+    assert shown.status == OK, shown.detail
+
+    # Digits of another script are not an ID number: refused, naming the field.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registered("".join(chr(0x0660 + int(c)) for c in "320102199001011234"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "holder.id_number" in (err.value.details() or "")
+    await assert_no_clear_pii(server.dsn)
+
+
 async def test_retry_returns_first_outcome_and_changed_retry_conflicts(
     server: RunningServer, channel, keys
 ) -> None:
@@ -775,19 +819,52 @@ async def quick_refunds(db_dsn: str, keys, tmp_path):  # type: ignore[no-untyped
         await running.stop()
 
 
-async def test_refund_job_in_the_server_pays_after_the_hold(quick_refunds, keys) -> None:  # type: ignore[no-untyped-def]
+async def _paid_by_the_job(channel: grpc.aio.Channel, card_no: str) -> desk_pb2.Card:
+    """The card once the server's job has paid its held refund (5 s at most)."""
     import asyncio
+
+    for _ in range(100):
+        view = await get_card(channel, card_no)
+        if view.refund.state == desk_pb2.REFUND_STATE_PAID:
+            return view
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the held refund was not paid: {view.refund}")
+
+
+async def test_refund_job_in_the_server_pays_after_the_hold(quick_refunds, keys) -> None:  # type: ignore[no-untyped-def]
 
     running = quick_refunds
     async with grpc.aio.insecure_channel(running.address) as channel:
         card = await funded(channel, keys, 1200)
         reply = await cancel(channel, card.card_no, readable=False)
         assert reply.status == desk_pb2.DESK_STATUS_REFUND_PENDING
-        for _ in range(100):
-            view = await get_card(channel, card.card_no)
-            if view.refund.state == desk_pb2.REFUND_STATE_PAID:
-                break
-            await asyncio.sleep(0.05)
-        assert view.refund.state == desk_pb2.REFUND_STATE_PAID
+        view = await _paid_by_the_job(channel, card.card_no)
         assert (view.refund.balance_paid, view.refund.deposit_paid) == (1200, 2000)
+    await assert_books_balance(running.dsn)
+
+
+async def test_refund_job_goes_on_after_a_round_fails(quick_refunds, keys, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A round that failed with anything but a database error ended the job for good,
+    without a log line, and every later held refund of the process waited unpaid."""
+
+    running = quick_refunds
+    lifecycle = running.ledger.lifecycle
+    real = lifecycle.pay_due_refunds
+    failures = 0
+
+    async def fails_once(as_of: dt.datetime | None = None) -> list[str]:
+        nonlocal failures
+        if not failures:
+            failures += 1
+            raise RuntimeError("a round that fails")
+        return await real(as_of)
+
+    lifecycle.pay_due_refunds = fails_once  # type: ignore[method-assign]
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        card = await funded(channel, keys, 700)
+        reply = await cancel(channel, card.card_no, readable=False)
+        assert reply.status == desk_pb2.DESK_STATUS_REFUND_PENDING
+        await _paid_by_the_job(channel, card.card_no)
+    assert failures == 1
+    assert "held-refund job: a round failed" in caplog.text
     await assert_books_balance(running.dsn)

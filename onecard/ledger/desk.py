@@ -14,6 +14,8 @@ import contextlib
 import datetime as dt
 import logging
 import os
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
 
@@ -41,13 +43,14 @@ from onecard.ledger.lifecycle import (
 )
 from onecard.ledger.model import CardView, ProtectedHolder, TxnResult
 from onecard.ledger.pii import HolderDetails, PiiProtector, normalise_id_number
-from onecard.ledger.refdata import ReferenceData
+from onecard.ledger.refdata import ReferenceData, StaleReference
 from onecard.ledger.storage import Conn
 from onecard.ledger.storage import lifecycle as store
 from onecard.ledger.storage.reversal import reverse
 from onecard.ledger.validation import Limits, check_amount, check_digits, check_request_id
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class CardLifecycle:
@@ -92,12 +95,17 @@ class CardLifecycle:
                 # The next round retries; each refund is its own transaction.
                 log.warning("held-refund job: database unavailable (%s)", type(exc).__name__)
                 continue
+            except Exception:
+                # Anything else ended the job for good, without a word, and
+                # every later held refund of this process waited unpaid.
+                log.exception("held-refund job: a round failed; the next one retries")
+                continue
             if paid:
                 log.info("held-refund job: paid %d held refunds", len(paid))
 
     async def pay_due_refunds(self, as_of: dt.datetime | None = None) -> list[str]:
         """Pay every held refund whose hold ended by ``as_of`` (default: now)."""
-        return await store.pay_due_refunds(self._ctx(), self.pool, as_of)
+        return await self._fresh(lambda: store.pay_due_refunds(self._ctx(), self.pool, as_of))
 
     # -- enquiry -----------------------------------------------------------------
 
@@ -247,12 +255,32 @@ class CardLifecycle:
                 return await store.report_loss(ctx, conn, req)
             return await store.release_loss(ctx, conn, req)
 
-        return await store.run_action(
-            self.pool,
-            operation=operation,
-            request_id=request_id,
-            fp=fp,
-            staff_id=staff_id,
-            card_no=int(card_no),
-            action=action,
+        return await self._fresh(
+            lambda: store.run_action(
+                self.pool,
+                operation=operation,
+                request_id=request_id,
+                fp=fp,
+                staff_id=staff_id,
+                card_no=int(card_no),
+                action=action,
+            )
         )
+
+    async def _fresh(self, run: Callable[[], Awaitable[T]]) -> T:
+        """``run``, and once more after re-reading the reference data if it needed
+        something this process has not seen.
+
+        An issuer (with its cash accounts) or a product added after the process
+        started, by another worker or by hand: the card was issued on a worker
+        that knew it, and a cancellation on one that did not failed on every
+        retry (gRPC UNKNOWN), as did that worker's held-refund job. The
+        transaction that found it out was rolled back, so running again is
+        safe; the write paths re-read the same way.
+        """
+        try:
+            return await run()
+        except StaleReference:
+            async with self.pool.acquire() as conn:
+                await self.ref.refresh(conn)
+            return await run()

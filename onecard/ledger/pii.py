@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +70,15 @@ def mask_name(value: str) -> str:
 
 
 def normalise_id_number(value: str) -> str:
-    return value.strip().upper()
+    """One form for one ID number, however it was typed: digits and X in ASCII.
+
+    A Chinese input method in full-width mode types ３２０１…Ｘ. Those
+    passed the check (str.isdigit takes them) and were kept in that form, so
+    the holder, presenting the number in ASCII later, was refused as not the
+    holder, and the other way round. NFKC folds full-width to ASCII; what
+    is still not ASCII is refused by the check.
+    """
+    return unicodedata.normalize("NFKC", value).strip().upper()
 
 
 def check_holder(h: HolderDetails, prefix: str = "holder") -> None:
@@ -77,7 +86,10 @@ def check_holder(h: HolderDetails, prefix: str = "holder") -> None:
     if name and (len(name) > 64 or not name.isprintable()):
         raise FieldError(f"{prefix}.name", "must be 1 to 64 printable characters")
     if idn and not (
-        len(idn) in (15, 18) and idn[:-1].isdigit() and (idn[-1].isdigit() or idn[-1] == "X")
+        len(idn) in (15, 18)
+        and idn.isascii()
+        and idn[:-1].isdigit()
+        and (idn[-1].isdigit() or idn[-1] == "X")
     ):
         raise FieldError(
             f"{prefix}.id_number", "must be 15 or 18 characters: digits, the last may be X"
