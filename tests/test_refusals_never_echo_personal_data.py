@@ -44,3 +44,30 @@ async def test_personal_data_in_a_card_number_field_is_not_echoed(
         details = refused.value.details() or ""
         assert "decimal digits, got " in details, details
         assert typed not in details and typed[:11] not in details, details
+
+
+def test_desk_requests_and_settings_show_no_id_number_or_key_when_printed() -> None:
+    """A repr lands in tracebacks and debug logs: it held the ID number and the digest key."""
+    from onecard.ledger.lifecycle import (
+        Cancellation,
+        CardAction,
+        DeskSettings,
+        Replacement,
+        ReplaceReason,
+    )
+    from onecard.ledger.model import PaymentChannel
+
+    key = bytes.fromhex("5a" * 32)
+    shown = [
+        repr(CardAction("r1", "s1", "3104000000000001", ID_NUMBER)),
+        repr(
+            Replacement(
+                "r2", "s1", "3104000000000001", "3104000000000002", 1, ReplaceReason.LOST, ID_NUMBER
+            )
+        ),
+        repr(Cancellation("r3", "s1", "3104000000000001", PaymentChannel.CASH, True, 0, ID_NUMBER)),
+        repr(DeskSettings(pii_key=key)),
+    ]
+    for text in shown:
+        assert ID_NUMBER not in text and key.hex() not in text and repr(key) not in text, text
+    assert "3104000000000001" in shown[0]  # still says which card

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from onecard.ledger.crypto.encoding import FieldError, parse_datetime
 from onecard.ledger.model import CardStatus, CardView, DeskStatus, PaymentChannel
@@ -32,7 +32,7 @@ class DeskSettings:
     #: Most history entries in one page.
     max_page_size: int = 500
     #: Secret for holder digests; None makes one per process (tests, tools).
-    pii_key: bytes | None = None
+    pii_key: bytes | None = field(default=None, repr=False)  # a secret
 
 
 class ReplaceReason(enum.IntEnum):
@@ -47,7 +47,7 @@ class CardAction:
     request_id: str
     staff_id: str
     card_no: str
-    holder_id_number: str = ""
+    holder_id_number: str = field(default="", repr=False)  # personal data
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,7 @@ class Replacement:
     new_card_no: str
     key_version: int
     reason: ReplaceReason
-    holder_id_number: str = ""
+    holder_id_number: str = field(default="", repr=False)  # personal data
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +71,7 @@ class Cancellation:
     card_readable: bool
     #: The chip's purse balance (fen) when readable.
     card_balance: int = 0
-    holder_id_number: str = ""
+    holder_id_number: str = field(default="", repr=False)  # personal data
 
 
 @dataclass(frozen=True, slots=True)
