@@ -12,7 +12,7 @@ import grpc
 
 from onecard.clients.card import PendingLoad, SimulatedCard
 from onecard.clients.terminal import Terminal, now_bcd_text
-from onecard.ledger.model import Load, PaymentChannel
+from onecard.ledger.model import Debit, Load, PaymentChannel
 from onecard.server.app import RunningServer
 from onecard.v1 import common_pb2, terminal_pb2
 from tests.desk_support import terminal_stub
@@ -209,4 +209,55 @@ async def test_a_purchase_signed_under_another_key_version_than_the_card_s_is_re
     load = await terminal_stub(channel).Load(request)
     assert load.status == common_pb2.TXN_STATUS_MAC_INVALID and not load.mac2
     assert await purse(server.dsn, card) == (5000, 1)
+    await assert_books_balance(server.dsn)
+
+
+async def test_a_refused_load_sent_again_under_a_new_seq_is_not_credited(
+    server: RunningServer, channel: grpc.aio.Channel, keys
+) -> None:
+    """A refused load's cash goes back and its chip stays as it was; its MAC1 was
+    still good for a credit under a new seq once the card was active again (review)."""
+    card = await issue(channel, keys)
+    stub = terminal_stub(channel)
+    await fetch(server.dsn, "UPDATE cards SET status = 2 WHERE card_no = $1", int(card.card_no))
+    refused = card.begin_load(5000, TOPUP)
+    first = await stub.Load(load_request(channel, card, refused, 1))
+    assert first.status == common_pb2.TXN_STATUS_CARD_NOT_ACTIVE
+    await fetch(server.dsn, "UPDATE cards SET status = 1 WHERE card_no = $1", int(card.card_no))
+
+    # The card's own top-up: the same counter, a fresh random.
+    ok = card.begin_load(5000, TOPUP)
+    reply = await stub.Load(load_request(channel, card, ok, 2))
+    assert reply.status == APPROVED
+    card.finish_load(ok, WHEN, reply.mac2)
+
+    replay = await stub.Load(load_request(channel, card, refused, 3))
+    assert replay.status == common_pb2.TXN_STATUS_STALE_COUNTER
+    assert not replay.mac2
+    assert card.balance == 5000 and await purse(server.dsn, card) == (5000, 1)
+    await assert_books_balance(server.dsn)
+
+
+async def test_a_load_refused_in_a_batch_is_spent_for_the_rest_of_it(
+    server: RunningServer, channel: grpc.aio.Channel, keys
+) -> None:
+    """A refused load's MAC1 sent again under another seq in the same batch is
+    answered as in any later batch (STALE_COUNTER), whatever ran between them."""
+    card = await issue(channel, keys)
+    await Terminal(channel, TOPUP).load(card, 95_000)
+    bus = Terminal(channel, BUS)
+    pending = card.begin_load(10_000, TOPUP)
+    when = now_bcd_text()
+
+    def load(seq: int) -> Load:
+        return Load(card.card_no, 10_000, 0x02, TOPUP, seq, when, card.key_version,
+                    pending.random, pending.online_counter, pending.old_balance, pending.mac1,
+                    PaymentChannel.CASH)  # fmt: skip
+
+    signed = bus.debit_request(card, 20_000)
+    fare = Debit(signed.card_number, signed.amount, signed.transaction_type, signed.terminal_id,
+                 signed.terminal_seq, signed.date_time, signed.key_version, signed.tac)  # fmt: skip
+    replies = await server.ledger.create_terminal_txns([load(21), fare, load(22)])
+    assert [r.status.name for r in replies] == ["OVER_LIMIT", "APPROVED", "STALE_COUNTER"]
+    assert (await purse(server.dsn, card))[0] == 95_000 - 20_000
     await assert_books_balance(server.dsn)

@@ -231,6 +231,10 @@ class Ledger:
     async def create_loads(self, loads: Sequence[Load]) -> list[TxnResult]:
         return await self._create_terminal_txns(list(loads))
 
+    async def create_terminal_txns(self, items: Sequence[Debit | Load]) -> list[TxnResult]:
+        """Debits and loads in one transaction, in order, as the online committer mixes them."""
+        return await self._create_terminal_txns(list(items))
+
     def _prepare(self, items: list[Debit | Load]) -> list[Prepared]:
         """MAC checks for the whole batch in one call, outside the transaction."""
         debit_idx = [i for i, r in enumerate(items) if isinstance(r, Debit)]

@@ -29,7 +29,8 @@ class TxnStatus(enum.IntEnum):
     NOT_REVERSIBLE = 11
     #: The original was reversed before (by another reversal request).
     ALREADY_REVERSED = 12
-    #: A load whose online counter an earlier approved load used already.
+    #: A load whose MAC1 (online counter and card random) an earlier load used,
+    #: approved or refused, or whose counter is below the last approved load's.
     STALE_COUNTER = 13
 
 

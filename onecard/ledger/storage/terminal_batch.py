@@ -158,7 +158,7 @@ WITH earlier AS (
     SELECT DISTINCT t.card_no, t.online_counter, t.card_random
     FROM unnest($4::bigint[], $5::integer[]) AS l(card_no, online_counter)
     JOIN terminal_txns t USING (card_no, online_counter)
-    WHERE t.online_counter IS NOT NULL AND t.status = 1  -- TxnStatus.APPROVED
+    WHERE t.online_counter IS NOT NULL  -- any answer: only verified MAC1s are kept
 )
 SELECT 1 AS k, terminal_id AS id, terminal_seq AS seq, fingerprint, status,
        balance_after AS balance, mac2, NULL::text AS product, reversed_by_seq AS counter,
@@ -341,6 +341,9 @@ def _decide(
         )
 
     result = _decide_new(p, card, mac1_used, ref, operator, writes)
+    if isinstance(req, Load):
+        # Answered, whatever the answer: its MAC1 is spent (see _decide_new).
+        mac1_used.add((p.card_no, req.online_counter, req.card_random))
     writes.outcome(p, result.status, result.balance_after, result.mac2 or None)
     seen[key] = (p.fingerprint, result.status, result.balance_after, result.mac2, None)
     return result
@@ -393,7 +396,13 @@ def _decide_new(
 
     # MAC1 is bound to the counter and the card's random, and nothing else
     # makes it single-use: the same MAC1 under a new terminal seq would credit
-    # the purse again for one top-up on the chip. A chip moves past a counter
+    # the purse again for one top-up on the chip. Spent is any MAC1 the ledger
+    # answered, refused ones too: a load refused (card lost, over the limit)
+    # left the chip as it was and its cash went back, yet the same bytes sent
+    # later under a new seq, once the card was active again, were credited
+    # for nothing (found by review). The card's own retry comes with a fresh
+    # random, the terminal's own retry under its seq is a DUPLICATE, and a
+    # MAC1 that does not verify is never kept. A chip moves past a counter
     # only by completing a load at it, so it never shows one below the last
     # approved load's; at that one it may come again with a fresh random, when
     # the last load's MAC2 never reached it (migration 0010).
