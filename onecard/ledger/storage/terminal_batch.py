@@ -428,7 +428,6 @@ def _decide_new(
     card.delta += req.amount
     card.online_counter = max(card.online_counter, req.online_counter + 1)
     card.touched = True
-    mac1_used.add(used)
     writes.posting(
         p,
         ref.account_id(cash_code(req.card_no[:4], req.channel.code)),
