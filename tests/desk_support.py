@@ -47,6 +47,25 @@ async def funded(
     return card
 
 
+async def issue_at_desk(
+    channel: grpc.aio.Channel, card_no: str, holder: desk_pb2.Holder | None = None
+) -> None:
+    """A standard card (deposit 20.00, key version 1) issued at the desk, for ``holder`` if any."""
+    reply = await desk(channel).IssueCard(
+        desk_pb2.IssueCardRequest(
+            request_id=rid(),
+            card_number=card_no,
+            product="standard",
+            deposit=2000,
+            key_version=1,
+            payment_channel=common_pb2.PAYMENT_CHANNEL_CASH,
+            holder=holder,
+        ),
+        metadata=STAFF,
+    )
+    assert reply.status == OK, reply.detail
+
+
 async def get_card(channel: grpc.aio.Channel, card_no: str) -> desk_pb2.Card:
     card: desk_pb2.Card = await desk(channel).GetCard(
         desk_pb2.GetCardRequest(card_number=card_no), metadata=STAFF

@@ -26,6 +26,7 @@ from tests.desk_support import (
     desk,
     funded,
     get_card,
+    issue_at_desk,
     release_loss,
     replace,
     report_loss,
@@ -222,19 +223,7 @@ async def test_loss_refuses_online_use_and_moves_the_deny_list(
 
 async def test_registered_card_needs_the_holders_id(server: RunningServer, channel) -> None:
     no = new_card_number()
-    reply = await desk(channel).IssueCard(
-        desk_pb2.IssueCardRequest(
-            request_id=rid(),
-            card_number=no,
-            product="standard",
-            deposit=2000,
-            key_version=1,
-            payment_channel=common_pb2.PAYMENT_CHANNEL_CASH,
-            holder=HOLDER,
-        ),
-        metadata=STAFF,
-    )
-    assert reply.status == OK
+    await issue_at_desk(channel, no, HOLDER)
     missing = await report_loss(channel, no)
     assert missing.status == desk_pb2.DESK_STATUS_HOLDER_MISMATCH
     wrong = await report_loss(channel, no, id_number="320102199001019999")
@@ -257,19 +246,7 @@ async def test_an_id_number_typed_in_full_width_is_the_same_number(
 
     async def registered(id_number: str) -> str:
         no = new_card_number()
-        reply = await desk(channel).IssueCard(
-            desk_pb2.IssueCardRequest(
-                request_id=rid(),
-                card_number=no,
-                product="standard",
-                deposit=2000,
-                key_version=1,
-                payment_channel=common_pb2.PAYMENT_CHANNEL_CASH,
-                holder=desk_pb2.Holder(name="张三丰", id_number=id_number),
-            ),
-            metadata=STAFF,
-        )
-        assert reply.status == OK
+        await issue_at_desk(channel, no, desk_pb2.Holder(name="张三丰", id_number=id_number))
         return no
 
     typed_wide = await registered(_full_width("32010219900101123X"))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from onecard.server.app import RunningServer
-from onecard.v1 import common_pb2, desk_pb2
-from tests.desk_support import OK, audit_trail, desk, get_card, rid
-from tests.support import STAFF, fetch, new_card_number
+from onecard.v1 import desk_pb2
+from tests.desk_support import audit_trail, get_card, issue_at_desk
+from tests.support import fetch, new_card_number
 
 
 @pytest.mark.parametrize(
@@ -28,19 +28,7 @@ async def test_holder_mask_never_shows_a_whole_name_or_most_of_a_phone(
     server: RunningServer, channel, name: str, phone: str, name_shown: str, phone_shown: str
 ) -> None:
     card_no = new_card_number()
-    reply = await desk(channel).IssueCard(
-        desk_pb2.IssueCardRequest(
-            request_id=rid(),
-            card_number=card_no,
-            product="standard",
-            deposit=2000,
-            key_version=1,
-            payment_channel=common_pb2.PAYMENT_CHANNEL_CASH,
-            holder=desk_pb2.Holder(name=name, phone=phone),
-        ),
-        metadata=STAFF,
-    )
-    assert reply.status == OK, reply
+    await issue_at_desk(channel, card_no, desk_pb2.Holder(name=name, phone=phone))
     shown = (await get_card(channel, card_no)).holder
     assert (shown.name, shown.phone) == (name_shown, phone_shown)
     digits = [c for c in phone_shown if c.isdigit()]

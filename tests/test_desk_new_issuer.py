@@ -19,7 +19,7 @@ import grpc
 from onecard.ledger.devdata import DEV_KEYS, ensure_issuer_accounts
 from onecard.ledger.keys import MemoryKeyStore, parse_key_document
 from onecard.v1 import common_pb2, desk_pb2, desk_pb2_grpc
-from tests.desk_support import rid
+from tests.desk_support import issue_at_desk, rid
 from tests.support import STAFF, assert_books_balance, fetch, start_test_server
 
 NEW_ISSUER = "3205"
@@ -50,18 +50,7 @@ async def test_a_worker_started_before_the_issuer_was_added_serves_its_cards(
             issuing = desk_pb2_grpc.DeskServiceStub(on_first)
             cards = [f"{NEW_ISSUER}00000000000{i}" for i in (1, 2)]
             for card_no in cards:
-                issued = await issuing.IssueCard(
-                    desk_pb2.IssueCardRequest(
-                        request_id=rid(),
-                        card_number=card_no,
-                        product="standard",
-                        deposit=2000,
-                        key_version=1,
-                        payment_channel=common_pb2.PAYMENT_CHANNEL_CASH,
-                    ),
-                    metadata=STAFF,
-                )
-                assert issued.status == desk_pb2.DESK_STATUS_OK, issued.detail
+                await issue_at_desk(on_first, card_no)
 
             # Cancelled with the card at hand on the worker that had not seen the issuer.
             cancelled = await desk_pb2_grpc.DeskServiceStub(on_second).CancelCard(
