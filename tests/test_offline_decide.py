@@ -62,6 +62,8 @@ def _cards(rng: random.Random) -> dict[int, _Card]:
                     (dt.datetime(2026, 11, 22, 7), dt.datetime(2026, 11, 22, 8)),
                 ]
             ),
+            # online purchases not yet placed among the offline counters
+            unmatched=rng.choice([0, 0, 1, 3]),
         )
     # One card replaced by another: its money follows.
     cards[CARDS[-1]].status = int(CardStatus.BLOCKED)

@@ -28,7 +28,8 @@ from onecard.ledger.refdata import ReferenceData
 from onecard.ledger.storage import Conn, Contention
 
 _CARD_COLUMNS = """card_no, issuer_code, key_version, product_code, status, purse_balance,
-    deposit_balance, online_counter, offline_counter, issued_at, last_used_at"""
+    deposit_balance, online_counter,
+    offline_counter + online_purchases_unmatched AS offline_counter, issued_at, last_used_at"""
 
 
 def _iso(value: Any) -> str:

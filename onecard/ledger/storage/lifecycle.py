@@ -51,7 +51,9 @@ from onecard.ledger.storage.cards import foreign_request, view_from_json, view_j
 
 _VIEW = """
 SELECT c.card_no, c.issuer_code, c.key_version, c.product_code, c.status, c.purse_balance,
-       c.deposit_balance, c.online_counter, c.offline_counter, c.issued_at, c.last_used_at,
+       c.deposit_balance, c.online_counter,
+       c.offline_counter + c.online_purchases_unmatched AS offline_counter,
+       c.issued_at, c.last_used_at,
        c.lost_at, c.replaced_by,
        (SELECT p.card_no FROM cards p WHERE p.replaced_by = c.card_no LIMIT 1) AS replaces,
        h.name_masked, h.id_masked, h.phone_masked,

@@ -202,7 +202,7 @@ WITH txns AS (
     UPDATE cards AS c
     SET purse_balance = c.purse_balance + d.delta,
         online_counter = greatest(c.online_counter, d.online_counter),
-        offline_counter = c.offline_counter + d.purchases,
+        online_purchases_unmatched = c.online_purchases_unmatched + d.purchases,
         last_used_at = now()
     FROM unnest($21::bigint[], $22::bigint[], $23::integer[], $24::integer[])
          AS d(card_no, delta, online_counter, purchases)
@@ -384,7 +384,10 @@ def _decide_new(
             )
         card.balance -= req.amount
         card.delta -= req.amount
-        card.purchases += 1  # the chip counts it too: offline records continue from here
+        # The chip counts it among its purchases, at a counter the request does
+        # not carry: the upload explains a gap in the offline counters by it
+        # (migration 0015).
+        card.purchases += 1
         card.touched = True
         writes.posting(
             p,
