@@ -217,3 +217,43 @@ async def test_a_replaced_cards_debit_is_answered_while_its_successor_is_held(
         assert common_pb2.TXN_STATUS_CARD_NOT_ACTIVE in (again.status, again.original_status)
     assert await balance_of(db_dsn, new) == 5000 + 5000  # its own and the old card's
     await assert_books_balance(db_dsn)
+
+
+async def test_an_online_flush_does_not_forget_a_card_held_through_its_successor(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """Online and upload batches each remember the cards they found held.
+
+    An upload of a replaced card waits for the card that replaced it, an
+    online debit of it does not. They shared one memory, so the debit, finding
+    the old card's own row free, struck it off, and the upload's next resend
+    put its batch through the whole lock timeout again.
+    """
+    keys = dev_keys()
+    running = await start_test_server(db_dsn, tmp_path, keys, lock_timeout_ms=3000)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as chan:
+            old, new = await funded(chan, keys), await funded(chan, keys)
+            await replace_by_sql(db_dsn, old, new)
+            on_old = make_batch("old", [ride(old, 100)])
+            bus = Terminal(chan, "310400000001", 95_000)
+            holder, tx = await _hold(db_dsn, new.card_no)
+            try:
+                first = await asyncio.gather(Gateway(chan).upload([on_old]), return_exceptions=True)
+                _assert_refused_as_held(first[0])
+                declined = await bus.debit(old, 100)  # its own row is free
+                assert declined.status == common_pb2.TXN_STATUS_CARD_NOT_ACTIVE
+                resent = await asyncio.gather(
+                    asyncio.wait_for(Gateway(chan).upload([on_old]), 1.5),
+                    return_exceptions=True,
+                )
+            finally:
+                await tx.rollback()
+                await holder.close()
+            _assert_refused_as_held(resent[0])
+            (again,) = await Gateway(chan).upload([on_old])
+            assert again.posted == 1
+    finally:
+        await running.stop()
+    assert await balance_of(db_dsn, new) == 5000 + 5000 - 100
+    await assert_books_balance(db_dsn)

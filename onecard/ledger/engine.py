@@ -179,8 +179,11 @@ class Ledger:
         #: Cards found held past the lock timeout, oldest first: a batch with
         #: one of them asks first whether it is still held (without waiting),
         #: so that its terminal's resends are refused at once and do not make
-        #: every batch they land in wait the lock timeout out again.
-        self._held: dict[int, None] = {}
+        #: every batch they land in wait the lock timeout out again. One
+        #: memory per kind of batch (keyed by ``successors``): an upload of a
+        #: replaced card is held by its successor's row, an online debit of it
+        #: is not, and with one memory the debit struck the card off.
+        self._held: dict[bool, dict[int, None]] = {False: {}, True: {}}
         #: The service desk's card lifecycle (loss, replacement, cancellation, ...).
         self.lifecycle = CardLifecycle(pool, ref, keys, self.limits, desk or DeskSettings())
 
@@ -341,8 +344,9 @@ class Ledger:
             unknown = terminals - self.ref.terminal_operator.keys()
             if unknown:
                 await self.ref.learn_terminals(conn, unknown)
-            if self._held:
-                await self._refuse_still_held(conn, cards(), successors)
+            remembered = self._held[successors]
+            if remembered:
+                await self._refuse_still_held(conn, remembered, cards(), successors)
             refreshed = False
             for attempt in range(5):
                 try:
@@ -370,13 +374,16 @@ class Ledger:
                         ", ".join(f"{c:016d}" for c in sorted(held)),
                     )
                     for card_no in held:
-                        self._held[card_no] = None
-                    while len(self._held) > MAX_HELD_REMEMBERED:
-                        del self._held[next(iter(self._held))]
+                        remembered[card_no] = None
+                    while len(remembered) > MAX_HELD_REMEMBERED:
+                        del remembered[next(iter(remembered))]
                     raise CardsHeld(held) from None
             raise Contention("batch kept racing concurrent writers; retry")
 
-    async def _refuse_still_held(self, conn: Conn, card_nos: list[int], successors: bool) -> None:
+    @staticmethod
+    async def _refuse_still_held(
+        conn: Conn, remembered: dict[int, None], card_nos: list[int], successors: bool
+    ) -> None:
         """Refuse at once the requests for cards still held since a batch waited on them.
 
         Without this, each resend of a held card's request put the batch it
@@ -384,12 +391,12 @@ class Ledger:
         waiting behind that batch ran out of time (DEADLINE_EXCEEDED) instead
         of being written. A card found free is forgotten.
         """
-        suspects = self._held.keys() & set(card_nos)
+        suspects = remembered.keys() & set(card_nos)
         if not suspects:
             return
         still = await card_store.held_cards(conn, sorted(suspects), successors=successors)
         for card_no in suspects - still:
-            self._held.pop(card_no, None)
+            remembered.pop(card_no, None)
         if still:
             raise CardsHeld(still)
 
