@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import grpc
 
@@ -101,7 +102,7 @@ async def replace(
     channel: grpc.aio.Channel,
     card_no: str,
     new_card_no: str,
-    reason: int = desk_pb2.REPLACE_REASON_LOST,
+    reason: desk_pb2.ReplaceReason = desk_pb2.REPLACE_REASON_LOST,
     kv: int = 1,
 ) -> desk_pb2.DeskReply:
     reply: desk_pb2.DeskReply = await desk(channel).ReplaceCard(
@@ -110,7 +111,7 @@ async def replace(
             card_number=card_no,
             new_card_number=new_card_no,
             key_version=kv,
-            reason=reason,  # type: ignore[arg-type]
+            reason=reason,
         ),
         metadata=STAFF,
     )
@@ -123,13 +124,13 @@ async def cancel(
     *,
     readable: bool,
     card_balance: int = 0,
-    refund_channel: int = common_pb2.PAYMENT_CHANNEL_CASH,
+    refund_channel: common_pb2.PaymentChannel = common_pb2.PAYMENT_CHANNEL_CASH,
 ) -> desk_pb2.DeskReply:
     reply: desk_pb2.DeskReply = await desk(channel).CancelCard(
         desk_pb2.CancelCardRequest(
             request_id=rid(),
             card_number=card_no,
-            refund_channel=refund_channel,  # type: ignore[arg-type]
+            refund_channel=refund_channel,
             card_readable=readable,
             card_balance=card_balance,
         ),
@@ -145,7 +146,11 @@ async def deny_list(channel: grpc.aio.Channel, since: int = 0) -> terminal_pb2.G
     return reply
 
 
-async def audit_trail(dsn: str, card_no: str) -> list[tuple[str, str, dict | None, dict | None]]:  # type: ignore[type-arg]
+#: (staff, operation, state before, state after) of one audited desk or terminal action.
+AuditEntry = tuple[str, str, dict[str, Any] | None, dict[str, Any] | None]
+
+
+async def audit_trail(dsn: str, card_no: str) -> list[AuditEntry]:
     import json
 
     rows = await fetch(

@@ -20,7 +20,7 @@ import grpc
 from onecard.clients.card import SimulatedCard
 from onecard.ledger.audit import balance_discrepancies, trial_balance
 from onecard.ledger.devdata import DEV_KEYS
-from onecard.ledger.keys import MemoryKeyStore, parse_key_document
+from onecard.ledger.keys import KeyVersion, MemoryKeyStore, parse_key_document
 from onecard.v1 import common_pb2, desk_pb2, desk_pb2_grpc
 
 if TYPE_CHECKING:
@@ -32,6 +32,13 @@ _card_numbers = itertools.count(1)
 
 def dev_keys() -> MemoryKeyStore:
     return MemoryKeyStore(parse_key_document(DEV_KEYS, "dev keys"))
+
+
+def issuer_key(keys: MemoryKeyStore, kv: int) -> KeyVersion:
+    """Key version ``kv`` of the demo issuer 3104, which the test keys hold."""
+    version = keys.get("3104", kv)
+    assert version is not None
+    return version
 
 
 def new_card_number() -> str:

@@ -20,18 +20,26 @@ from onecard.clients.card import SimulatedCard
 from onecard.clients.terminal import Terminal
 from onecard.ledger.crypto.verifier import ReferenceVerifier
 from onecard.ledger.engine import Ledger
-from onecard.ledger.model import CardIssue, Debit, DeskStatus, PaymentChannel
-from onecard.ledger.storage import Contention
+from onecard.ledger.keys import MemoryKeyStore
+from onecard.ledger.model import CardIssue, Debit, DeskStatus, Load, PaymentChannel, TxnResult
+from onecard.ledger.storage import Conn, Contention
 from onecard.server.app import RunningServer
-from onecard.v1 import common_pb2
+from onecard.v1 import common_pb2, terminal_pb2
 from tests.desk_support import terminal_stub
-from tests.support import assert_books_balance, dev_keys, fetch, issue, new_card_number
+from tests.support import (
+    assert_books_balance,
+    dev_keys,
+    fetch,
+    issue,
+    issuer_key,
+    new_card_number,
+)
 
 APPROVED = common_pb2.TXN_STATUS_APPROVED
 TOPUP, BUS = "310400000009", "310400000001"
 
 
-def as_debit(request) -> Debit:  # type: ignore[no-untyped-def]
+def as_debit(request: terminal_pb2.DebitRequest) -> Debit:
     return Debit(
         request.card_number,
         request.amount,
@@ -45,7 +53,7 @@ def as_debit(request) -> Debit:  # type: ignore[no-untyped-def]
 
 
 async def test_a_product_another_worker_added_does_not_fail_the_batch(
-    server: RunningServer, channel: grpc.aio.Channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     innocent = await issue(channel, keys)
     assert (await Terminal(channel, TOPUP, 1).load(innocent, 1000)).status == APPROVED
@@ -58,7 +66,7 @@ async def test_a_product_another_worker_added_does_not_fail_the_batch(
         )
     other_pool = await asyncpg.create_pool(server.dsn, min_size=1, max_size=2)
     other = await Ledger.open(other_pool, dev_keys(), ReferenceVerifier(dev_keys()))
-    newcomer = SimulatedCard(new_card_number(), keys.get("3104", 1))
+    newcomer = SimulatedCard(new_card_number(), issuer_key(keys, 1))
     try:
         issued = await other.issue_card(
             CardIssue(str(uuid.uuid4()), "staff-1", newcomer.card_no, "tourist", 0, 1,
@@ -85,7 +93,7 @@ async def test_a_product_another_worker_added_does_not_fail_the_batch(
 
 
 async def test_a_closing_server_answers_unavailable_not_overloaded(
-    server: RunningServer, channel: grpc.aio.Channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await issue(channel, keys)
     card.balance = 100  # the chip may believe anything; the call must not get that far
@@ -109,14 +117,14 @@ async def test_a_closing_server_answers_unavailable_not_overloaded(
     ids=lambda e: type(e).__name__,
 )
 async def test_a_failure_a_retry_may_cure_answers_unavailable(
-    server: RunningServer, channel: grpc.aio.Channel, keys, failure: Exception
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore, failure: Exception
 ) -> None:
     card = await issue(channel, keys)
     card.balance = 100
     committer = server.ledger.committer
     real_flush = committer._flush
 
-    async def failing(items):  # type: ignore[no-untyped-def]
+    async def failing(items: list[Debit | Load]) -> list[TxnResult]:
         raise failure
 
     committer._flush = failing
@@ -130,7 +138,10 @@ async def test_a_failure_a_retry_may_cure_answers_unavailable(
 
 
 async def test_an_unregistered_terminal_does_not_make_every_batch_reread_reference_data(
-    server: RunningServer, channel: grpc.aio.Channel, keys, monkeypatch: pytest.MonkeyPatch
+    server: RunningServer,
+    channel: grpc.aio.Channel,
+    keys: MemoryKeyStore,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each batch naming an unknown terminal re-read every reference table.
 
@@ -144,7 +155,7 @@ async def test_an_unregistered_terminal_does_not_make_every_batch_reread_referen
     reads = 0
     real_refresh = ref.refresh
 
-    async def counted(conn) -> None:  # type: ignore[no-untyped-def]
+    async def counted(conn: Conn) -> None:
         nonlocal reads
         reads += 1
         await real_refresh(conn)

@@ -12,7 +12,7 @@ look-up of earlier outcomes.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -68,8 +68,12 @@ class RivalFirst:
         return getattr(self._conn, name)
 
 
+#: The batch's connection, the rival's, and the reference data both use.
+Conns = tuple[asyncpg.Connection, asyncpg.Connection, ReferenceData]
+
+
 @pytest.fixture
-async def conns(db_dsn: str):  # type: ignore[no-untyped-def]
+async def conns(db_dsn: str) -> AsyncIterator[Conns]:
     first = await asyncpg.connect(db_dsn)
     rival = await asyncpg.connect(db_dsn)
     await seed_demo_data(first)
@@ -108,7 +112,7 @@ async def _purchases(dsn: str) -> list[tuple[int, int]]:
 
 
 async def test_offline_batch_that_loses_the_race_runs_again_as_duplicate(
-    conns, db_dsn: str
+    conns: Conns, db_dsn: str
 ) -> None:
     first, rival, ref = conns
     item = _offline(700)
@@ -128,7 +132,7 @@ async def test_offline_batch_that_loses_the_race_runs_again_as_duplicate(
 
 
 async def test_online_batch_that_loses_the_race_to_another_card_runs_again_as_conflict(
-    conns, db_dsn: str
+    conns: Conns, db_dsn: str
 ) -> None:
     # The online batch locks its cards in the same statement that looks its
     # keys up, so a rival can only slip in with another card under the same
@@ -153,7 +157,7 @@ async def test_online_batch_that_loses_the_race_to_another_card_runs_again_as_co
 
 
 async def test_offline_batch_whose_card_is_replaced_meanwhile_runs_again_and_pays_from_the_new_card(
-    conns, db_dsn: str
+    conns: Conns, db_dsn: str
 ) -> None:
     """A replacement committed between the batch's look-up of successors and its lock.
 

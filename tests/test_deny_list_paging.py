@@ -6,9 +6,12 @@ entries), so terminals ask for it ``page_size`` entries at a time.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import grpc
 import pytest
 
+from onecard.ledger.keys import MemoryKeyStore
 from onecard.server.app import RunningServer
 from onecard.v1 import terminal_pb2
 from tests.desk_support import OK, release_loss, report_loss, terminal_stub
@@ -19,7 +22,7 @@ async def _walk(
     channel: grpc.aio.Channel,
     since: int,
     page_size: int,
-    between_pages=None,  # type: ignore[no-untyped-def]
+    between_pages: Callable[[int], Awaitable[None]] | None = None,
 ) -> list[terminal_pb2.GetDenyListReply]:
     stub = terminal_stub(channel)
     pages = [
@@ -58,7 +61,7 @@ async def _whole_list(channel: grpc.aio.Channel) -> dict[str, int]:
 
 
 async def test_a_paged_walk_gives_the_list_and_the_next_changes_catch_up(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     cards = [await issue(channel, keys) for _ in range(7)]
     for card in cards[:5]:
@@ -106,7 +109,7 @@ async def test_a_paged_walk_gives_the_list_and_the_next_changes_catch_up(
     ],
 )
 async def test_bad_paging_is_refused_naming_the_field(
-    server: RunningServer, channel, request_fields: dict[str, object], field: str
+    server: RunningServer, channel: grpc.aio.Channel, request_fields: dict[str, object], field: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await terminal_stub(channel).GetDenyList(

@@ -26,7 +26,9 @@ def issue_request(**over: object) -> desk_pb2.IssueCardRequest:
     return desk_pb2.IssueCardRequest(**fields)  # type: ignore[arg-type]
 
 
-async def test_issue_card_posts_deposit_and_audits(server: RunningServer, channel) -> None:
+async def test_issue_card_posts_deposit_and_audits(
+    server: RunningServer, channel: grpc.aio.Channel
+) -> None:
     stub = desk_pb2_grpc.DeskServiceStub(channel)
     req = issue_request()
     reply = await stub.IssueCard(req, metadata=STAFF)
@@ -53,7 +55,9 @@ async def test_issue_card_posts_deposit_and_audits(server: RunningServer, channe
     await assert_books_balance(server.dsn)
 
 
-async def test_issue_retry_returns_first_outcome(server: RunningServer, channel) -> None:
+async def test_issue_retry_returns_first_outcome(
+    server: RunningServer, channel: grpc.aio.Channel
+) -> None:
     stub = desk_pb2_grpc.DeskServiceStub(channel)
     req = issue_request()
     first = await stub.IssueCard(req, metadata=STAFF)
@@ -85,20 +89,26 @@ async def test_issue_retry_returns_first_outcome(server: RunningServer, channel)
     ],
 )
 async def test_issue_refusals_name_the_field(
-    server: RunningServer, channel, change: dict[str, object], field: str, rule: str
+    server: RunningServer,
+    channel: grpc.aio.Channel,
+    change: dict[str, object],
+    field: str,
+    rule: str,
 ) -> None:
     stub = desk_pb2_grpc.DeskServiceStub(channel)
     req = issue_request(**change)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.IssueCard(req, metadata=STAFF)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith(field), err.value.details()
-    assert rule in err.value.details()
+    details = err.value.details()
+    assert details is not None
+    assert details.startswith(field), details
+    assert rule in details
     assert await fetch(server.dsn, "SELECT 1 FROM cards") == []
     assert await fetch(server.dsn, "SELECT 1 FROM desk_requests") == []
 
 
-async def test_desk_calls_must_say_who(server: RunningServer, channel) -> None:
+async def test_desk_calls_must_say_who(server: RunningServer, channel: grpc.aio.Channel) -> None:
     stub = desk_pb2_grpc.DeskServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.IssueCard(issue_request())
@@ -106,7 +116,9 @@ async def test_desk_calls_must_say_who(server: RunningServer, channel) -> None:
     assert await fetch(server.dsn, "SELECT 1 FROM cards") == []
 
 
-async def test_get_unknown_card_is_not_found(server: RunningServer, channel) -> None:
+async def test_get_unknown_card_is_not_found(
+    server: RunningServer, channel: grpc.aio.Channel
+) -> None:
     stub = desk_pb2_grpc.DeskServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.GetCard(desk_pb2.GetCardRequest(card_number="3104000000000000"), metadata=STAFF)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
+import grpc
 import pytest
 
+from onecard.ledger.keys import MemoryKeyStore
 from onecard.server.app import RunningServer
 from onecard.server.cli import main
 from tests.desk_support import funded
@@ -25,7 +27,10 @@ async def desk(
 
 
 async def test_cli_flows_tables_and_json(
-    server: RunningServer, channel, keys, capsys: pytest.CaptureFixture[str]
+    server: RunningServer,
+    channel: grpc.aio.Channel,
+    keys: MemoryKeyStore,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     no = new_card_number()
     code, out, _ = await desk(
@@ -79,7 +84,10 @@ async def test_cli_flows_tables_and_json(
 
 
 async def test_cli_refund_and_reverse(
-    server: RunningServer, channel, keys, capsys: pytest.CaptureFixture[str]
+    server: RunningServer,
+    channel: grpc.aio.Channel,
+    keys: MemoryKeyStore,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from onecard.clients.terminal import Terminal
 
@@ -123,8 +131,8 @@ async def test_cli_exit_codes_for_usage_and_outage(
 
 async def test_cli_server_error_prints_the_request_id_to_retry_with(
     server: RunningServer,
-    channel,
-    keys,
+    channel: grpc.aio.Channel,
+    keys: MemoryKeyStore,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -156,8 +164,8 @@ async def test_cli_server_error_prints_the_request_id_to_retry_with(
 
 async def test_cli_deny_list_gathers_every_page(
     server: RunningServer,
-    channel,
-    keys,
+    channel: grpc.aio.Channel,
+    keys: MemoryKeyStore,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from onecard.clients.terminal import now_bcd_text
+from onecard.ledger.keys import MemoryKeyStore
 from onecard.server.app import RunningServer
 from onecard.v1 import desk_pb2, upload_pb2
 from tests.desk_support import BUS, OK, desk, funded, get_card, replace, report_loss
@@ -37,7 +38,7 @@ async def _history(channel: grpc.aio.Channel, card_no: str) -> list[desk_pb2.His
 
 
 async def test_history_of_a_twice_replaced_card_sums_to_its_balance(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     from onecard.clients.gateway import Gateway, offline_record
 
@@ -124,7 +125,12 @@ Query = Callable[[str], dict[str, object]]
     ],
 )  # fmt: skip
 async def test_bad_history_query_is_refused_naming_the_field(
-    server: RunningServer, channel, keys, query: Query, field: str, rule: str
+    server: RunningServer,
+    channel: grpc.aio.Channel,
+    keys: MemoryKeyStore,
+    query: Query,
+    field: str,
+    rule: str,
 ) -> None:
     card = await funded(channel, keys, 1000)
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -133,12 +139,14 @@ async def test_bad_history_query_is_refused_naming_the_field(
             metadata=STAFF,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-    assert err.value.details().startswith(field), err.value.details()
-    assert rule in err.value.details()
+    details = err.value.details()
+    assert details is not None
+    assert details.startswith(field), details
+    assert rule in details
 
 
 async def test_history_page_size_at_the_limit_is_served(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys, 1000)
     page = await desk(channel).GetHistory(

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import AsyncIterator
 from dataclasses import replace as dc_replace
+from pathlib import Path
 
 import grpc
 import pytest
 
+from onecard.clients.card import SimulatedCard
 from onecard.clients.terminal import Terminal, now_bcd_text
 from onecard.ledger.accounts import deposit_account, purse_account
+from onecard.ledger.keys import MemoryKeyStore
 from onecard.ledger.model import PostingKind
 from onecard.server.app import RunningServer
 from onecard.v1 import common_pb2, desk_pb2, terminal_pb2, upload_pb2
@@ -53,7 +57,7 @@ NOT_ACTIVE = common_pb2.TXN_STATUS_CARD_NOT_ACTIVE
     ("product", "deposit"), [("standard", 2000), ("student", 2000), ("senior", 0)]
 )
 async def test_issue_registered_card_shows_only_masked_holder(
-    server: RunningServer, channel, product: str, deposit: int
+    server: RunningServer, channel: grpc.aio.Channel, product: str, deposit: int
 ) -> None:
     stub = desk(channel)
     req = desk_pb2.IssueCardRequest(
@@ -92,7 +96,7 @@ async def test_issue_registered_card_shows_only_masked_holder(
     ],
 )
 async def test_malformed_holder_is_refused_without_echoing_it(
-    server: RunningServer, channel, holder: desk_pb2.Holder, field: str
+    server: RunningServer, channel: grpc.aio.Channel, holder: desk_pb2.Holder, field: str
 ) -> None:
     req = desk_pb2.IssueCardRequest(
         request_id=rid(),
@@ -106,11 +110,15 @@ async def test_malformed_holder_is_refused_without_echoing_it(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await desk(channel).IssueCard(req, metadata=STAFF)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith(field)
-    assert (holder.id_number or holder.phone) not in err.value.details()
+    details = err.value.details()
+    assert details is not None
+    assert details.startswith(field)
+    assert (holder.id_number or holder.phone) not in details
 
 
-async def test_enquiry_and_history_newest_first_paged(server: RunningServer, channel, keys) -> None:
+async def test_enquiry_and_history_newest_first_paged(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await funded(channel, keys, 5000)
     bus = Terminal(channel, BUS)
     for amount in (100, 200, 300, 400):
@@ -155,20 +163,24 @@ async def test_enquiry_and_history_newest_first_paged(server: RunningServer, cha
             metadata=STAFF,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith("page_token")
+    details = err.value.details()
+    assert details is not None
+    assert details.startswith("page_token")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.GetHistory(
             desk_pb2.GetHistoryRequest(card_number=card.card_no, from_time="yesterday"),
             metadata=STAFF,
         )
-    assert err.value.details().startswith("from_time")
+    details = err.value.details()
+    assert details is not None
+    assert details.startswith("from_time")
 
 
 # -- loss, release and the deny list ------------------------------------------------
 
 
 async def test_loss_refuses_online_use_and_moves_the_deny_list(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys, 3000)
     other = await funded(channel, keys, 3000)
@@ -221,7 +233,9 @@ async def test_loss_refuses_online_use_and_moves_the_deny_list(
     await assert_books_balance(server.dsn)
 
 
-async def test_registered_card_needs_the_holders_id(server: RunningServer, channel) -> None:
+async def test_registered_card_needs_the_holders_id(
+    server: RunningServer, channel: grpc.aio.Channel
+) -> None:
     no = new_card_number()
     await issue_at_desk(channel, no, HOLDER)
     missing = await report_loss(channel, no)
@@ -240,7 +254,7 @@ def _full_width(text: str) -> str:
 
 
 async def test_an_id_number_typed_in_full_width_is_the_same_number(
-    server: RunningServer, channel
+    server: RunningServer, channel: grpc.aio.Channel
 ) -> None:
     """Full-width digits were kept as typed; the holder's ASCII ID then did not match."""
 
@@ -267,7 +281,7 @@ async def test_an_id_number_typed_in_full_width_is_the_same_number(
 
 
 async def test_retry_returns_first_outcome_and_changed_retry_conflicts(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys, 1000)
     request_id = rid()
@@ -291,7 +305,7 @@ async def test_retry_returns_first_outcome_and_changed_retry_conflicts(
 
 
 async def test_replace_moves_balance_and_deposit_and_blocks_the_old_card(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys, 4000)
     new_no = new_card_number()
@@ -348,16 +362,16 @@ async def test_replace_moves_balance_and_deposit_and_blocks_the_old_card(
     await assert_books_balance(server.dsn)
 
 
-async def test_damaged_active_card_can_be_replaced(server: RunningServer, channel, keys) -> None:
+async def test_damaged_active_card_can_be_replaced(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await funded(channel, keys, 700)
     reply = await replace(channel, card.card_no, new_card_number(), desk_pb2.REPLACE_REASON_DAMAGED)
     assert reply.status == OK and reply.new_card.balance == 700
     await assert_books_balance(server.dsn)
 
 
-async def issue_sim(keys, card_no: str, kv: int):  # type: ignore[no-untyped-def]
-    from onecard.clients.card import SimulatedCard
-
+async def issue_sim(keys: MemoryKeyStore, card_no: str, kv: int) -> SimulatedCard:
     version = keys.get("3104", kv)
     assert version is not None
     return SimulatedCard(card_no, version)
@@ -367,7 +381,7 @@ async def issue_sim(keys, card_no: str, kv: int):  # type: ignore[no-untyped-def
 
 
 async def test_cancel_readable_card_refunds_balance_and_deposit(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys, 2500)
     reply = await cancel(
@@ -398,7 +412,7 @@ async def test_cancel_readable_card_refunds_balance_and_deposit(
 
 
 async def test_cancel_of_a_lost_card_at_the_desk_audits_its_deny_list_change(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys, 1000)
     assert (await report_loss(channel, card.card_no)).status == OK
@@ -413,7 +427,7 @@ async def test_cancel_of_a_lost_card_at_the_desk_audits_its_deny_list_change(
 
 
 async def test_cancel_chip_showing_less_pays_the_chip_balance(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys, 2500)
     reply = await cancel(channel, card.card_no, readable=True, card_balance=2000)
@@ -423,7 +437,7 @@ async def test_cancel_chip_showing_less_pays_the_chip_balance(
 
 
 async def test_cancel_unreadable_card_holds_the_refund_until_the_job_pays(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     from onecard.clients.gateway import Gateway, offline_record
 
@@ -465,7 +479,9 @@ async def test_cancel_unreadable_card_holds_the_refund_until_the_job_pays(
     await assert_books_balance(server.dsn)
 
 
-async def test_replaced_card_cannot_be_cancelled(server: RunningServer, channel, keys) -> None:
+async def test_replaced_card_cannot_be_cancelled(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await funded(channel, keys, 100)
     new_no = new_card_number()
     assert (
@@ -488,8 +504,10 @@ async def _purchase_posting(dsn: str, card_no: str) -> tuple[int, int]:
     return rows[0]["posting_id"], rows[0]["amount"]
 
 
-async def _refund(channel, card_no: str, posting_id: int, amount: int):  # type: ignore[no-untyped-def]
-    return await desk(channel).RefundPosting(
+async def _refund(
+    channel: grpc.aio.Channel, card_no: str, posting_id: int, amount: int
+) -> desk_pb2.DeskReply:
+    reply: desk_pb2.DeskReply = await desk(channel).RefundPosting(
         desk_pb2.RefundPostingRequest(
             request_id=rid(),
             card_number=card_no,
@@ -500,10 +518,11 @@ async def _refund(channel, card_no: str, posting_id: int, amount: int):  # type:
         ),
         metadata=STAFF,
     )
+    return reply
 
 
 async def test_refund_disputed_posting_never_more_than_the_original(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys, 1000)
     assert (await Terminal(channel, BUS).debit(card, 300)).status == APPROVED
@@ -550,7 +569,7 @@ async def test_refund_disputed_posting_never_more_than_the_original(
 
 
 async def test_refund_of_a_replaced_cards_purchase_goes_to_its_successor(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys, 1000)
     assert (await Terminal(channel, BUS).debit(card, 300)).status == APPROVED
@@ -568,7 +587,9 @@ async def test_refund_of_a_replaced_cards_purchase_goes_to_its_successor(
 # -- reversal --------------------------------------------------------------------------
 
 
-def _reverse_request(card_no: str, amount: int, seq: int, original: int, terminal: str = BUS):  # type: ignore[no-untyped-def]
+def _reverse_request(
+    card_no: str, amount: int, seq: int, original: int, terminal: str = BUS
+) -> terminal_pb2.ReverseRequest:
     return terminal_pb2.ReverseRequest(
         card_number=card_no,
         amount=amount,
@@ -580,7 +601,7 @@ def _reverse_request(card_no: str, amount: int, seq: int, original: int, termina
 
 
 async def test_terminal_reverses_its_last_transaction_once(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys, 1000)
     bus = Terminal(channel, BUS, 10)
@@ -625,7 +646,9 @@ async def test_terminal_reverses_its_last_transaction_once(
     await assert_books_balance(server.dsn)
 
 
-async def test_reverse_a_load(server: RunningServer, channel, keys) -> None:
+async def test_reverse_a_load(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await issue(channel, keys)
     topup = Terminal(channel, TOPUP, 5)
     assert (await topup.load(card, 2000)).status == APPROVED  # seq 5
@@ -640,7 +663,7 @@ async def test_reverse_a_load(server: RunningServer, channel, keys) -> None:
 
 
 async def test_reversal_after_replacement_follows_to_the_last_card(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """The replacement emptied the old purse: what a reversal gives back goes where the money is."""
     card = await funded(channel, keys, 1000)
@@ -673,7 +696,7 @@ async def test_reversal_after_replacement_follows_to_the_last_card(
 
 
 async def test_reversal_of_a_load_after_replacement_takes_it_from_the_new_card(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await issue(channel, keys)
     assert (await Terminal(channel, TOPUP, 5).load(card, 2000)).status == APPROVED  # seq 5
@@ -688,7 +711,7 @@ async def test_reversal_of_a_load_after_replacement_takes_it_from_the_new_card(
 
 
 async def test_reversal_on_a_closed_card_is_left_to_the_desk(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """A cancelled card's purse was paid out: money put back there would be stranded."""
     bus, bus2 = BUS, "310400000002"
@@ -722,18 +745,20 @@ async def test_reversal_on_a_closed_card_is_left_to_the_desk(
     await assert_books_balance(server.dsn)
 
 
-async def test_reverse_field_rules(server: RunningServer, channel) -> None:
+async def test_reverse_field_rules(server: RunningServer, channel: grpc.aio.Channel) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await terminal_stub(channel).Reverse(_reverse_request("3104000000000001", 100, 5, 9))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith("original_seq")
+    details = err.value.details()
+    assert details is not None
+    assert details.startswith("original_seq")
 
 
 # -- replacement while the old card's offline records still arrive ------------------------
 
 
 async def test_replacement_while_offline_records_of_the_old_card_arrive(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     from onecard.clients.gateway import Gateway, offline_record
 
@@ -784,7 +809,9 @@ async def test_replacement_while_offline_records_of_the_old_card_arrive(
 
 
 @pytest.fixture
-async def quick_refunds(db_dsn: str, keys, tmp_path):  # type: ignore[no-untyped-def]
+async def quick_refunds(
+    db_dsn: str, keys: MemoryKeyStore, tmp_path: Path
+) -> AsyncIterator[RunningServer]:
     from onecard.ledger.lifecycle import DeskSettings
 
     running = await start_test_server(
@@ -808,7 +835,9 @@ async def _paid_by_the_job(channel: grpc.aio.Channel, card_no: str) -> desk_pb2.
     raise AssertionError(f"the held refund was not paid: {view.refund}")
 
 
-async def test_refund_job_in_the_server_pays_after_the_hold(quick_refunds, keys) -> None:  # type: ignore[no-untyped-def]
+async def test_refund_job_in_the_server_pays_after_the_hold(
+    quick_refunds: RunningServer, keys: MemoryKeyStore
+) -> None:
 
     running = quick_refunds
     async with grpc.aio.insecure_channel(running.address) as channel:
@@ -820,7 +849,9 @@ async def test_refund_job_in_the_server_pays_after_the_hold(quick_refunds, keys)
     await assert_books_balance(running.dsn)
 
 
-async def test_refund_job_goes_on_after_a_round_fails(quick_refunds, keys, caplog) -> None:  # type: ignore[no-untyped-def]
+async def test_refund_job_goes_on_after_a_round_fails(
+    quick_refunds: RunningServer, keys: MemoryKeyStore, caplog: pytest.LogCaptureFixture
+) -> None:
     """A round that failed with anything but a database error ended the job for good,
     without a log line, and every later held refund of the process waited unpaid."""
 

@@ -6,6 +6,7 @@ database dump, a screen or an audit row can leak.
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from onecard.server.app import RunningServer
@@ -25,7 +26,12 @@ from tests.support import fetch, new_card_number
     ],
 )
 async def test_holder_mask_never_shows_a_whole_name_or_most_of_a_phone(
-    server: RunningServer, channel, name: str, phone: str, name_shown: str, phone_shown: str
+    server: RunningServer,
+    channel: grpc.aio.Channel,
+    name: str,
+    phone: str,
+    name_shown: str,
+    phone_shown: str,
 ) -> None:
     card_no = new_card_number()
     await issue_at_desk(channel, card_no, desk_pb2.Holder(name=name, phone=phone))

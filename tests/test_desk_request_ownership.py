@@ -8,6 +8,9 @@ else, nor do anything: the answer is CONFLICT.
 
 from __future__ import annotations
 
+import grpc
+
+from onecard.ledger.keys import MemoryKeyStore
 from onecard.server.app import RunningServer
 from onecard.v1 import common_pb2, desk_pb2
 from tests.desk_support import OK, audit_trail, desk, funded, get_card, rid
@@ -18,7 +21,7 @@ CLERK_B = (("x-onecard-operator", "clerk-b"),)
 
 
 async def test_another_clerks_request_id_is_a_conflict_and_does_nothing(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys, 1000)
     stub = desk(channel)
@@ -43,7 +46,7 @@ async def test_another_clerks_request_id_is_a_conflict_and_does_nothing(
 
 
 async def test_another_clerks_issue_request_id_is_a_conflict(
-    server: RunningServer, channel
+    server: RunningServer, channel: grpc.aio.Channel
 ) -> None:
     stub = desk(channel)
     req = desk_pb2.IssueCardRequest(

@@ -25,7 +25,7 @@ from onecard.clients.terminal import Terminal
 from onecard.ledger.engine import BatchSettings
 from onecard.ledger.model import PostingKind
 from onecard.server.app import RunningServer
-from onecard.v1 import common_pb2
+from onecard.v1 import common_pb2, terminal_pb2
 from tests.support import assert_books_balance, dev_keys, issue, start_test_server
 from tests.test_upload_api import balance_of, funded, postings_of, replace_by_sql, ride
 
@@ -147,6 +147,8 @@ async def test_a_held_cards_resends_are_refused_at_once_and_others_keep_their_ti
                 _assert_refused_as_held(first[0])
                 # The terminal resends while the row is still held; another
                 # card's debit comes with it, each allowed half the timeout.
+                refused: terminal_pb2.DebitReply | BaseException
+                approved: terminal_pb2.DebitReply | BaseException
                 refused, approved = await asyncio.gather(
                     bus.stub.Debit(on_held, timeout=1.5),
                     bus.stub.Debit(on_free, timeout=1.5),

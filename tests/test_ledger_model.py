@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onecard.clients.card import SimulatedCard
-from onecard.ledger.crypto.verifier import ReferenceVerifier
+from onecard.ledger.crypto.verifier import PurchaseCheck, ReferenceVerifier
 from onecard.ledger.devdata import seed_demo_data
 from onecard.ledger.engine import UPLOAD_COMMITTER, BatchSettings, Ledger
 from onecard.ledger.model import (
@@ -225,7 +225,7 @@ async def test_a_full_upload_queue_refuses_before_checking_any_mac(db_dsn: str) 
     class CountingVerifier(ReferenceVerifier):
         checked = 0
 
-        def verify_purchases(self, checks):  # type: ignore[no-untyped-def]
+        def verify_purchases(self, checks: Sequence[PurchaseCheck]) -> list[int]:
             CountingVerifier.checked += len(checks)
             return super().verify_purchases(checks)
 

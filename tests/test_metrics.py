@@ -7,6 +7,7 @@ import asyncio
 import signal
 import socket
 import urllib.request
+from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
@@ -66,7 +67,7 @@ async def test_calls_and_flushes_are_counted_across_workers(
             )
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         for ch in channels:
-            await ch.close()
+            await ch.close(grace=None)
 
         m = await asyncio.to_thread(_scrape, url)
         debit = 'onecard_rpc_duration_seconds_count{code="OK",method="TerminalServicer.Debit"}'
@@ -134,12 +135,15 @@ def test_a_malformed_metrics_address_is_refused_naming_the_flag(
     assert not (tmp_path / "pg").exists()  # refused before anything started
 
 
-async def _burst(address: str, requests: list[terminal_pb2.DebitRequest]) -> list[object]:
+async def _burst(
+    address: str, requests: list[terminal_pb2.DebitRequest]
+) -> list[terminal_pb2.DebitReply | BaseException]:
     """Every request at once, each on the same connection; replies or the errors raised."""
     async with grpc.aio.insecure_channel(address) as chan:
         stub = terminal_pb2_grpc.TerminalServiceStub(chan)
         await chan.channel_ready()
-        return await asyncio.gather(*(stub.Debit(r) for r in requests), return_exceptions=True)
+        calls: list[Awaitable[terminal_pb2.DebitReply]] = [stub.Debit(r) for r in requests]
+        return await asyncio.gather(*calls, return_exceptions=True)
 
 
 async def test_calls_past_the_pending_backlog_are_shed_cancelled_and_a_retry_posts_once(
@@ -176,6 +180,7 @@ async def test_calls_past_the_pending_backlog_are_shed_cancelled_and_a_retry_pos
                 assert isinstance(rep, grpc.aio.AioRpcError)
                 assert rep.code() == grpc.StatusCode.CANCELLED
             else:
+                assert isinstance(rep, terminal_pb2.DebitReply), rep
                 assert rep.status == common_pb2.TXN_STATUS_APPROVED
         posted = await fetch(
             db_dsn,

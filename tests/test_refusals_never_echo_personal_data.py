@@ -14,8 +14,8 @@ from onecard.clients.terminal import Terminal
 from onecard.ledger.keys import MemoryKeyStore
 from onecard.server.app import RunningServer
 from onecard.v1 import desk_pb2, terminal_pb2
-from tests.desk_support import STAFF, desk, get_card, report_loss
-from tests.support import issue
+from tests.desk_support import desk, get_card, report_loss
+from tests.support import STAFF, issue
 
 ID_NUMBER = "32010219900101123X"
 PHONE = "13812345678"

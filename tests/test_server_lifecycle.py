@@ -20,7 +20,7 @@ from onecard.clients.card import SimulatedCard
 from onecard.clients.loadtest import embedded_dsn
 from onecard.clients.terminal import Terminal
 from onecard.ledger.devdata import DEV_KEYS
-from onecard.ledger.keys import FileKeyStore, KeyStoreError
+from onecard.ledger.keys import FileKeyStore, KeyStoreError, MemoryKeyStore
 from onecard.ledger.pii import read_key_file
 from onecard.ledger.storage.migrate import apply_migrations, available_migrations
 from onecard.server.app import RunningServer, start_server
@@ -137,7 +137,9 @@ async def test_migrations_are_recorded_and_rerun_applies_nothing(empty_db_dsn: s
         await conn.close()
 
 
-async def test_postings_are_append_only(server: RunningServer, channel, keys) -> None:
+async def test_postings_are_append_only(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     await issue(channel, keys)
     conn = await asyncpg.connect(server.dsn)
     try:

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TypedDict
 
 import grpc
 import pytest
 
+from onecard.clients.card import SimulatedCard
 from onecard.clients.terminal import Terminal
 from onecard.ledger.accounts import purse_account
+from onecard.ledger.keys import MemoryKeyStore
 from onecard.server.app import RunningServer
 from onecard.v1 import common_pb2, terminal_pb2
-from tests.support import assert_books_balance, fetch, issue
+from tests.support import assert_books_balance, fetch, issue, issuer_key
 
 APPROVED = common_pb2.TXN_STATUS_APPROVED
 DT = "20261122083015"
 
 
-async def funded(channel: grpc.aio.Channel, keys, amount: int = 5000, kv: int = 1):  # type: ignore[no-untyped-def]
+async def funded(
+    channel: grpc.aio.Channel, keys: MemoryKeyStore, amount: int = 5000, kv: int = 1
+) -> SimulatedCard:
     card = await issue(channel, keys, kv=kv)
     reply = await Terminal(channel, "310400000009", 1000 + kv).load(card, amount)
     assert reply.status == APPROVED
@@ -25,7 +30,9 @@ async def funded(channel: grpc.aio.Channel, keys, amount: int = 5000, kv: int = 
 
 
 @pytest.mark.parametrize("kv", [1, 2, 3], ids=["pboc-3des", "sm4", "aes"])
-async def test_load_then_debit_every_suite(server: RunningServer, channel, keys, kv: int) -> None:
+async def test_load_then_debit_every_suite(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore, kv: int
+) -> None:
     card = await issue(channel, keys, kv=kv)
     topup = Terminal(channel, "310400000009", 10 * kv)
     load = await topup.load(card, 5000, common_pb2.PAYMENT_CHANNEL_ALIPAY)
@@ -59,7 +66,9 @@ async def test_load_then_debit_every_suite(server: RunningServer, channel, keys,
     await assert_books_balance(server.dsn)
 
 
-async def test_insufficient_funds_posts_nothing(server: RunningServer, channel, keys) -> None:
+async def test_insufficient_funds_posts_nothing(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await funded(channel, keys, 300)
     bus = Terminal(channel, "310400000001", 1)
     reply = await bus.debit(card, 200)
@@ -86,16 +95,18 @@ async def test_insufficient_funds_posts_nothing(server: RunningServer, channel, 
     await assert_books_balance(server.dsn)
 
 
-async def test_unknown_card(server: RunningServer, channel, keys) -> None:
-    from onecard.clients.card import SimulatedCard
-
-    ghost = SimulatedCard("3104999999999999", keys.get("3104", 1), balance=1000)
+async def test_unknown_card(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    ghost = SimulatedCard("3104999999999999", issuer_key(keys, 1), balance=1000)
     reply = await Terminal(channel, "310400000001", 1).debit(ghost, 100)
     assert reply.status == common_pb2.TXN_STATUS_UNKNOWN_CARD
     assert await fetch(server.dsn, "SELECT 1 FROM postings WHERE card_no = 3104999999999999") == []
 
 
-async def test_card_not_active(server: RunningServer, channel, keys) -> None:
+async def test_card_not_active(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await funded(channel, keys)
     conn_rows = await fetch(
         server.dsn,
@@ -113,7 +124,10 @@ async def test_card_not_active(server: RunningServer, channel, keys) -> None:
 
 
 async def test_bad_tac_is_refused_and_the_genuine_request_still_posts(
-    server: RunningServer, channel, keys, caplog: pytest.LogCaptureFixture
+    server: RunningServer,
+    channel: grpc.aio.Channel,
+    keys: MemoryKeyStore,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     card = await funded(channel, keys)
     bus = Terminal(channel, "310400000001", 1)
@@ -142,7 +156,9 @@ async def test_bad_tac_is_refused_and_the_genuine_request_still_posts(
     await assert_books_balance(server.dsn)
 
 
-async def test_tampered_amount_fails_tac(server: RunningServer, channel, keys) -> None:
+async def test_tampered_amount_fails_tac(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await funded(channel, keys)
     bus = Terminal(channel, "310400000001", 1)
     req = bus.debit_request(card, 100)
@@ -151,7 +167,9 @@ async def test_tampered_amount_fails_tac(server: RunningServer, channel, keys) -
     assert reply.status == common_pb2.TXN_STATUS_MAC_INVALID
 
 
-async def test_bad_mac1_posts_nothing(server: RunningServer, channel, keys) -> None:
+async def test_bad_mac1_posts_nothing(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await issue(channel, keys, kv=2)
     topup = Terminal(channel, "310400000009", 5)
     pending = card.begin_load(1000, topup.terminal_id)
@@ -182,7 +200,9 @@ async def test_bad_mac1_posts_nothing(server: RunningServer, channel, keys) -> N
     await assert_books_balance(server.dsn)
 
 
-async def test_over_limit(server: RunningServer, channel, keys) -> None:
+async def test_over_limit(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await funded(channel, keys, 100_000)  # standard purse maximum
     reply = await Terminal(channel, "310400000001", 1).debit(card, 50_001)
     assert reply.status == common_pb2.TXN_STATUS_OVER_LIMIT
@@ -193,14 +213,16 @@ async def test_over_limit(server: RunningServer, channel, keys) -> None:
     await assert_books_balance(server.dsn)
 
 
-async def test_unknown_terminal(server: RunningServer, channel, keys) -> None:
+async def test_unknown_terminal(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await funded(channel, keys)
     reply = await Terminal(channel, "999900000001", 1).debit(card, 100)
     assert reply.status == common_pb2.TXN_STATUS_UNKNOWN_TERMINAL
 
 
 async def test_retry_is_posted_once_and_changed_retry_conflicts(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys)
     bus = Terminal(channel, "310400000001", 1)
@@ -232,7 +254,9 @@ async def test_retry_is_posted_once_and_changed_retry_conflicts(
     await assert_books_balance(server.dsn)
 
 
-async def test_load_retry_returns_same_mac2(server: RunningServer, channel, keys) -> None:
+async def test_load_retry_returns_same_mac2(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await issue(channel, keys, kv=3)
     topup = Terminal(channel, "310400000009", 40)
     pending = card.begin_load(700, topup.terminal_id)
@@ -264,7 +288,7 @@ async def test_load_retry_returns_same_mac2(server: RunningServer, channel, keys
 
 
 async def test_fifty_concurrent_debits_funds_for_thirty(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys, 3000)
     terminals = [Terminal(channel, f"31040000000{i}", 500) for i in range(1, 6)]
@@ -310,7 +334,12 @@ BAD_DEBITS = [
     ("field", "change", "rule"), BAD_DEBITS, ids=[f"{f}-{r}" for f, _, r in BAD_DEBITS]
 )
 async def test_bad_debit_fields_are_invalid_argument(
-    server: RunningServer, channel, keys, field: str, change: dict[str, object], rule: str
+    server: RunningServer,
+    channel: grpc.aio.Channel,
+    keys: MemoryKeyStore,
+    field: str,
+    change: dict[str, object],
+    rule: str,
 ) -> None:
     card = await funded(channel, keys)
     bus = Terminal(channel, "310400000001", 1)
@@ -320,8 +349,10 @@ async def test_bad_debit_fields_are_invalid_argument(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await bus.stub.Debit(req)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith(field)
-    assert rule in err.value.details()
+    details = err.value.details()
+    assert details is not None
+    assert details.startswith(field)
+    assert rule in details
     assert (
         await fetch(
             server.dsn,
@@ -333,10 +364,29 @@ async def test_bad_debit_fields_are_invalid_argument(
     await assert_books_balance(server.dsn)
 
 
-async def test_bad_load_fields_are_invalid_argument(server: RunningServer, channel, keys) -> None:
+class _LoadFields(TypedDict, total=False):
+    """LoadRequest's fields, as keyword arguments."""
+
+    card_number: str
+    amount: int
+    transaction_type: int
+    terminal_id: str
+    terminal_seq: int
+    date_time: str
+    key_version: int
+    card_random: bytes
+    online_counter: int
+    old_balance: int
+    mac1: bytes
+    payment_channel: common_pb2.PaymentChannel
+
+
+async def test_bad_load_fields_are_invalid_argument(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await issue(channel, keys)
     pending = card.begin_load(100, "310400000009")
-    base = dict(
+    base = _LoadFields(
         card_number=card.card_no,
         amount=100,
         transaction_type=0x02,
@@ -350,18 +400,21 @@ async def test_bad_load_fields_are_invalid_argument(server: RunningServer, chann
         mac1=pending.mac1,
         payment_channel=common_pb2.PAYMENT_CHANNEL_CASH,
     )
-    cases = [
+    cases: list[tuple[str, _LoadFields]] = [
         ("card_random", {"card_random": b"\x01"}),
         ("mac1", {"mac1": b"\x00" * 8}),
-        ("payment_channel", {"payment_channel": 0}),
+        ("payment_channel", {"payment_channel": common_pb2.PAYMENT_CHANNEL_UNSPECIFIED}),
         ("online_counter", {"online_counter": 70000}),
     ]
     stub = Terminal(channel, "310400000009").stub
     for field, change in cases:
+        fields: _LoadFields = {**base, **change}
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.Load(terminal_pb2.LoadRequest(**{**base, **change}))
+            await stub.Load(terminal_pb2.LoadRequest(**fields))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert err.value.details().startswith(field), err.value.details()
+        details = err.value.details()
+        assert details is not None
+        assert details.startswith(field), details
     assert (
         await fetch(server.dsn, "SELECT 1 FROM terminal_txns WHERE card_no = $1", int(card.card_no))
         == []

@@ -20,6 +20,7 @@ import grpc
 
 from onecard.clients.card import PendingLoad, SimulatedCard
 from onecard.clients.terminal import now_bcd_text
+from onecard.ledger.keys import MemoryKeyStore
 from onecard.ledger.lifecycle import Reversal
 from onecard.ledger.model import Load, PaymentChannel
 from onecard.server.app import RunningServer
@@ -52,7 +53,11 @@ async def purse(dsn: str, card: SimulatedCard) -> int:
 
 
 async def test_two_workers_given_one_load_mac1_credit_it_once(
-    server: RunningServer, channel: grpc.aio.Channel, keys, db_dsn: str, tmp_path: Path
+    server: RunningServer,
+    channel: grpc.aio.Channel,
+    keys: MemoryKeyStore,
+    db_dsn: str,
+    tmp_path: Path,
 ) -> None:
     other = await start_test_server(db_dsn, tmp_path / "second", keys)  # a second worker
     try:
@@ -80,7 +85,7 @@ async def test_two_workers_given_one_load_mac1_credit_it_once(
 
 
 async def test_a_retry_waiting_behind_the_reversal_of_its_load_gets_no_mac2(
-    server: RunningServer, channel: grpc.aio.Channel, keys, db_dsn: str
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore, db_dsn: str
 ) -> None:
     card = await issue(channel, keys)
     pending, when = card.begin_load(5000, TOPUP), now_bcd_text()
@@ -109,7 +114,7 @@ async def test_a_retry_waiting_behind_the_reversal_of_its_load_gets_no_mac2(
 
 
 async def test_a_database_holding_such_a_double_credit_is_named_before_the_upgrade(
-    server: RunningServer, channel: grpc.aio.Channel, keys, db_dsn: str
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore, db_dsn: str
 ) -> None:
     """Migration 0011's unique index cannot be built over the double credit it prevents.
 

@@ -12,11 +12,12 @@ import grpc
 
 from onecard.clients.card import PendingLoad, SimulatedCard
 from onecard.clients.terminal import Terminal, now_bcd_text
+from onecard.ledger.keys import MemoryKeyStore
 from onecard.ledger.model import Debit, Load, PaymentChannel
 from onecard.server.app import RunningServer
 from onecard.v1 import common_pb2, terminal_pb2
 from tests.desk_support import terminal_stub
-from tests.support import assert_books_balance, fetch, issue
+from tests.support import assert_books_balance, fetch, issue, issuer_key
 
 APPROVED = common_pb2.TXN_STATUS_APPROVED
 TOPUP, BUS = "310400000009", "310400000001"
@@ -57,7 +58,7 @@ async def purse(dsn: str, card: SimulatedCard) -> tuple[int, int]:
 
 
 async def test_a_load_sent_again_under_a_new_seq_is_not_credited_twice(
-    server: RunningServer, channel: grpc.aio.Channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await issue(channel, keys)
     stub = terminal_stub(channel)
@@ -80,7 +81,7 @@ async def test_a_load_sent_again_under_a_new_seq_is_not_credited_twice(
 
 
 async def test_two_loads_with_one_counter_in_one_batch_post_once(
-    server: RunningServer, channel: grpc.aio.Channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await issue(channel, keys)
     pending = card.begin_load(5000, TOPUP)
@@ -97,7 +98,7 @@ async def test_two_loads_with_one_counter_in_one_batch_post_once(
 
 
 async def test_a_card_whose_load_never_completed_can_load_again(
-    server: RunningServer, channel: grpc.aio.Channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """MAC2 lost and no reversal: the chip stays at its counter and must not be locked out.
 
@@ -129,7 +130,7 @@ async def test_a_card_whose_load_never_completed_can_load_again(
 
     # The chip moved on to counter 1; counter 0 can no longer be a genuine card's.
     assert (await Terminal(channel, TOPUP, 5).load(card, 500)).status == APPROVED
-    behind = SimulatedCard(card.card_no, keys.get("3104", 1))  # a chip image at counter 0
+    behind = SimulatedCard(card.card_no, issuer_key(keys, 1))  # a chip image at counter 0
     old = behind.begin_load(500, TOPUP)
     stale = await stub.Load(load_request(channel, behind, old, 6))
     assert stale.status == common_pb2.TXN_STATUS_STALE_COUNTER
@@ -138,7 +139,7 @@ async def test_a_card_whose_load_never_completed_can_load_again(
 
 
 async def test_a_reversed_load_retried_gets_no_mac2_and_the_counter_comes_back(
-    server: RunningServer, channel: grpc.aio.Channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await issue(channel, keys)
     stub = terminal_stub(channel)
@@ -168,7 +169,7 @@ async def test_a_reversed_load_retried_gets_no_mac2_and_the_counter_comes_back(
 
 
 async def test_a_reversed_debit_retried_is_not_reported_approved(
-    server: RunningServer, channel: grpc.aio.Channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await issue(channel, keys)
     assert (await Terminal(channel, TOPUP, 1).load(card, 1000)).status == APPROVED
@@ -186,12 +187,12 @@ async def test_a_reversed_debit_retried_is_not_reported_approved(
 
 
 async def test_a_purchase_signed_under_another_key_version_than_the_card_s_is_refused(
-    server: RunningServer, channel: grpc.aio.Channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await issue(channel, keys, kv=3)  # issued under the AES version
     assert (await Terminal(channel, TOPUP, 1).load(card, 5000)).status == APPROVED
     # Someone holding the keys of the old 3DES version signs for this card number.
-    forger = SimulatedCard(card.card_no, keys.get("3104", 1))
+    forger = SimulatedCard(card.card_no, issuer_key(keys, 1))
     forger.balance, forger.online_counter = 5000, 1  # what the genuine chip would say
     forged = Terminal(channel, BUS, 80).debit_request(forger, 100)
     assert forged.key_version == 1
@@ -213,7 +214,7 @@ async def test_a_purchase_signed_under_another_key_version_than_the_card_s_is_re
 
 
 async def test_a_refused_load_sent_again_under_a_new_seq_is_not_credited(
-    server: RunningServer, channel: grpc.aio.Channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """A refused load's cash goes back and its chip stays as it was; its MAC1 was
     still good for a credit under a new seq once the card was active again (review)."""
@@ -239,7 +240,7 @@ async def test_a_refused_load_sent_again_under_a_new_seq_is_not_credited(
 
 
 async def test_a_load_refused_in_a_batch_is_spent_for_the_rest_of_it(
-    server: RunningServer, channel: grpc.aio.Channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """A refused load's MAC1 sent again under another seq in the same batch is
     answered as in any later batch (STALE_COUNTER), whatever ran between them."""

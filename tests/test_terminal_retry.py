@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -30,12 +32,13 @@ APPROVED = common_pb2.TXN_STATUS_APPROVED
 
 
 async def _burst_while_stopped(
-    proc: Any, bus: Terminal, requests: list[terminal_pb2.DebitRequest]
-) -> list[Any]:
+    proc: subprocess.Popen[str], bus: Terminal, requests: list[terminal_pb2.DebitRequest]
+) -> list[terminal_pb2.DebitReply | BaseException]:
     """The requests all arrive while the server is stopped, so they meet its backlog at once."""
     proc.send_signal(signal.SIGSTOP)
     try:
-        sending = asyncio.gather(*(bus.stub.Debit(r) for r in requests), return_exceptions=True)
+        calls: list[Awaitable[terminal_pb2.DebitReply]] = [bus.stub.Debit(r) for r in requests]
+        sending = asyncio.gather(*calls, return_exceptions=True)
         await asyncio.sleep(1.0)
     finally:
         proc.send_signal(signal.SIGCONT)
@@ -44,11 +47,12 @@ async def _burst_while_stopped(
         if isinstance(r, grpc.aio.AioRpcError):
             assert r.code() == grpc.StatusCode.CANCELLED, r
         else:
+            assert isinstance(r, terminal_pb2.DebitReply), r
             assert r.status == APPROVED, r
     return replies
 
 
-def _shed(replies: list[Any]) -> list[int]:
+def _shed(replies: list[terminal_pb2.DebitReply | BaseException]) -> list[int]:
     return [i for i, r in enumerate(replies) if isinstance(r, grpc.aio.AioRpcError)]
 
 
@@ -92,7 +96,7 @@ async def test_calls_shed_from_the_backlog_are_resent_and_each_posts_once(
 
             for stub_bus, requests, left in ((plain_bus, plain, lost_plain), (bus, resent, lost)):
                 for i in left:
-                    again = await stub_bus.stub.Debit(requests[i])
+                    again: terminal_pb2.DebitReply = await stub_bus.stub.Debit(requests[i])
                     assert APPROVED in (again.status, again.original_status), again
         await assert_card_paid(db_dsn, card, purchases=80, balance=10_000 - 80 * 10)
     finally:
@@ -100,7 +104,9 @@ async def test_calls_shed_from_the_backlog_are_resent_and_each_posts_once(
     assert proc.returncode == 0, out
 
 
-class _LoseFirstReply(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+# grpc-stubs declares the interceptor generic in (request, response), but grpcio's
+# class is not subscriptable at runtime, so the base names it bare.
+class _LoseFirstReply(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     """The ledger commits and answers, the reply is lost on the way, the call is sent again."""
 
     async def intercept_unary_unary(
@@ -117,7 +123,9 @@ async def test_a_resent_approval_counts_as_the_approval_on_the_card(
     of an approval: chip and ledger agree, and each transaction is posted once."""
     async with grpc.aio.insecure_channel(server.address) as plain:
         card = await issue(plain, keys)
-    async with grpc.aio.insecure_channel(server.address, interceptors=[_LoseFirstReply()]) as lossy:
+    # grpc-stubs types aio interceptors as a placeholder that only a cast satisfies.
+    lose_first = cast(grpc.aio.ClientInterceptor, _LoseFirstReply())
+    async with grpc.aio.insecure_channel(server.address, interceptors=[lose_first]) as lossy:
         load = await Terminal(lossy, "310400000009").load(card, 5_000)
         debit = await Terminal(lossy, "310400000001").debit(card, 250)
     for reply in (load, debit):

@@ -24,6 +24,7 @@ from tests.support import (
     assert_books_balance,
     fetch,
     issue,
+    issuer_key,
     start_test_server,
     wait_until,
 )
@@ -37,7 +38,9 @@ CONFLICT = upload_pb2.RECORD_OUTCOME_CONFLICT
 _seqs = itertools.count(1)
 
 
-async def funded(channel: grpc.aio.Channel, keys, amount: int = 5000, kv: int = 1) -> SimulatedCard:  # type: ignore[no-untyped-def]
+async def funded(
+    channel: grpc.aio.Channel, keys: MemoryKeyStore, amount: int = 5000, kv: int = 1
+) -> SimulatedCard:
     card = await issue(channel, keys, kv=kv)
     reply = await Terminal(channel, "310400000009", next(_seqs) * 10).load(card, amount)
     assert reply.status == common_pb2.TXN_STATUS_APPROVED
@@ -105,7 +108,7 @@ async def balance_of(dsn: str, card: SimulatedCard) -> int:
 
 
 async def test_records_post_in_order_and_reupload_is_duplicate(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     cards = [await funded(channel, keys, kv=kv) for kv in (1, 2, 3)]
     records = [ride(c, 200) for c in cards] + [ride(cards[0], 300)]
@@ -129,7 +132,9 @@ async def test_records_post_in_order_and_reupload_is_duplicate(
     await assert_books_balance(server.dsn)
 
 
-async def test_one_batch_pays_each_terminals_operator(server: RunningServer, channel, keys) -> None:
+async def test_one_batch_pays_each_terminals_operator(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     """A gateway's batch can hold a bus's and a metro gate's records: each operator is paid."""
     card = await funded(channel, keys)
     payables = await fetch(
@@ -158,7 +163,7 @@ async def test_one_batch_pays_each_terminals_operator(server: RunningServer, cha
 
 
 async def test_offline_copy_of_an_online_debit_is_a_duplicate(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys)
     bus = Terminal(channel, BUS, 900_000)
@@ -175,7 +180,7 @@ async def test_offline_copy_of_an_online_debit_is_a_duplicate(
 
 
 async def test_same_identity_other_content_is_a_conflict(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """Two genuine records under one (terminal, seq): a terminal that reused its seq."""
     card = await funded(channel, keys)
@@ -215,7 +220,7 @@ async def test_same_identity_other_content_is_a_conflict(
 
 
 async def test_damaged_record_is_quarantined_and_the_genuine_one_still_posts(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """Untrusted content claims no identity: it cannot block or shadow the real record."""
     card = await funded(channel, keys)
@@ -242,14 +247,14 @@ async def test_damaged_record_is_quarantined_and_the_genuine_one_still_posts(
 
 
 async def test_untrusted_records_are_quarantined_never_posted(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys)
     forged = ride(card, 200)
     forged.tac = bytes([forged.tac[0] ^ 0x01]) + forged.tac[1:]
     unknown_kv = ride(card, 200)
     unknown_kv.key_version = 7
-    stranger = SimulatedCard("3104999999999999", keys.get("3104", 1))
+    stranger = SimulatedCard("3104999999999999", issuer_key(keys, 1))
     stranger.balance = 1000
     unknown_card = ride(stranger, 100)
     foreign = offline_record(card, 100, "999900000001", next(_seqs), now_bcd_text())
@@ -313,7 +318,7 @@ async def open_quarantine(dsn: str) -> dict[tuple[int, int], int]:
 
 
 async def test_offline_copy_of_a_refused_online_debit_is_quarantined_for_finance(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """The validator asked online, the refusal never reached it, the passenger rode.
 
@@ -323,7 +328,7 @@ async def test_offline_copy_of_a_refused_online_debit_is_quarantined_for_finance
     of an approved debit stays a duplicate, posted once.
     """
     card = await funded(channel, keys, amount=100)
-    stranger = SimulatedCard("3104999999999998", keys.get("3104", 1))
+    stranger = SimulatedCard("3104999999999998", issuer_key(keys, 1))
     stranger.balance = 1000
     bus = Terminal(channel, BUS, 910_000)
 
@@ -367,7 +372,7 @@ async def test_offline_copy_of_a_refused_online_debit_is_quarantined_for_finance
 
 
 async def test_conflicting_genuine_record_is_kept_in_quarantine(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """A terminal reset reused a seq: the second record is genuine (the chip paid).
 
@@ -396,7 +401,7 @@ async def test_conflicting_genuine_record_is_kept_in_quarantine(
 
 
 async def test_quarantined_record_that_posts_later_leaves_the_open_quarantine(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """An unknown terminal's records wait in quarantine until it is registered.
 
@@ -444,7 +449,7 @@ async def test_quarantined_record_that_posts_later_leaves_the_open_quarantine(
 
 
 async def test_record_under_another_key_version_than_the_cards_is_quarantined(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """A TAC valid under key version 2 for a card issued under version 1: a downgrade.
 
@@ -454,7 +459,7 @@ async def test_record_under_another_key_version_than_the_cards_is_quarantined(
     (terminal, seq) still posts.
     """
     card = await funded(channel, keys, kv=1)
-    forged_chip = SimulatedCard(card.card_no, keys.get("3104", 2))
+    forged_chip = SimulatedCard(card.card_no, issuer_key(keys, 2))
     forged_chip.balance, forged_chip.offline_counter = card.balance, card.offline_counter
     seq, when = next(_seqs), now_bcd_text()
     forged = offline_record(forged_chip, 1000, BUS, seq, when)
@@ -478,7 +483,9 @@ async def test_record_under_another_key_version_than_the_cards_is_quarantined(
     await assert_books_balance(server.dsn)
 
 
-async def test_untrusted_record_is_told_no_balance(server: RunningServer, channel, keys) -> None:
+async def test_untrusted_record_is_told_no_balance(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     """A record nobody vouches for learns nothing of the card, as a bad MAC online does."""
     card = await funded(channel, keys)
     forged = ride(card, 200)
@@ -494,7 +501,7 @@ async def test_untrusted_record_is_told_no_balance(server: RunningServer, channe
 
 
 async def test_duplicate_lists_exceptions_as_the_first_reply_did(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys, amount=100)
     card.balance = 300  # the chip claims more than the ledger holds, and pays more than it has
@@ -515,7 +522,9 @@ async def test_duplicate_lists_exceptions_as_the_first_reply_did(
     await assert_books_balance(server.dsn)
 
 
-async def test_exceptions_for_finance(server: RunningServer, channel, keys) -> None:
+async def test_exceptions_for_finance(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await funded(channel, keys, amount=100)
     negative = ride(card, 100)  # chip at 0 after this
     card.balance = 300  # a chip that claims more than the ledger holds (and pays anyway)
@@ -550,7 +559,9 @@ async def test_exceptions_for_finance(server: RunningServer, channel, keys) -> N
     await assert_books_balance(server.dsn)
 
 
-async def test_lost_card_used_after_loss(server: RunningServer, channel, keys) -> None:
+async def test_lost_card_used_after_loss(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await funded(channel, keys)
     now = dt.datetime.now(CHINA_TIME)
     before_loss = ride(card, 200, (now - dt.timedelta(hours=2)).strftime("%Y%m%d%H%M%S"))
@@ -576,7 +587,7 @@ async def test_lost_card_used_after_loss(server: RunningServer, channel, keys) -
 
 
 async def test_a_ride_inside_a_released_loss_period_is_still_card_lost(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """Releasing a loss report cleared lost_at, and with it the sign finance needed.
 
@@ -635,7 +646,7 @@ async def replace_by_sql(dsn: str, old: SimulatedCard, new: SimulatedCard) -> No
 
 
 async def test_replaced_card_money_follows_to_the_new_card(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     old = await funded(channel, keys)
     new = await issue(channel, keys)
@@ -662,7 +673,7 @@ async def test_replaced_card_money_follows_to_the_new_card(
 
 
 async def test_money_follows_a_card_replaced_twice_to_the_last_one(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     first = await funded(channel, keys)
     second = await issue(channel, keys)
@@ -690,7 +701,7 @@ async def test_money_follows_a_card_replaced_twice_to_the_last_one(
 
 
 async def test_first_record_of_a_card_is_not_a_counter_gap(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     newcomer = await funded(channel, keys)
     newcomer.offline_counter = 41  # the chip rode before the ledger saw any purchase of it
@@ -719,7 +730,7 @@ async def test_first_record_of_a_card_is_not_a_counter_gap(
 
 
 async def test_counter_repeat_is_found_across_uploads_and_a_late_record_is_not_one(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys)
     first, second, third = ride(card, 100), ride(card, 100), ride(card, 100)
@@ -739,7 +750,7 @@ async def test_counter_repeat_is_found_across_uploads_and_a_late_record_is_not_o
 
 
 async def test_batch_whose_claims_do_not_add_up_is_refused_whole(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys)
     good = make_batch("good", [ride(card, 100)])
@@ -772,7 +783,9 @@ async def test_batch_whose_claims_do_not_add_up_is_refused_whole(
     await assert_books_balance(server.dsn)
 
 
-async def test_oversize_batch_is_refused(server: RunningServer, channel, keys) -> None:
+async def test_oversize_batch_is_refused(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
     card = await funded(channel, keys, amount=50_000)
     limit = server.ledger.limits.max_upload_batch
     records = [ride(card, 1) for _ in range(limit + 1)]
@@ -788,7 +801,7 @@ async def test_oversize_batch_is_refused(server: RunningServer, channel, keys) -
 
 
 async def test_concurrent_streams_lose_and_double_nothing(
-    server: RunningServer, channel, keys
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     cards = [await funded(channel, keys, amount=20_000, kv=kv) for kv in (1, 2, 3, 1)]
     streams = []

@@ -25,6 +25,9 @@ from onecard.v1 import upload_pb2, upload_pb2_grpc
 from tests.support import dev_keys, start_test_server
 from tests.test_upload_api import funded, postings_of, ride
 
+#: An UploadRecords call as the gateway's side of the stream sees it.
+UploadCall = grpc.aio.StreamStreamCall[upload_pb2.UploadBatch, upload_pb2.UploadBatchReply]
+
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def two_streams(db_dsn: str, tmp_path: Path) -> AsyncIterator[RunningServer]:
@@ -57,10 +60,10 @@ async def test_a_stream_past_the_limit_is_refused_and_writes_nothing(
     # A channel each: separate connections, spread over the process's servers.
     channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
     try:
-        open_calls = []
+        open_calls: list[UploadCall] = []
         for i in range(2):
             stub = upload_pb2_grpc.UploadServiceStub(channels[i])
-            call = stub.UploadRecords(
+            call: UploadCall = stub.UploadRecords(
                 _held_open(make_batch(f"held{i}", [ride(cards[i], 100)]), release)
             )
             reply = await call.read()
@@ -88,7 +91,7 @@ async def test_a_stream_past_the_limit_is_refused_and_writes_nothing(
     finally:
         release.set()
         for c in channels:
-            await c.close()
+            await c.close(grace=None)
     # Every ride answered posted is there exactly once, the refused one never.
     for card, before in zip(cards, funded_postings, strict=True):
         assert await postings_of(db_dsn, card) == [*before, (int(PostingKind.PURCHASE), 100)]
@@ -110,12 +113,14 @@ async def test_one_connection_cannot_take_every_place(db_dsn: str, tmp_path: Pat
         cards = [await funded(greedy, keys) for _ in range(4)]
         before = [await postings_of(db_dsn, card) for card in cards]
         stub = upload_pb2_grpc.UploadServiceStub(greedy)
-        held = []
+        held: list[UploadCall] = []
         for i in range(2):
-            call = stub.UploadRecords(
+            call: UploadCall = stub.UploadRecords(
                 _held_open(make_batch(f"held{i}", [ride(cards[i], 100)]), release)
             )
-            assert (await call.read()).posted == 1  # type: ignore[union-attr]
+            reply = await call.read()
+            assert isinstance(reply, upload_pb2.UploadBatchReply)
+            assert reply.posted == 1
             held.append(call)
 
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -138,8 +143,8 @@ async def test_one_connection_cannot_take_every_place(db_dsn: str, tmp_path: Pat
         assert [r.posted for r in replies] == [1]
     finally:
         release.set()
-        await greedy.close()
-        await other.close()
+        await greedy.close(grace=None)
+        await other.close(grace=None)
         await running.stop()
     for card, was in zip(cards, before, strict=True):
         assert await postings_of(db_dsn, card) == [*was, (int(PostingKind.PURCHASE), 100)]

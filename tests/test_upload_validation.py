@@ -6,6 +6,8 @@ to name once one fails; these cases hold the two passes to the same rules.
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import pytest
 
 from onecard.ledger.crypto.encoding import FieldError
@@ -25,7 +27,23 @@ GOOD = OfflineRecord(
     card_balance_before=1000,
 )
 
-BAD = [
+
+class _RecordFields(TypedDict, total=False):
+    """OfflineRecord's fields, as keyword arguments to ``_replace``."""
+
+    card_no: str
+    amount: int
+    txn_type: int
+    terminal_id: str
+    terminal_seq: int
+    date_time: str
+    key_version: int
+    tac: bytes
+    offline_counter: int
+    card_balance_before: int
+
+
+BAD: list[tuple[str, _RecordFields]] = [
     ("card_number", {"card_no": "310412345678901"}),
     ("card_number", {"card_no": "31041234567890１２"}),  # full-width digits
     ("amount", {"amount": 0}),
@@ -43,9 +61,7 @@ BAD = [
 
 
 @pytest.mark.parametrize(("field", "change"), BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
-def test_the_first_bad_record_and_its_field_are_named(
-    field: str, change: dict[str, object]
-) -> None:
+def test_the_first_bad_record_and_its_field_are_named(field: str, change: _RecordFields) -> None:
     bad = GOOD._replace(**change)
     records = [GOOD, GOOD._replace(terminal_seq=43), bad, bad]
     total = sum(r.amount for r in records)

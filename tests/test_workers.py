@@ -57,7 +57,7 @@ async def test_two_workers_share_the_port_and_the_books(db_dsn: str, tmp_path: P
         buses = [Terminal(ch, "310400000001", 1 + 100 * i) for i, ch in enumerate(channels)]
         replies = await asyncio.gather(*(bus.debit(card, 10) for bus in buses for _ in range(5)))
         for ch in channels:
-            await ch.close()
+            await ch.close(grace=None)
         assert all(r.status == common_pb2.TXN_STATUS_APPROVED for r in replies)
         rows = await fetch(
             db_dsn, "SELECT purse_balance FROM cards WHERE card_no = $1", int(card.card_no)
