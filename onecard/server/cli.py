@@ -15,6 +15,7 @@ from onecard.ledger.crypto.encoding import FieldError
 from onecard.ledger.crypto.select import CryptoUnavailable
 from onecard.ledger.keys import KeyStoreError
 from onecard.ledger.storage.migrate import MigrationFailed
+from onecard.ledger.storage.pool import NotDurable
 from onecard.server.config import (
     ServerConfig,
     add_option,
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         EmbeddedPostgresError,
         CryptoUnavailable,
         MigrationFailed,
+        NotDurable,
     ) as exc:
         # Start-up refusals are the operator's to fix; a traceback would hide the advice.
         print(f"onecard: {exc}", file=sys.stderr)

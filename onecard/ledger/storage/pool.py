@@ -18,14 +18,56 @@ import asyncpg
 #: in memory or on SSD, where 1.1 is the usual figure.
 SESSION_SETTINGS = {"random_page_cost": "1.1"}
 
+#: The server settings without which a COMMIT that returned can be lost or
+#: corrupted in a crash; a session cannot change them, so the ledger refuses
+#: the database instead of acknowledging what it may lose.
+_SERVER_DURABILITY = ("fsync", "full_page_writes")
+
+
+class NotDurable(Exception):
+    """The database would acknowledge a COMMIT that a crash could lose.
+
+    A start-up refusal (the DBA's to fix), raised before any request is taken.
+    """
+
+
+async def _durable_session(conn: asyncpg.Connection) -> None:
+    """Make sure this session's COMMIT returns only once its WAL is on disk.
+
+    With --dsn the sessions took whatever the database, role or DSN set, and a
+    database tuned with ``synchronous_commit = off`` acknowledged debits and
+    loads (a MAC2 the chip then credited) that a crash could take back (found
+    by review). Turned on for the session only when off: ``local``,
+    ``remote_write`` and ``remote_apply`` are durable here, and the stronger
+    ones wait for a standby too, so they are left as the DBA set them. One
+    round trip when a connection opens, none per flush.
+    """
+    row = await conn.fetchrow(
+        "SELECT current_setting('fsync') AS fsync, "
+        "current_setting('full_page_writes') AS full_page_writes, "
+        "current_setting('synchronous_commit') AS synchronous_commit"
+    )
+    assert row is not None
+    off = [name for name in _SERVER_DURABILITY if row[name] != "on"]
+    if off:
+        raise NotDurable(
+            f"the database runs with {' and '.join(f'{n} = off' for n in off)}: a crash could "
+            "lose or corrupt transactions it had confirmed; the ledger acknowledges only "
+            "durable writes, so turn it on (postgresql.conf) and start again"
+        )
+    if row["synchronous_commit"] == "off":
+        await conn.execute("SET synchronous_commit = on")
+
 
 class LedgerConnection(asyncpg.Connection):
     """A pooled connection that is not reset when the pool takes it back.
 
     asyncpg's reset (``CLOSE ALL; UNLISTEN *; RESET ALL`` and an advisory
     unlock) is one more round trip per group-commit flush, about a tenth of
-    an online flush's. Ledger sessions keep no state past a transaction: no
-    LISTEN, no session SET, no cursor outside a transaction, and the one
+    an online flush's. It would also undo the session's durable commit
+    (``_durable_session``). Ledger sessions keep no other state past a
+    transaction: no LISTEN, no other session SET, no cursor outside a
+    transaction, and the one
     session advisory lock (migrations) is released in a ``finally``. A
     transaction left open is still rolled back by asyncpg before reuse.
     """
@@ -54,5 +96,6 @@ async def create_ledger_pool(
         max_size=size,
         server_settings=settings,
         connection_class=LedgerConnection,
+        init=_durable_session,
         **kwargs,
     )
