@@ -1,33 +1,50 @@
 """Counter gaps in uploaded records, around online purchases the chip counted too.
 
 An online debit carries no chip counter, so the ledger cannot place it among
-the card's offline counters. It used to guess the next one, and finance got
-a COUNTER_GAP for a ride that was never missing whenever the debit landed
-while earlier records were still on a bus, or when the card's first
-purchase seen was online. A real gap must still be found.
+the card's offline counters by number. It used to guess the next one, then
+to keep a count of debits spent on the next gap: finance got a COUNTER_GAP
+for a ride that was never missing when a debit landed while earlier records
+were still on a bus, and a lost record could go unreported. A gap is now
+put down to the online debits dated between the card's highest record and
+the new one. Every event here carries its own time, a minute apart.
 """
 
 from __future__ import annotations
+
+import datetime as dt
+import itertools
 
 import grpc
 
 from onecard.clients.card import SimulatedCard
 from onecard.clients.gateway import Gateway, make_batch
-from onecard.clients.terminal import Terminal
+from onecard.clients.terminal import CHINA_TIME, Terminal
 from onecard.ledger.keys import MemoryKeyStore
 from onecard.server.app import RunningServer
-from onecard.v1 import common_pb2, upload_pb2
-from tests.desk_support import get_card
+from onecard.v1 import common_pb2, terminal_pb2, upload_pb2
+from tests.desk_support import get_card, terminal_stub
 from tests.support import assert_books_balance, fetch
 from tests.test_upload_api import POSTED, WITH_EXCEPTION, funded, ride
 
 GATE = "310400000001"  # a bus terminal that also asks online; its own seqs
 GAP = upload_pb2.RECORD_EXCEPTION_COUNTER_GAP
 MISMATCH = upload_pb2.RECORD_EXCEPTION_BALANCE_MISMATCH
+_minutes = itertools.count()
+_START = dt.datetime.now(CHINA_TIME).replace(tzinfo=None) - dt.timedelta(days=1)
+
+
+def at() -> str:
+    """The next event's time: a minute after the one before."""
+    return (_START + dt.timedelta(minutes=next(_minutes))).strftime("%Y%m%d%H%M%S")
+
+
+def ride_at(card: SimulatedCard) -> upload_pb2.OfflineRecord:
+    return ride(card, 100, at())
 
 
 async def debit_at_gate(channel: grpc.aio.Channel, card: SimulatedCard, seq: int) -> None:
-    reply = await Terminal(channel, GATE, 800_000 + seq).debit(card, 100)
+    terminal = Terminal(channel, GATE, 800_000 + seq)
+    reply = await terminal.stub.Debit(terminal.debit_request(card, 100, date_time=at()))
     assert reply.status == common_pb2.TXN_STATUS_APPROVED
 
 
@@ -47,10 +64,10 @@ async def test_a_debit_landing_while_rides_are_on_a_bus_is_no_gap(
 ) -> None:
     card = await funded(channel, keys)
     gateway = Gateway(channel)
-    (first,) = await gateway.upload([make_batch("g1", [ride(card, 200)])])  # counter 1
-    on_bus = ride(card, 200)  # counter 2, still on the bus
+    (first,) = await gateway.upload([make_batch("g1", [ride_at(card)])])  # counter 1
+    on_bus = ride_at(card)  # counter 2, still on the bus
     await debit_at_gate(channel, card, 10)  # the chip counts it: 3
-    after = ride(card, 200)  # counter 4
+    after = ride_at(card)  # counter 4
     (late,) = await gateway.upload([make_batch("g2", [on_bus])])
     (next_,) = await gateway.upload([make_batch("g3", [after])])
 
@@ -70,31 +87,32 @@ async def test_a_card_first_seen_online_gets_no_gap_on_its_first_rides(
     card.offline_counter = 41  # in the field before the ledger saw any purchase of it
     await debit_at_gate(channel, card, 20)  # 42
     await debit_at_gate(channel, card, 21)  # 43
-    rides = [ride(card, 100), ride(card, 100)]  # 44, 45
+    rides = [ride_at(card), ride_at(card)]  # 44, 45
     (reply,) = await Gateway(channel).upload([make_batch("n1", rides)])
     assert [r.outcome for r in reply.results] == [POSTED, POSTED]
     assert await gap_details(server.dsn, card) == []
+    assert (await get_card(channel, card.card_no)).offline_counter == 45
     await assert_books_balance(server.dsn)
 
 
-async def test_a_gap_online_purchases_cannot_explain_is_still_reported(
+async def test_a_gap_online_debits_cannot_explain_is_still_reported(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys)
     gateway = Gateway(channel)
-    await gateway.upload([make_batch("r1", [ride(card, 100)])])  # counter 1
+    await gateway.upload([make_batch("r1", [ride_at(card)])])  # counter 1
     await debit_at_gate(channel, card, 30)  # 2
-    lost = ride(card, 100)  # 3: this record never reaches the ledger
-    after = ride(card, 100)  # 4
+    lost = ride_at(card)  # 3: this record has not reached the ledger
+    after = ride_at(card)  # 4
     (reply,) = await gateway.upload([make_batch("r2", [after])])
     assert reply.results[0].outcome == WITH_EXCEPTION
     assert GAP in reply.results[0].exceptions
     assert await gap_details(server.dsn, card) == [
-        "counter 4 after 1: 1 missing so far (1 more taken by online purchases)"
+        "counter 4 after 1: 1 missing so far (1 more taken by online debits)"
     ]
-    # The online purchase is spent on that gap: the next gap is a gap in full.
+    # The debit was before counter 4: it explains no later gap.
     card.offline_counter += 2
-    (again,) = await gateway.upload([make_batch("r3", [ride(card, 100)])])
+    (again,) = await gateway.upload([make_batch("r3", [ride_at(card)])])
     assert GAP in again.results[0].exceptions
     assert (await gap_details(server.dsn, card))[-1] == "counter 7 after 4: 2 missing so far"
     # The lost record, uploaded at last, fills its slot and posts.
@@ -103,11 +121,98 @@ async def test_a_gap_online_purchases_cannot_explain_is_still_reported(
     await assert_books_balance(server.dsn)
 
 
+async def test_a_lost_record_after_a_late_first_record_is_reported(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """A count of unplaced debits (41a3095) let a debit below a late first record hide a gap.
+
+    Chip: online 1, offline 2 (on a bus), online 3, offline 4 (lost), offline 5.
+    """
+    card = await funded(channel, keys)
+    gateway = Gateway(channel)
+    await debit_at_gate(channel, card, 40)  # 1
+    on_bus = ride_at(card)  # 2
+    await debit_at_gate(channel, card, 41)  # 3
+    (late,) = await gateway.upload([make_batch("f1", [on_bus])])
+    assert GAP not in late.results[0].exceptions  # the card's first record
+    assert (await get_card(channel, card.card_no)).offline_counter == 3
+    ride_at(card)  # 4: never reaches the ledger
+    (reply,) = await gateway.upload([make_batch("f2", [ride_at(card)])])  # 5
+    assert GAP in reply.results[0].exceptions
+    assert await gap_details(server.dsn, card) == [
+        "counter 5 after 2: 1 missing so far (1 more taken by online debits)"
+    ]
+
+
+async def test_a_reversed_debit_still_took_its_counter(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """The chip's counter does not go back when the terminal reverses a debit."""
+    card = await funded(channel, keys)
+    gateway = Gateway(channel)
+    await gateway.upload([make_batch("v1", [ride_at(card)])])  # 1
+    on_bus = ride_at(card)  # 2
+    await debit_at_gate(channel, card, 50)  # 3
+    reversal = await terminal_stub(channel).Reverse(
+        terminal_pb2.ReverseRequest(
+            card_number=card.card_no,
+            amount=100,
+            terminal_id=GATE,
+            terminal_seq=800_051,
+            original_seq=800_050,
+            date_time=at(),
+        )
+    )
+    assert reversal.status == common_pb2.TXN_STATUS_APPROVED, reversal
+    await gateway.upload([make_batch("v2", [on_bus])])
+    (next_,) = await gateway.upload([make_batch("v3", [ride_at(card)])])  # 4
+    assert GAP not in next_.results[0].exceptions, await gap_details(server.dsn, card)
+    await assert_books_balance(server.dsn)
+
+
+async def test_rides_uploaded_out_of_order_around_a_debit_leave_no_false_gap(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """Chip: 1 uploaded, 2 on bus A, 3 on bus B, online 4, then 5; B uploads before A."""
+    card = await funded(channel, keys)
+    gateway = Gateway(channel)
+    await gateway.upload([make_batch("o1", [ride_at(card)])])  # 1
+    bus_a, bus_b = ride_at(card), ride_at(card)  # 2, 3
+    await debit_at_gate(channel, card, 60)  # 4
+    await gateway.upload([make_batch("o2", [bus_b])])
+    assert await gap_details(server.dsn, card) == ["counter 3 after 1: 1 missing so far"]
+    (a,) = await gateway.upload([make_batch("o3", [bus_a])])  # fills the slot
+    assert GAP not in a.results[0].exceptions
+    (last,) = await gateway.upload([make_batch("o4", [ride_at(card)])])  # 5
+    assert GAP not in last.results[0].exceptions, await gap_details(server.dsn, card)
+    await assert_books_balance(server.dsn)
+
+
+async def test_records_of_one_card_in_one_batch_are_measured_in_order(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """A batch holding a card's rides on both sides of a debit, and a lost one."""
+    card = await funded(channel, keys)
+    gateway = Gateway(channel)
+    await gateway.upload([make_batch("b1", [ride_at(card)])])  # 1
+    second = ride_at(card)  # 2
+    await debit_at_gate(channel, card, 70)  # 3
+    fourth = ride_at(card)  # 4
+    ride_at(card)  # 5: lost
+    sixth = ride_at(card)  # 6
+    (reply,) = await gateway.upload([make_batch("b2", [second, fourth, sixth])])
+    # The second ride is late (the balance from before the debit), the sixth
+    # follows a lost ride: only the sixth shows a gap.
+    assert [list(r.exceptions) for r in reply.results] == [[MISMATCH], [], [MISMATCH, GAP]]
+    assert await gap_details(server.dsn, card) == ["counter 6 after 4: 1 missing so far"]
+    await assert_books_balance(server.dsn)
+
+
 async def test_the_desk_shows_the_purchases_the_ledger_knows_of(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     card = await funded(channel, keys)
-    await Gateway(channel).upload([make_batch("v1", [ride(card, 100), ride(card, 100)])])
-    await debit_at_gate(channel, card, 40)
+    await Gateway(channel).upload([make_batch("v1", [ride_at(card), ride_at(card)])])
+    await debit_at_gate(channel, card, 80)
     view = await get_card(channel, card.card_no)
     assert view.offline_counter == card.offline_counter == 3

@@ -62,8 +62,12 @@ def _cards(rng: random.Random) -> dict[int, _Card]:
                     (dt.datetime(2026, 11, 22, 7), dt.datetime(2026, 11, 22, 8)),
                 ]
             ),
-            # online purchases not yet placed among the offline counters
-            unmatched=rng.choice([0, 0, 1, 3]),
+            # the time of the highest record and online debits made since
+            # (records are stamped 07:30): some explain a gap, some are later
+            counter_at=rng.choice([None, dt.datetime(2026, 11, 23, 7)]),
+            debits=rng.choice(
+                [(), (dt.datetime(2026, 11, 23, 7, 10),), (dt.datetime(2026, 11, 23, 8),)]
+            ),
         )
     # One card replaced by another: its money follows.
     cards[CARDS[-1]].status = int(CardStatus.BLOCKED)

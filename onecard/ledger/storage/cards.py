@@ -27,9 +27,25 @@ from onecard.ledger.model import (
 from onecard.ledger.refdata import ReferenceData
 from onecard.ledger.storage import Conn, Contention
 
-_CARD_COLUMNS = """card_no, issuer_code, key_version, product_code, status, purse_balance,
-    deposit_balance, online_counter,
-    offline_counter + online_purchases_unmatched AS offline_counter, issued_at, last_used_at"""
+
+def purchases_known(table: str) -> str:
+    """The purchases the chip has made as far as the ledger knows, as SQL (``offline_counter``).
+
+    The highest offline record's counter, plus the card's online debits made
+    after that record: the chip counts those too, at counters their requests
+    did not carry (migration 0016). A card whose counter predates 0016 shows
+    its counter alone, as it did then.
+    """
+    return f"""({table}.offline_counter + CASE
+        WHEN {table}.offline_counter_at IS NULL AND {table}.offline_counter > 0 THEN 0
+        ELSE (SELECT count(*) FROM terminal_txns t
+              WHERE t.card_no = {table}.card_no AND t.kind = 1 AND t.status = 1
+                AND t.txn_time > coalesce({table}.offline_counter_at, '-infinity'))::integer
+        END) AS offline_counter"""
+
+
+_CARD_COLUMNS = f"""card_no, issuer_code, key_version, product_code, status, purse_balance,
+    deposit_balance, online_counter, {purchases_known("cards")}, issued_at, last_used_at"""
 
 
 def _iso(value: Any) -> str:

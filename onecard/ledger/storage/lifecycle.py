@@ -47,12 +47,16 @@ from onecard.ledger.model import CardStatus, CardView, DeskStatus, PaymentChanne
 from onecard.ledger.pii import PiiProtector
 from onecard.ledger.refdata import ReferenceData
 from onecard.ledger.storage import Conn, Contention
-from onecard.ledger.storage.cards import foreign_request, view_from_json, view_json
+from onecard.ledger.storage.cards import (
+    foreign_request,
+    purchases_known,
+    view_from_json,
+    view_json,
+)
 
-_VIEW = """
+_VIEW = f"""
 SELECT c.card_no, c.issuer_code, c.key_version, c.product_code, c.status, c.purse_balance,
-       c.deposit_balance, c.online_counter,
-       c.offline_counter + c.online_purchases_unmatched AS offline_counter,
+       c.deposit_balance, c.online_counter, {purchases_known("c")},
        c.issued_at, c.last_used_at,
        c.lost_at, c.replaced_by,
        (SELECT p.card_no FROM cards p WHERE p.replaced_by = c.card_no LIMIT 1) AS replaces,

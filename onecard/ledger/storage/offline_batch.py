@@ -11,6 +11,7 @@ cannot be trusted goes to quarantine, kept whole and never posted.
 from __future__ import annotations
 
 import datetime as dt
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -77,9 +78,12 @@ class _Card:
     #: Loss periods released before ``loss_window`` (migration 0013), read
     #: only when a record of the batch is dated before it.
     earlier_losses: tuple[tuple[dt.datetime, dt.datetime], ...] = ()
-    #: Online purchases no gap in the offline counters has accounted for yet
-    #: (migration 0015): the chip counted them, at counters nobody told us.
-    unmatched: int = 0
+    #: When the record at ``counter`` was made (terminal local time); None
+    #: before the first record, or on a card whose counter predates 0016.
+    counter_at: dt.datetime | None = None
+    #: Times of the card's online debits made after ``counter_at``, oldest
+    #: first: read only for a card whose records in the batch may show a gap.
+    debits: tuple[dt.datetime, ...] = ()
 
 
 @dataclass(slots=True)
@@ -184,7 +188,7 @@ SELECT DISTINCT replaced_by FROM chain
 
 _LOCK_CARDS = """
 SELECT card_no, status, purse_balance, offline_counter, lost_at, replaced_by, key_version,
-       last_loss_from, last_loss_until, online_purchases_unmatched
+       last_loss_from, last_loss_until, offline_counter_at
 FROM cards WHERE card_no = ANY($1::bigint[])
 ORDER BY card_no
 FOR UPDATE
@@ -195,6 +199,19 @@ _EARLIER_LOSSES = """
 SELECT card_no, lost_from, lost_until FROM card_loss_periods
 WHERE card_no = ANY($1::bigint[])
 ORDER BY card_no, lost_from
+"""
+
+# The online debits of cards whose records may show a gap, made after each
+# card's highest offline record: the chip counted them too, at counters the
+# requests did not carry, so they explain missing counters dated around them
+# (migration 0016; the partial index holds online debits only). Reversed ones
+# count: the chip's counter does not go back.
+_ONLINE_DEBITS = """
+SELECT t.card_no, t.txn_time
+FROM unnest($1::bigint[], $2::timestamp[]) AS k(card_no, since)
+JOIN terminal_txns t ON t.card_no = k.card_no AND t.kind = 1 AND t.txn_time > k.since
+WHERE t.status = 1
+ORDER BY 1, 2
 """
 
 # Counters a card has used before, for the records that could repeat one: a
@@ -296,10 +313,10 @@ WITH purses AS (
     UPDATE cards AS c
     SET purse_balance = c.purse_balance + d.delta,
         offline_counter = greatest(c.offline_counter, d.counter),
-        online_purchases_unmatched = d.unmatched,
+        offline_counter_at = d.counter_at,
         last_used_at = now()
-    FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::integer[])
-         AS d(card_no, delta, counter, unmatched)
+    FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::timestamp[])
+         AS d(card_no, delta, counter, counter_at)
     WHERE c.card_no = d.card_no
 ), {hot_accounts(5)}
 SELECT 1
@@ -392,10 +409,10 @@ async def apply_offline_batch(
         cards: dict[int, _Card] = {}
         for row in await conn.fetch(_LOCK_CARDS, lock):
             (card_no, status, balance, counter, lost_at, replaced_by, kv, lost_from, lost_until,
-             unmatched) = row  # fmt: skip
+             counter_at) = row  # fmt: skip
             window = (_local(lost_from), _local(lost_until)) if lost_until is not None else None
             cards[card_no] = _Card(
-                status, balance, counter, lost_at, replaced_by, kv, window, unmatched=unmatched
+                status, balance, counter, lost_at, replaced_by, kv, window, counter_at=counter_at
             )
         if any(c.replaced_by is not None and c.replaced_by not in cards for c in cards.values()):
             raise BatchRaced()  # replaced between the two reads; run again
@@ -422,11 +439,32 @@ async def apply_offline_batch(
                 if period != c.loss_window:
                     c.earlier_losses += (period,)
 
-        suspects = [
-            (p.card_no, p.record.offline_counter)
-            for p in items
-            if p.card_no in cards and p.record.offline_counter <= cards[p.card_no].counter
-        ]
+        # Records that could repeat a counter (not above the card's highest),
+        # and cards whose records may show a gap when decided in order (a
+        # counter more than one above the highest so far): one pass.
+        suspects: list[tuple[int, int]] = []
+        gappy: set[int] = set()
+        highest: dict[int, int] = {}
+        for p in items:
+            if (known := cards.get(p.card_no)) is None:
+                continue
+            n = p.record.offline_counter
+            if n <= known.counter:
+                suspects.append((p.card_no, n))
+            high = highest.get(p.card_no, known.counter)
+            if n > high:
+                if high and n > high + 1 and known.counter_at is not None:
+                    gappy.add(p.card_no)
+                highest[p.card_no] = n
+        if gappy:
+            since = sorted(gappy)
+            debit_times: dict[int, list[dt.datetime]] = {}
+            for r in await conn.fetch(
+                _ONLINE_DEBITS, since, [cards[no].counter_at for no in since]
+            ):
+                debit_times.setdefault(r["card_no"], []).append(r["txn_time"])
+            for no, times in debit_times.items():
+                cards[no].debits = tuple(times)
         used_counters: set[tuple[int, int]] = set()
         if suspects:
             counters = await conn.fetch(
@@ -467,7 +505,7 @@ async def apply_offline_batch(
                 [no for no, _ in touched],
                 [c.delta for _, c in touched],
                 [c.counter for _, c in touched],
-                [c.unmatched for _, c in touched],
+                [c.counter_at for _, c in touched],
                 system,
                 [writes.accounts[a] for a in system],
             )
@@ -527,37 +565,38 @@ def _holder(card: _Card, cards: dict[int, _Card]) -> int:
 
 
 def _counter_exception(
-    card: _Card, counter: int, used: bool, agrees: bool
+    card: _Card, counter: int, used: bool, when: dt.datetime
 ) -> tuple[RecordException, str] | None:
-    """COUNTER_REPEAT or COUNTER_GAP for a record at ``counter``, if it shows one.
+    """COUNTER_REPEAT or COUNTER_GAP for a record at ``counter`` made at ``when``, if any.
 
     The chip counts online purchases too, at counters the online request does
-    not carry, so slots missing between the highest offline counter and this
-    one are first put down to the online purchases not yet accounted for
-    (``card.unmatched``); only what they cannot explain is a gap. Guessing
-    the counter of each online purchase instead (highest + 1) reported a
-    false gap whenever records were still on a bus when the debit landed.
-    When the chip's reported balance agrees with the ledger's, every online
-    purchase so far came before this record on the chip, so none is left to
-    explain a later gap. A counter of 0 means no offline record of the card
-    was seen yet: its first one has nothing to be measured against.
+    not carry, so the counters missing between the card's highest record and
+    this one are first put down to the card's online debits dated between the
+    two records; only what they cannot explain is a gap. The ledger used to
+    guess each online debit's counter (highest + 1), and then to keep a count
+    of them spent on the next gap: either way a debit made while records were
+    still on a bus, or above a late record on the chip, became a false gap or
+    hid a real one (found by review). A counter of 0 means no offline record
+    of the card was seen yet: its first one has nothing to be measured against.
+    Terminal clocks that disagree by more than the time between two uses of
+    a card can still put a debit on the wrong side of a record.
     """
-    found: tuple[RecordException, str] | None = None
     if used:
-        found = (RecordException.COUNTER_REPEAT, f"counter {counter} seen before")
-    elif card.counter and counter > card.counter + 1:
-        missing = counter - card.counter - 1
-        online = min(missing, card.unmatched)
-        card.unmatched -= online
-        if missing > online:
-            found = (
-                RecordException.COUNTER_GAP,
-                f"counter {counter} after {card.counter}: {missing - online} missing so far"
-                + (f" ({online} more taken by online purchases)" if online else ""),
-            )
-    if agrees:
-        card.unmatched = 0
-    return found
+        return RecordException.COUNTER_REPEAT, f"counter {counter} seen before"
+    if not card.counter or counter <= card.counter + 1:
+        return None
+    missing = counter - card.counter - 1
+    online = 0
+    if card.debits and card.counter_at is not None:
+        debits = card.debits
+        online = bisect_right(debits, when) - bisect_right(debits, card.counter_at)
+    if online >= missing:
+        return None
+    return (
+        RecordException.COUNTER_GAP,
+        f"counter {counter} after {card.counter}: {missing - online} missing so far"
+        + (f" ({online} more taken by online debits)" if online else ""),
+    )
 
 
 def _decide(
@@ -604,7 +643,7 @@ def _decide(
         balance = card.balance = card.balance - amount
         card.delta -= amount
         card.counter = counter
-        card.unmatched = 0  # the chip agreed on the balance: see _counter_exception
+        card.counter_at = p.txn_time
         card.touched = True
         used_counters.add((p.card_no, counter))
         writes.txn(p, TxnStatus.APPROVED, balance, 0)
@@ -691,8 +730,7 @@ def _decide_in_full(
                 what += f" and in turn by {holder:016d}"
             what += ": the amount follows to it"
         found.append((RecordException.CARD_BLOCKED, f"card is {what}"))
-    agrees = r.card_balance_before == card.balance
-    if not agrees:
+    if r.card_balance_before != card.balance:
         found.append(
             (
                 RecordException.BALANCE_MISMATCH,
@@ -701,7 +739,7 @@ def _decide_in_full(
         )
     counter = r.offline_counter
     counter_key = (p.card_no, counter)
-    if (odd := _counter_exception(card, counter, counter_key in used_counters, agrees)) is not None:
+    if odd := _counter_exception(card, counter, counter_key in used_counters, p.txn_time):
         found.append(odd)
     used_counters.add(counter_key)
 
@@ -711,6 +749,7 @@ def _decide_in_full(
     card.delta -= amount
     if counter > card.counter:
         card.counter = counter
+        card.counter_at = p.txn_time
     card.touched = True
     bearer = card
     if card.replaced_by is not None:

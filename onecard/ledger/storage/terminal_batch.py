@@ -61,7 +61,6 @@ class _Card:
     online_counter: int
     key_version: int
     delta: int = 0
-    purchases: int = 0
     touched: bool = False
 
 
@@ -202,12 +201,11 @@ WITH txns AS (
     UPDATE cards AS c
     SET purse_balance = c.purse_balance + d.delta,
         online_counter = greatest(c.online_counter, d.online_counter),
-        online_purchases_unmatched = c.online_purchases_unmatched + d.purchases,
         last_used_at = now()
-    FROM unnest($21::bigint[], $22::bigint[], $23::integer[], $24::integer[])
-         AS d(card_no, delta, online_counter, purchases)
+    FROM unnest($21::bigint[], $22::bigint[], $23::integer[])
+         AS d(card_no, delta, online_counter)
     WHERE c.card_no = d.card_no
-), {hot_accounts(25)}
+), {hot_accounts(24)}
 SELECT 1
 """
 
@@ -270,7 +268,6 @@ async def apply_terminal_batch(
                     [no for no, _ in touched],
                     [c.delta for _, c in touched],
                     [c.online_counter for _, c in touched],
-                    [c.purchases for _, c in touched],
                     system,
                     [writes.accounts[a] for a in system],
                 )
@@ -385,9 +382,8 @@ def _decide_new(
         card.balance -= req.amount
         card.delta -= req.amount
         # The chip counts it among its purchases, at a counter the request does
-        # not carry: the upload explains a gap in the offline counters by it
-        # (migration 0015).
-        card.purchases += 1
+        # not carry: an upload puts a gap in the offline counters down to the
+        # online debits dated inside it (offline_batch._counter_exception).
         card.touched = True
         writes.posting(
             p,
