@@ -56,7 +56,8 @@ BAD: list[tuple[str, _RecordFields]] = [
     ("offline_counter", {"offline_counter": 0x10000}),
     ("offline_counter", {"offline_counter": -1}),
     ("key_version", {"key_version": 256}),
-    ("card_balance_before", {"card_balance_before": 2**31}),
+    ("card_balance_before", {"card_balance_before": -1}),  # balances are unsigned
+    ("card_balance_before", {"card_balance_before": 2**32}),
 ]
 
 
@@ -68,6 +69,14 @@ def test_the_first_bad_record_and_its_field_are_named(field: str, change: _Recor
     with pytest.raises(FieldError) as info:
         check_upload_batch(records, len(records), total, Limits())
     assert info.value.field == f"records[2].{field}"
+
+
+def test_a_chip_balance_refusal_states_the_range_it_allows() -> None:
+    with pytest.raises(FieldError) as info:
+        check_upload_batch([GOOD._replace(card_balance_before=-1)], 1, GOOD.amount, Limits())
+    assert info.value.rule == "must be 0 to 4294967295 fen (unsigned 32 bits), got -1"
+    top = GOOD._replace(card_balance_before=0xFFFFFFFF)  # the largest a chip can hold
+    check_upload_batch([top], 1, GOOD.amount, Limits())
 
 
 def test_a_good_batch_passes_and_its_claims_are_checked() -> None:

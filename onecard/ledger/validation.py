@@ -188,7 +188,7 @@ def check_upload_batch(
             and len(tac) in (4, 8)
             and 0 <= counter <= 0xFFFF
             and 0 <= kv <= 255
-            and -(2**31) <= before < 2**31
+            and 0 <= before <= 0xFFFFFFFF
         ):
             _refuse_record(records, limits)
         total += amount
@@ -221,8 +221,11 @@ def _refuse_record(records: list[OfflineRecord], limits: Limits) -> NoReturn:
             )
         if not 0 <= r.key_version <= 255:
             raise FieldError(f"{where}.key_version", f"must be 0 to 255, got {r.key_version}")
-        if not -(2**31) <= r.card_balance_before < 2**31:
+        if not 0 <= r.card_balance_before <= 0xFFFFFFFF:
+            # PROTOCOL.md: a balance is unsigned 32-bit; a chip cannot report
+            # less than 0, and -1 used to be posted as a BALANCE_MISMATCH.
             raise FieldError(
-                f"{where}.card_balance_before", f"must fit 32 bits, got {r.card_balance_before}"
+                f"{where}.card_balance_before",
+                f"must be 0 to 4294967295 fen (unsigned 32 bits), got {r.card_balance_before}",
             )
     raise AssertionError("a record failed the batch check but no field rule names it")
