@@ -70,6 +70,9 @@ async def _real_run(server: RunningServer) -> Run:
     seq = 3_999_999_999
     spare = Population(version, CARDS + 1, 20_000)
     ops.append(Op("debit", 0, spare.debit_request(CARDS, 45_000, terminals[0], seq, when)))
+    # Refused: the gate stays shut and the chip keeps its purse and counter.
+    spare.chip(CARDS).balance += 45_000
+    spare.chip(CARDS).counter -= 1
     record = spare.offline_record(CARDS, 100, terminals[1], seq, when)
     record.tac = bytes(b ^ 0xFF for b in record.tac)
     batch = upload_pb2.UploadBatch(
