@@ -48,6 +48,17 @@ async def debit_at_gate(channel: grpc.aio.Channel, card: SimulatedCard, seq: int
     assert reply.status == common_pb2.TXN_STATUS_APPROVED
 
 
+async def ridden_once(
+    channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> tuple[SimulatedCard, Gateway]:
+    """A funded card whose first ride (counter 1) is uploaded, and the gateway that did it."""
+    card = await funded(channel, keys)
+    gateway = Gateway(channel)
+    (reply,) = await gateway.upload([make_batch(f"first-{card.card_no}", [ride_at(card)])])
+    assert reply.results[0].outcome == POSTED
+    return card, gateway
+
+
 async def gap_details(dsn: str, card: SimulatedCard) -> list[str]:
     rows = await fetch(
         dsn,
@@ -98,9 +109,7 @@ async def test_a_card_first_seen_online_gets_no_gap_on_its_first_rides(
 async def test_a_gap_online_debits_cannot_explain_is_still_reported(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
-    card = await funded(channel, keys)
-    gateway = Gateway(channel)
-    await gateway.upload([make_batch("r1", [ride_at(card)])])  # counter 1
+    card, gateway = await ridden_once(channel, keys)  # counter 1 uploaded
     await debit_at_gate(channel, card, 30)  # 2
     lost = ride_at(card)  # 3: this record has not reached the ledger
     after = ride_at(card)  # 4
@@ -148,9 +157,7 @@ async def test_a_reversed_debit_still_took_its_counter(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """The chip's counter does not go back when the terminal reverses a debit."""
-    card = await funded(channel, keys)
-    gateway = Gateway(channel)
-    await gateway.upload([make_batch("v1", [ride_at(card)])])  # 1
+    card, gateway = await ridden_once(channel, keys)  # counter 1 uploaded
     on_bus = ride_at(card)  # 2
     await debit_at_gate(channel, card, 50)  # 3
     reversal = await terminal_stub(channel).Reverse(
@@ -174,9 +181,7 @@ async def test_rides_uploaded_out_of_order_around_a_debit_leave_no_false_gap(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """Chip: 1 uploaded, 2 on bus A, 3 on bus B, online 4, then 5; B uploads before A."""
-    card = await funded(channel, keys)
-    gateway = Gateway(channel)
-    await gateway.upload([make_batch("o1", [ride_at(card)])])  # 1
+    card, gateway = await ridden_once(channel, keys)  # counter 1 uploaded
     bus_a, bus_b = ride_at(card), ride_at(card)  # 2, 3
     await debit_at_gate(channel, card, 60)  # 4
     await gateway.upload([make_batch("o2", [bus_b])])
@@ -192,9 +197,7 @@ async def test_records_of_one_card_in_one_batch_are_measured_in_order(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """A batch holding a card's rides on both sides of a debit, and a lost one."""
-    card = await funded(channel, keys)
-    gateway = Gateway(channel)
-    await gateway.upload([make_batch("b1", [ride_at(card)])])  # 1
+    card, gateway = await ridden_once(channel, keys)  # counter 1 uploaded
     second = ride_at(card)  # 2
     await debit_at_gate(channel, card, 70)  # 3
     fourth = ride_at(card)  # 4
