@@ -10,7 +10,7 @@ chip) on a COMMIT whose WAL was not yet on disk.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -23,6 +23,7 @@ from onecard.ledger.keys import MemoryKeyStore
 from onecard.ledger.pii import load_or_create_key
 from onecard.ledger.storage.pool import NotDurable, _durable_session
 from onecard.server.cli import main
+from onecard.server.errors import guarded
 from onecard.v1 import common_pb2
 from tests.support import issue, start_test_server
 
@@ -91,3 +92,23 @@ def test_serve_refuses_a_database_that_could_lose_confirmed_commits(
     code = main([*argv, "--pii-key-file", str(pii), "--listen", "127.0.0.1:0"])
     assert code == 2
     assert "fsync = off" in capsys.readouterr().err
+
+
+async def test_a_connection_refused_for_durability_mid_run_is_retryable() -> None:
+    """A pool connection opened after fsync was turned off: UNAVAILABLE, not UNKNOWN."""
+
+    async def flush() -> None:
+        raise NotDurable("the database runs with fsync = off: ...")
+
+    class _Context:
+        def __init__(self) -> None:
+            self.status: tuple[grpc.StatusCode, str] | None = None
+
+        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+            self.status = (code, details)
+            raise grpc.aio.AbortError()
+
+    context = _Context()
+    with pytest.raises(grpc.aio.AbortError):
+        await guarded(cast(Any, context), flush)
+    assert context.status == (grpc.StatusCode.UNAVAILABLE, "ledger database unavailable; retry")

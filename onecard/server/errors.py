@@ -21,6 +21,7 @@ import grpc
 from onecard.ledger.batcher import Overloaded, ShuttingDown
 from onecard.ledger.crypto.encoding import FieldError
 from onecard.ledger.storage import CardsHeld, Contention
+from onecard.ledger.storage.pool import NotDurable
 from onecard.server.config import flag_for
 from onecard.server.metrics import observe_call
 
@@ -117,6 +118,12 @@ async def guarded(
         status, details = grpc.StatusCode.UNAVAILABLE, str(exc)
     except StreamIdle as exc:
         status, details = grpc.StatusCode.UNAVAILABLE, _with_setting(str(exc), exc.setting)
+    except NotDurable as exc:
+        # A connection opened mid-run to a database that can no longer keep
+        # what it confirms (fsync turned off and reloaded): nothing was
+        # written on it. The operator must act; the caller may retry.
+        log.error("database refused for durability: %s", exc)
+        status, details = grpc.StatusCode.UNAVAILABLE, "ledger database unavailable; retry"
     except _OUTAGE as exc:
         log.warning("database unavailable: %s", type(exc).__name__)
         status, details = grpc.StatusCode.UNAVAILABLE, "ledger database unavailable; retry"
