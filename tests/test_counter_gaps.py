@@ -219,3 +219,16 @@ async def test_the_desk_shows_the_purchases_the_ledger_knows_of(
     await debit_at_gate(channel, card, 80)
     view = await get_card(channel, card.card_no)
     assert view.offline_counter == card.offline_counter == 3
+
+
+async def test_a_first_ride_and_a_gap_after_a_debit_in_one_batch(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """The card's first record and the next one arrive together, a gate debit between them."""
+    card = await funded(channel, keys)
+    first = ride_at(card)  # 1, on the bus
+    await debit_at_gate(channel, card, 90)  # 2
+    third = ride_at(card)  # 3, on the same bus
+    (reply,) = await Gateway(channel).upload([make_batch("t1", [first, third])])
+    assert GAP not in reply.results[1].exceptions, await gap_details(server.dsn, card)
+    await assert_books_balance(server.dsn)

@@ -441,7 +441,10 @@ async def apply_offline_batch(
 
         # Records that could repeat a counter (not above the card's highest),
         # and cards whose records may show a gap when decided in order (a
-        # counter more than one above the highest so far): one pass.
+        # counter more than one above the highest so far): one pass. A card
+        # whose first record is in this batch has no time on its row yet, so
+        # all its debits are read; one whose counter predates 0016 has none
+        # and never will, so its gaps are not put down to debits.
         suspects: list[tuple[int, int]] = []
         gappy: set[int] = set()
         highest: dict[int, int] = {}
@@ -453,14 +456,14 @@ async def apply_offline_batch(
                 suspects.append((p.card_no, n))
             high = highest.get(p.card_no, known.counter)
             if n > high:
-                if high and n > high + 1 and known.counter_at is not None:
+                if high and n > high + 1 and (known.counter_at or not known.counter):
                     gappy.add(p.card_no)
                 highest[p.card_no] = n
         if gappy:
             since = sorted(gappy)
             debit_times: dict[int, list[dt.datetime]] = {}
             for r in await conn.fetch(
-                _ONLINE_DEBITS, since, [cards[no].counter_at for no in since]
+                _ONLINE_DEBITS, since, [cards[no].counter_at or dt.datetime.min for no in since]
             ):
                 debit_times.setdefault(r["card_no"], []).append(r["txn_time"])
             for no, times in debit_times.items():
@@ -572,14 +575,13 @@ def _counter_exception(
     The chip counts online purchases too, at counters the online request does
     not carry, so the counters missing between the card's highest record and
     this one are first put down to the card's online debits dated between the
-    two records; only what they cannot explain is a gap. The ledger used to
-    guess each online debit's counter (highest + 1), and then to keep a count
-    of them spent on the next gap: either way a debit made while records were
-    still on a bus, or above a late record on the chip, became a false gap or
-    hid a real one (found by review). A counter of 0 means no offline record
-    of the card was seen yet: its first one has nothing to be measured against.
-    Terminal clocks that disagree by more than the time between two uses of
-    a card can still put a debit on the wrong side of a record.
+    two records; only what they cannot explain is a gap. A debit's time, not a
+    guess at its counter or a count of debits not yet placed, is what tells
+    on which side of a record it fell: a debit made while earlier records were
+    still on a bus must explain only the gap it sits in. A counter of 0 means
+    no offline record of the card was seen yet: its first one has nothing to
+    be measured against. Terminal clocks that disagree by more than the time
+    between two uses of a card can still put a debit on the wrong side.
     """
     if used:
         return RecordException.COUNTER_REPEAT, f"counter {counter} seen before"
