@@ -48,6 +48,17 @@ async def _held_open(
     await release.wait()
 
 
+async def _open_after_one_batch(
+    stub: upload_pb2_grpc.UploadServiceStub, batch: upload_pb2.UploadBatch, release: asyncio.Event
+) -> UploadCall:
+    """A stream whose one batch is posted, then kept open until ``release``."""
+    call: UploadCall = stub.UploadRecords(_held_open(batch, release))
+    reply = await call.read()
+    assert isinstance(reply, upload_pb2.UploadBatchReply)
+    assert reply.posted == 1
+    return call
+
+
 async def test_a_stream_past_the_limit_is_refused_and_writes_nothing(
     two_streams: RunningServer, db_dsn: str
 ) -> None:
@@ -60,16 +71,14 @@ async def test_a_stream_past_the_limit_is_refused_and_writes_nothing(
     # A channel each: separate connections, spread over the process's servers.
     channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
     try:
-        open_calls: list[UploadCall] = []
-        for i in range(2):
-            stub = upload_pb2_grpc.UploadServiceStub(channels[i])
-            call: UploadCall = stub.UploadRecords(
-                _held_open(make_batch(f"held{i}", [ride(cards[i], 100)]), release)
+        open_calls = [
+            await _open_after_one_batch(
+                upload_pb2_grpc.UploadServiceStub(channels[i]),
+                make_batch(f"held{i}", [ride(cards[i], 100)]),
+                release,
             )
-            reply = await call.read()
-            assert isinstance(reply, upload_pb2.UploadBatchReply)
-            assert reply.posted == 1
-            open_calls.append(call)
+            for i in range(2)
+        ]
 
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await Gateway(channels[2]).upload([make_batch("third", [ride(cards[2], 100)])])
@@ -113,15 +122,12 @@ async def test_one_connection_cannot_take_every_place(db_dsn: str, tmp_path: Pat
         cards = [await funded(greedy, keys) for _ in range(4)]
         before = [await postings_of(db_dsn, card) for card in cards]
         stub = upload_pb2_grpc.UploadServiceStub(greedy)
-        held: list[UploadCall] = []
-        for i in range(2):
-            call: UploadCall = stub.UploadRecords(
-                _held_open(make_batch(f"held{i}", [ride(cards[i], 100)]), release)
+        held = [
+            await _open_after_one_batch(
+                stub, make_batch(f"held{i}", [ride(cards[i], 100)]), release
             )
-            reply = await call.read()
-            assert isinstance(reply, upload_pb2.UploadBatchReply)
-            assert reply.posted == 1
-            held.append(call)
+            for i in range(2)
+        ]
 
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await Gateway(greedy).upload([make_batch("third", [ride(cards[2], 100)])])
