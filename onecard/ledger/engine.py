@@ -14,7 +14,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -36,7 +36,7 @@ from onecard.ledger.model import (
     TxnResult,
     TxnStatus,
 )
-from onecard.ledger.refdata import ReferenceData, StaleReference
+from onecard.ledger.refdata import AccountsMissing, ReferenceData, StaleReference
 from onecard.ledger.storage import CardsHeld, Conn, Contention
 from onecard.ledger.storage import cards as card_store
 from onecard.ledger.storage.offline_batch import (
@@ -308,6 +308,7 @@ class Ledger:
             prepared,
             {p.terminal_id for p in prepared},
             lambda: [p.card_no for p in prepared],
+            lambda terminals: self._accounts_missing_online(items, terminals),
         )
         for p, r in zip(prepared, results, strict=True):
             if r.status is TxnStatus.MAC_INVALID:
@@ -322,12 +323,41 @@ class Ledger:
                 )
         return results
 
+    def _accounts_missing_online(
+        self, items: list[Debit | Load], terminals: set[int]
+    ) -> AccountsMissing | None:
+        """The batch's debits of terminals without a payable, and loads without a cash account."""
+        payables = self.ref.payable_missing(terminals)
+        cash = {
+            code
+            for r in items
+            if isinstance(r, Load) and (code := self.ref.cash_missing(r.card_no, r.channel))
+        }
+        if not payables and not cash:
+            return None
+        ref = self.ref
+
+        def holds(item: Any) -> bool:
+            if isinstance(item, Load):
+                return ref.cash_missing(item.card_no, item.channel) in cash
+            return int(item.terminal_id) in payables
+
+        return AccountsMissing({*payables.values(), *cash}, holds)
+
+    def _accounts_missing_upload(self, terminals: set[int]) -> AccountsMissing | None:
+        """The batch's records of terminals whose operator has no payable account."""
+        payables = self.ref.payable_missing(terminals)
+        if not payables:
+            return None
+        return AccountsMissing(payables.values(), lambda item: item.terminal_id in payables)
+
     async def _apply(
         self,
         apply: Callable[[Conn, ReferenceData, list[P]], Awaitable[list[R]]],
         prepared: list[P],
         terminals: set[int],
         cards: Callable[[], list[int]],
+        missing: Callable[[set[int]], AccountsMissing | None],
         successors: bool = False,
     ) -> list[R]:
         """Run one batch transaction; again if another writer raced it.
@@ -344,6 +374,17 @@ class Ledger:
             unknown = terminals - self.ref.terminal_operator.keys()
             if unknown:
                 await self.ref.learn_terminals(conn, unknown)
+            lacking = missing(terminals)
+            if lacking is not None:
+                await self.ref.learn_accounts(conn, lacking.codes)
+                lacking = missing(terminals)
+            if lacking is not None:
+                log.error(
+                    "%s: their requests are refused until it is set up, the rest of the batch "
+                    "goes on",
+                    lacking,
+                )
+                raise lacking
             remembered = self._held[successors]
             if remembered:
                 await self._refuse_still_held(conn, remembered, cards(), successors)
@@ -447,6 +488,7 @@ class Ledger:
             prepared,
             {p.terminal_id for p in prepared},
             lambda: [p.card_no for p in prepared],
+            self._accounts_missing_upload,
             successors=True,  # a replaced card's record locks its successors too
         )
 

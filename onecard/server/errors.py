@@ -2,9 +2,10 @@
 
 Business outcomes never come through here: they are statuses in replies.
 What does: malformed fields (INVALID_ARGUMENT naming the field), a full
-queue (RESOURCE_EXHAUSTED, at once), and a database that cannot be reached
-or a server going away (UNAVAILABLE — safe to retry, since every write is
-idempotent).
+queue (RESOURCE_EXHAUSTED, at once), a system account the request posts to
+missing from the setup (FAILED_PRECONDITION, naming it), and a database that
+cannot be reached or a server going away (UNAVAILABLE — safe to retry, since
+every write is idempotent).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import grpc
 
 from onecard.ledger.batcher import Overloaded, ShuttingDown
 from onecard.ledger.crypto.encoding import FieldError
+from onecard.ledger.refdata import AccountsMissing
 from onecard.ledger.storage import CardsHeld, Contention
 from onecard.ledger.storage.pool import NotDurable
 from onecard.server.config import flag_for
@@ -116,6 +118,10 @@ async def guarded(
         )
     except (ShuttingDown, CardsHeld) as exc:
         status, details = grpc.StatusCode.UNAVAILABLE, str(exc)
+    except AccountsMissing as exc:
+        # Logged by the ledger when it refused them: the operator must set
+        # the account up. Nothing of the call was written.
+        status, details = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     except StreamIdle as exc:
         status, details = grpc.StatusCode.UNAVAILABLE, _with_setting(str(exc), exc.setting)
     except NotDurable as exc:
