@@ -14,7 +14,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 
@@ -139,6 +139,13 @@ def purchase_fingerprint(
     return _digest(
         f"('D', {card_no!r}, {amount}, {txn_type}, {date_time!r}, {key_version}, '{tac.hex()}')"
     )
+
+
+def _refuse_if_lacking(lacking: AccountsMissing | None) -> None:
+    """Raise ``lacking``, logged for the operator who must set the accounts up."""
+    if lacking is not None:
+        log.error("%s (refusing the requests that post to it)", lacking)
+        raise lacking
 
 
 class Ledger:
@@ -326,23 +333,34 @@ class Ledger:
     def _accounts_missing_online(
         self, items: list[Debit | Load], terminals: set[int]
     ) -> AccountsMissing | None:
-        """The batch's debits of terminals without a payable, and loads without a cash account."""
-        payables = self.ref.payable_missing(terminals)
-        cash = {
-            code
-            for r in items
-            if isinstance(r, Load) and (code := self.ref.cash_missing(r.card_no, r.channel))
-        }
-        if not payables and not cash:
-            return None
+        """The batch's debits at terminals without a payable, and loads without a cash account.
+
+        A load posts cash to purse and needs no payable (an issuer's own top-up
+        machines may have none). Which requests are refused is decided here,
+        once: a re-read of the reference data before the committer asks
+        ``holds`` must not change the answer for the request it was raised for.
+        """
         ref = self.ref
-
-        def holds(item: Any) -> bool:
-            if isinstance(item, Load):
-                return ref.cash_missing(item.card_no, item.channel) in cash
-            return int(item.terminal_id) in payables
-
-        return AccountsMissing({*payables.values(), *cash}, holds)
+        # The usual case in two set look-ups per distinct terminal and one per load.
+        lacking_payable = ref.payable_missing(terminals)
+        loads_lack = any(
+            isinstance(r, Load) and ref.cash_missing(r.card_no, r.channel) for r in items
+        )
+        if not lacking_payable and not loads_lack:
+            return None
+        needs: dict[int, str] = {}
+        for r in items:
+            code = (
+                ref.cash_missing(r.card_no, r.channel)
+                if isinstance(r, Load)
+                else lacking_payable.get(int(r.terminal_id))
+            )
+            if code:
+                needs[id(r)] = code
+        if not needs:
+            return None  # only loads at those terminals: they need no payable
+        # Keyed by identity: the committer asks about the very objects given to the flush.
+        return AccountsMissing(needs.values(), lambda item: id(item) in needs)
 
     def _accounts_missing_upload(self, terminals: set[int]) -> AccountsMissing | None:
         """The batch's records of terminals whose operator has no payable account."""
@@ -377,14 +395,7 @@ class Ledger:
             lacking = missing(terminals)
             if lacking is not None:
                 await self.ref.learn_accounts(conn, lacking.codes)
-                lacking = missing(terminals)
-            if lacking is not None:
-                log.error(
-                    "%s: their requests are refused until it is set up, the rest of the batch "
-                    "goes on",
-                    lacking,
-                )
-                raise lacking
+                _refuse_if_lacking(missing(terminals))
             remembered = self._held[successors]
             if remembered:
                 await self._refuse_still_held(conn, remembered, cards(), successors)
@@ -402,6 +413,10 @@ class Ledger:
                         raise
                     await self.ref.refresh(conn)
                     refreshed = True
+                    # The copy learned something since the check above (an
+                    # issuer, a terminal another task re-read): ask again, so
+                    # that a request needing a missing account fails alone.
+                    _refuse_if_lacking(missing(terminals))
                 except asyncpg.LockNotAvailableError:
                     # A card's row held past the lock timeout (a session left
                     # open on it): refuse only its requests, so that the

@@ -21,7 +21,7 @@ import grpc
 
 from onecard.ledger.batcher import Overloaded, ShuttingDown
 from onecard.ledger.crypto.encoding import FieldError
-from onecard.ledger.refdata import AccountsMissing
+from onecard.ledger.refdata import AccountsMissing, StaleReference
 from onecard.ledger.storage import CardsHeld, Contention
 from onecard.ledger.storage.pool import NotDurable
 from onecard.server.config import flag_for
@@ -121,6 +121,12 @@ async def guarded(
     except AccountsMissing as exc:
         # Logged by the ledger when it refused them: the operator must set
         # the account up. Nothing of the call was written.
+        status, details = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    except StaleReference as exc:
+        # The same setup mistake met by a call of its own (a desk call through
+        # a channel whose cash account is missing), still missing after a
+        # re-read: nothing of it was written.
+        log.error("%s: the call is refused until it is set up", exc)
         status, details = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     except StreamIdle as exc:
         status, details = grpc.StatusCode.UNAVAILABLE, _with_setting(str(exc), exc.setting)
