@@ -37,6 +37,7 @@ from onecard.ledger.model import (
     TxnStatus,
 )
 from onecard.ledger.refdata import AccountsMissing, ReferenceData, StaleReference
+from onecard.ledger.refdata_watch import RefdataWatch
 from onecard.ledger.storage import CardsHeld, Conn, Contention
 from onecard.ledger.storage import cards as card_store
 from onecard.ledger.storage.offline_batch import (
@@ -193,6 +194,8 @@ class Ledger:
         self._held: dict[bool, dict[int, None]] = {False: {}, True: {}}
         #: The service desk's card lifecycle (loss, replacement, cancellation, ...).
         self.lifecycle = CardLifecycle(pool, ref, keys, self.limits, desk or DeskSettings())
+        #: Re-reads ``ref`` when the database says it changed (see ``open``).
+        self.refdata_watch: RefdataWatch | None = None
 
     @classmethod
     async def open(
@@ -204,10 +207,19 @@ class Ledger:
         batching: BatchSettings | None = None,
         desk: DeskSettings | None = None,
         on_flush: Callable[[str, int, float], None] | None = None,
+        listen: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
     ) -> Ledger:
+        """``listen`` opens a connection of its own for hearing of reference data changes.
+
+        Without it (tools, tests that need no other writer) the copy read here
+        is re-read only for ids it does not know.
+        """
         async with pool.acquire() as conn:
             ref = await ReferenceData.load(conn)
         ledger = cls(pool, keys, verifier, ref, limits, batching, desk, on_flush)
+        if listen is not None:
+            ledger.refdata_watch = RefdataWatch(ref, pool, listen)
+            await ledger.refdata_watch.start()
         ledger._committer.start()
         ledger._uploads.start()
         ledger.lifecycle.start()
@@ -215,6 +227,8 @@ class Ledger:
 
     async def close(self) -> None:
         """Finish every queued request (each gets its reply), then stop."""
+        if self.refdata_watch is not None:
+            await self.refdata_watch.close()
         await self.lifecycle.close()
         await self._committer.close()
         await self._uploads.close()

@@ -7,6 +7,7 @@ keeps a copy and re-reads it when a batch meets an id it does not know
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,10 @@ class ReferenceData:
     #: Each terminal's operator's payable account id: looked up per record of
     #: an upload, where building the account code each time showed in profiles.
     terminal_payable: dict[int, int] = field(default_factory=dict)
+    #: One re-read at a time: two overlapping re-reads (a flusher's and the
+    #: change watcher's) could finish out of order, and the older copy would
+    #: be swapped in last and kept until the next change.
+    _rereading: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
 
     @classmethod
     async def load(cls, conn: Conn) -> ReferenceData:
@@ -76,6 +81,10 @@ class ReferenceData:
         No await between the assignments: a flusher of this process must never
         see a new terminal without its operator's payable account.
         """
+        async with self._rereading:
+            await self._reread(conn)
+
+    async def _reread(self, conn: Conn) -> None:
         issuers = {r["issuer_code"]: r["name"] for r in await conn.fetch("SELECT * FROM issuers")}
         products = {
             r["product_code"]: Product(

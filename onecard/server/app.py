@@ -343,8 +343,16 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
             if dev_keys:
                 await seed_demo_data(conn)
         desk = replace(cfg.desk, pii_key=pii_key)
+        listen_dsn = dsn
         ledger = await Ledger.open(
-            pool, keys, verifier, cfg.limits, cfg.batching, desk, on_flush=observe_flush
+            pool,
+            keys,
+            verifier,
+            cfg.limits,
+            cfg.batching,
+            desk,
+            on_flush=observe_flush,
+            listen=lambda: asyncpg.connect(listen_dsn),
         )
         health_servicer = health_aio.HealthServicer()
         port = 0
