@@ -773,6 +773,11 @@ async def test_replacement_while_offline_records_of_the_old_card_arrive(
     assert first[0].results[0].outcome == upload_pb2.RECORD_OUTCOME_POSTED_WITH_EXCEPTION
     second = await gateway.upload_records(before_loss[1:])
     assert second[0].results[0].outcome == upload_pb2.RECORD_OUTCOME_POSTED_WITH_EXCEPTION
+    # Blocked (replaced), and nothing else: each chip reported the balance the
+    # card had when replaced, less its records since, where the ledger holds 0
+    # for it (every late record was a BALANCE_MISMATCH before).
+    for uploaded in (first, second):
+        assert list(uploaded[0].results[0].exceptions) == [upload_pb2.RECORD_EXCEPTION_CARD_BLOCKED]
 
     old = await get_card(channel, card.card_no)
     new = await get_card(channel, new_no)
@@ -876,3 +881,35 @@ async def test_refund_job_goes_on_after_a_round_fails(
     assert failures == 1
     assert "held-refund job: a round failed" in caplog.text
     await assert_books_balance(running.dsn)
+
+
+async def test_a_replaced_cards_late_record_after_a_lost_one_is_a_balance_mismatch(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """The comparison still catches what it is for: a record lost on its way
+    leaves the next one's chip balance below what the ledger expected."""
+    from onecard.clients.gateway import Gateway, offline_record
+
+    card = await funded(channel, keys, 3000)
+    lost, arrives = [offline_record(card, 250, BUS, seq, now_bcd_text()) for seq in (601, 602)]
+    assert (await report_loss(channel, card.card_no)).status == OK
+    assert (await replace(channel, card.card_no, new_card_number())).status == OK
+    (reply,) = await Gateway(channel).upload_records([arrives])
+    assert list(reply.results[0].exceptions) == [
+        upload_pb2.RECORD_EXCEPTION_CARD_BLOCKED,
+        upload_pb2.RECORD_EXCEPTION_BALANCE_MISMATCH,
+    ]  # no counter gap: the card's first offline record
+    details = await fetch(
+        server.dsn,
+        "SELECT detail FROM finance_exceptions WHERE card_no = $1 AND kind = $2",
+        int(card.card_no),
+        int(upload_pb2.RECORD_EXCEPTION_BALANCE_MISMATCH),
+    )
+    assert [r["detail"] for r in details] == [
+        "card reported 2750 fen before, ledger held 3000 for it "
+        "(its purse when replaced, less its records since)"
+    ]
+    # The lost record turns up: the chip said 3000, the ledger now expects 2750.
+    (late,) = await Gateway(channel).upload_records([lost])
+    assert upload_pb2.RECORD_EXCEPTION_BALANCE_MISMATCH in late.results[0].exceptions
+    await assert_books_balance(server.dsn)

@@ -84,6 +84,12 @@ class _Card:
     #: Times of the card's online debits made after ``counter_at``, oldest
     #: first: read only for a card whose records in the batch may show a gap.
     debits: tuple[dt.datetime, ...] = ()
+    #: A replaced card's purse when it was replaced, less its late records
+    #: since (migration 0018): what its chip should report, where the ledger
+    #: holds 0. None on a card never replaced (or replaced before 0018).
+    replaced_purse: int | None = None
+    #: Whether a record of this batch moved ``replaced_purse`` (written back).
+    replaced_purse_moved: bool = False
 
 
 @dataclass(slots=True)
@@ -188,7 +194,7 @@ SELECT DISTINCT replaced_by FROM chain
 
 _LOCK_CARDS = """
 SELECT card_no, status, purse_balance, offline_counter, lost_at, replaced_by, key_version,
-       last_loss_from, last_loss_until, offline_counter_at
+       last_loss_from, last_loss_until, offline_counter_at, replaced_purse
 FROM cards WHERE card_no = ANY($1::bigint[])
 ORDER BY card_no
 FOR UPDATE
@@ -322,6 +328,14 @@ WITH purses AS (
 SELECT 1
 """
 
+# Replaced cards' purses as their chips should hold them (migration 0018);
+# their rows are locked with the batch's other cards.
+_UPDATE_REPLACED_PURSES = """
+UPDATE cards AS c SET replaced_purse = d.purse
+FROM unnest($1::bigint[], $2::bigint[]) AS d(card_no, purse)
+WHERE c.card_no = d.card_no
+"""
+
 # One copy per record (card, terminal, seq, fingerprint), whatever the number
 # of uploads, in key order like terminal_txns (see INSERT_STAGED_TXNS). The
 # reason is the latest one: a record quarantined for an unknown terminal and
@@ -409,10 +423,18 @@ async def apply_offline_batch(
         cards: dict[int, _Card] = {}
         for row in await conn.fetch(_LOCK_CARDS, lock):
             (card_no, status, balance, counter, lost_at, replaced_by, kv, lost_from, lost_until,
-             counter_at) = row  # fmt: skip
+             counter_at, replaced_purse) = row  # fmt: skip
             window = (_local(lost_from), _local(lost_until)) if lost_until is not None else None
             cards[card_no] = _Card(
-                status, balance, counter, lost_at, replaced_by, kv, window, counter_at=counter_at
+                status,
+                balance,
+                counter,
+                lost_at,
+                replaced_by,
+                kv,
+                window,
+                counter_at=counter_at,
+                replaced_purse=replaced_purse,
             )
         if any(c.replaced_by is not None and c.replaced_by not in cards for c in cards.values()):
             raise BatchRaced()  # replaced between the two reads; run again
@@ -512,6 +534,11 @@ async def apply_offline_batch(
                 system,
                 [writes.accounts[a] for a in system],
             )
+            moved = [(no, c.replaced_purse) for no, c in touched if c.replaced_purse_moved]
+            if moved:  # late records of replaced cards: rare, so a statement of their own
+                await conn.execute(
+                    _UPDATE_REPLACED_PURSES, [no for no, _ in moved], [v for _, v in moved]
+                )
     return results
 
 
@@ -732,11 +759,22 @@ def _decide_in_full(
                 what += f" and in turn by {holder:016d}"
             what += ": the amount follows to it"
         found.append((RecordException.CARD_BLOCKED, f"card is {what}"))
-    if r.card_balance_before != card.balance:
+    if card.replaced_purse is None:
+        if r.card_balance_before != card.balance:
+            found.append(
+                (
+                    RecordException.BALANCE_MISMATCH,
+                    f"card reported {r.card_balance_before} fen before, ledger held {card.balance}",
+                )
+            )
+    elif r.card_balance_before != card.replaced_purse:
+        # Its purse moved to the card that replaced it: the chip is compared
+        # with what the card held then, less its late records since.
         found.append(
             (
                 RecordException.BALANCE_MISMATCH,
-                f"card reported {r.card_balance_before} fen before, ledger held {card.balance}",
+                f"card reported {r.card_balance_before} fen before, ledger held "
+                f"{card.replaced_purse} for it (its purse when replaced, less its records since)",
             )
         )
     counter = r.offline_counter
@@ -753,6 +791,9 @@ def _decide_in_full(
         card.counter = counter
         card.counter_at = p.txn_time
     card.touched = True
+    if card.replaced_purse is not None:
+        card.replaced_purse -= amount
+        card.replaced_purse_moved = True
     bearer = card
     if card.replaced_by is not None:
         holder = _holder(card, cards)
