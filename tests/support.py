@@ -119,8 +119,8 @@ def pii_key_file(directory: Path) -> Path:
     return path
 
 
-async def seed_with_dev_keys(db_dsn: str, tmp_path: Path) -> Path:
-    """Demo issuer, products and terminals in ``db_dsn``; a key file of the dev keys (mode 600)."""
+async def seed_demo(db_dsn: str) -> None:
+    """Demo issuer, products, operators and terminals in ``db_dsn`` (idempotent)."""
     from onecard.ledger.devdata import seed_demo_data
 
     conn = await asyncpg.connect(db_dsn)
@@ -128,6 +128,11 @@ async def seed_with_dev_keys(db_dsn: str, tmp_path: Path) -> Path:
         await seed_demo_data(conn)
     finally:
         await conn.close()
+
+
+async def seed_with_dev_keys(db_dsn: str, tmp_path: Path) -> Path:
+    """Demo issuer, products and terminals in ``db_dsn``; a key file of the dev keys (mode 600)."""
+    await seed_demo(db_dsn)
     key_file = tmp_path / "keys.json"
     key_file.write_text(json.dumps(DEV_KEYS))
     key_file.chmod(0o600)

@@ -148,6 +148,7 @@ async def test_a_lost_listening_connection_reconnects_and_rereads(
     server = servers[0]
     watch = server.ledger.refdata_watch
     assert isinstance(watch, RefdataWatch)
+    await wait_until(lambda: watch.refreshes >= 1)  # its first re-read, after it started
     lost = watch.listening_pid
     assert lost is not None
     # The watch reconnects only once the change below is committed.
@@ -159,6 +160,7 @@ async def test_a_lost_listening_connection_reconnects_and_rereads(
 
     watch._connect = after_the_change
     await fetch(db_dsn, "SELECT pg_terminate_backend($1)", lost)
+    await wait_until(lambda: watch.listening_pid is None)  # it knows
     # Changed while nobody listens: the notification is lost, the re-read on
     # reconnection is not.
     operator, terminal = await _operator_with_terminal(db_dsn)

@@ -9,14 +9,15 @@ COMMIT; each process listens on a connection of its own (the pooled ones keep
 no session state, see LedgerConnection) and re-reads its copy when told.
 
 A notification sent while the listening connection was down is lost, so the
-watcher re-reads after every (re)connection, and it reconnects by itself
-when the database comes back.
+watch re-reads after every (re)connection. A connection can also die without
+a word (a network partition, a NAT that dropped an idle flow): after
+``probe_s`` without a notification the watch asks it a ``SELECT 1``, and one
+that does not answer is dropped and replaced.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -34,9 +35,10 @@ class RefdataWatch:
     """Listens for reference data changes and re-reads the process's copy.
 
     ``connect`` opens the listening connection; ``pool`` lends the
-    connection each re-read runs on, so a slow re-read never holds up the
-    listener. Several notifications that arrive during one re-read lead to
-    one more re-read after it, not one each.
+    connection each re-read runs on. A burst of changes (a script
+    registering terminals one by one) is one re-read: the watch waits
+    ``settle_s`` after a notification for the rest of the burst, and
+    notifications that arrive during a re-read lead to one more after it.
     """
 
     def __init__(
@@ -46,18 +48,23 @@ class RefdataWatch:
         connect: Callable[[], Awaitable[asyncpg.Connection]],
         *,
         retry_s: float = 1.0,
-        max_retry_s: float = 30.0,
+        max_retry_s: float = 10.0,
+        probe_s: float = 30.0,
+        settle_s: float = 0.2,
     ) -> None:
         self._ref = ref
         self._pool = pool
         self._connect = connect
-        self._retry_s = retry_s
-        self._max_retry_s = max_retry_s
+        self.retry_s = retry_s
+        self.max_retry_s = max_retry_s
+        #: Seconds without a notification after which the connection is probed.
+        self.probe_s = probe_s
+        self.settle_s = settle_s
         self._changed = asyncio.Event()
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        #: Completed re-reads, and the database backend listening (operations
-        #: and tests find the watch's session by it).
+        #: Completed re-reads, and the database backend listening, None while
+        #: none is (operations and tests find the watch's session by it).
         self.refreshes = 0
         self.listening_pid: int | None = None
 
@@ -67,18 +74,24 @@ class RefdataWatch:
         self._task = asyncio.create_task(self._run(conn), name="refdata-watch")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop; never raises, so that the ledger's own shutdown goes on after it."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("reference data watch: ended with an error")
 
     async def _listen(self) -> asyncpg.Connection:
         conn = await self._connect()
         try:
             await conn.add_listener(CHANNEL, self._notified)
         except BaseException:
-            await conn.close()
+            conn.terminate()
             raise
         conn.add_termination_listener(self._terminated)
         self._lost.clear()
@@ -90,58 +103,89 @@ class RefdataWatch:
 
     def _terminated(self, *_: object) -> None:
         self._lost.set()
+        self.listening_pid = None
 
     async def _run(self, conn: asyncpg.Connection | None) -> None:
-        delay = self._retry_s
+        delay = self.retry_s
         # A change committed between the copy's first read and LISTEN was not
         # notified to this connection: read once now.
         self._changed.set()
         try:
             while True:
-                if conn is None or conn.is_closed():
-                    try:
+                try:
+                    if conn is None:
                         conn = await self._listen()
-                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                        log.warning(
-                            "reference data watch: database unavailable (%s); retrying in %gs",
-                            type(exc).__name__,
-                            delay,
-                        )
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, self._max_retry_s)
-                        continue
-                    delay = self._retry_s
-                    self._changed.set()  # what was notified while it was down is lost
-                await self._wait_for_change_or_loss()
-                if self._lost.is_set():
-                    conn = None
+                        self._changed.set()  # what was notified while it was down is lost
+                    await self._until_changed(conn)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # The listening connection is gone or does not answer:
+                    # drop it (no goodbye: it may never answer one) and
+                    # connect again, with a growing pause while that fails.
+                    log.warning(
+                        "reference data watch: listening connection lost (%s); reconnecting in %gs",
+                        type(exc).__name__,
+                        delay,
+                    )
+                    if conn is not None:
+                        self._drop(conn)
+                        conn = None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.max_retry_s)
                     continue
                 self._changed.clear()
                 try:
                     async with self._pool.acquire() as reading:
                         await self._ref.refresh(reading)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                    log.warning(
-                        "reference data watch: re-read failed (%s); trying again",
-                        type(exc).__name__,
-                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # The next round reads again; an error nobody foresaw is
+                    # logged whole, and the watch goes on.
+                    if isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError):
+                        log.warning(
+                            "reference data watch: re-read failed (%s); again in %gs",
+                            type(exc).__name__,
+                            delay,
+                        )
+                    else:
+                        log.exception("reference data watch: re-read failed; again in %gs", delay)
                     self._changed.set()
                     await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.max_retry_s)
                     continue
                 self.refreshes += 1
+                delay = self.retry_s
         finally:
-            if conn is not None and not conn.is_closed():
-                await conn.close()
+            if conn is not None:
+                self._drop(conn)
 
-    async def _wait_for_change_or_loss(self) -> None:
-        if self._changed.is_set() or self._lost.is_set():
-            return
-        waits = [
-            asyncio.ensure_future(self._changed.wait()),
-            asyncio.ensure_future(self._lost.wait()),
-        ]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+    def _drop(self, conn: asyncpg.Connection) -> None:
+        """Close without a goodbye (a dead peer never answers one), and without the
+        closing itself being taken for the loss of the next connection."""
+        conn.remove_termination_listener(self._terminated)
+        conn.terminate()
+        self.listening_pid = None
+
+    async def _until_changed(self, conn: asyncpg.Connection) -> None:
+        """Return once a change was notified (and its burst has settled); raise if ``conn`` died."""
+        while not self._changed.is_set():
+            if self._lost.is_set() or conn.is_closed():
+                raise ConnectionResetError("listening connection closed")
+            waits = [
+                asyncio.ensure_future(self._changed.wait()),
+                asyncio.ensure_future(self._lost.wait()),
+            ]
+            try:
+                done, _ = await asyncio.wait(
+                    waits, timeout=self.probe_s, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for w in waits:
+                    w.cancel()
+            if not done:  # quiet for a while: is anyone still there?
+                await conn.fetchval("SELECT 1", timeout=min(self.probe_s, 5.0))
+        if self._lost.is_set():
+            raise ConnectionResetError("listening connection closed")
+        await asyncio.sleep(self.settle_s)
