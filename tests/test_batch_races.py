@@ -23,7 +23,14 @@ from onecard.ledger.crypto.verifier import MAC_OK
 from onecard.ledger.devdata import seed_demo_data
 from onecard.ledger.engine import fingerprint
 from onecard.ledger.lifecycle import Replacement, ReplaceReason
-from onecard.ledger.model import Debit, OfflineRecord, RecordOutcome, TxnKind, TxnStatus
+from onecard.ledger.model import (
+    Debit,
+    OfflineRecord,
+    RecordException,
+    RecordOutcome,
+    TxnKind,
+    TxnStatus,
+)
 from onecard.ledger.pii import PiiProtector
 from onecard.ledger.refdata import ReferenceData
 from onecard.ledger.storage.lifecycle import Context, replace_card
@@ -189,4 +196,42 @@ async def test_offline_batch_whose_card_is_replaced_meanwhile_runs_again_and_pay
     assert balances[int(CARD)] == 0
     assert balances[new_card] == 10_000 - 300
     assert await _purchases(db_dsn) == [(701, 300)]
+    await assert_books_balance(db_dsn)
+
+
+async def test_a_rerun_reads_what_the_chip_holds_again(conns: Conns, db_dsn: str) -> None:
+    """A replaced card's late records raced by another writer: the rerun reads
+    the card's chip adjustment as the rival left it, and moves it once more,
+    not twice (found reviewing migration 0018)."""
+    first, rival, ref = conns
+    ctx = Context(ref, PiiProtector(b"k" * 32), 0.0)
+    req = Replacement("r-chip", "staff", CARD, str(BASE_CARD + 5), 2, ReplaceReason.DAMAGED)
+    async with first.transaction():
+        await replace_card(ctx, first, req)
+
+    def late(seq: int, counter: int, before: int) -> PreparedRecord:
+        record = OfflineRecord(
+            CARD, 300, 9, BUS, seq, WHEN, 2, b"\x01\x02\x03\x04", counter, before
+        )
+        return PreparedRecord(
+            record,
+            int(CARD),
+            int(BUS),
+            fingerprint(record),
+            MAC_OK,
+            dt.datetime(2026, 11, 23, 7, 30),
+        )
+
+    async def rival_upload() -> None:
+        (won,) = await apply_offline_batch(rival, ref, [late(700, 1, 10_000)])
+        assert won.exceptions == (RecordException.CARD_BLOCKED,)
+
+    items = [late(700, 1, 10_000), late(701, 2, 9_700)]
+    with pytest.raises(BatchRaced):
+        await apply_offline_batch(RivalFirst(first, rival_upload), ref, items)  # type: ignore[arg-type]
+    dup, new = await apply_offline_batch(first, ref, items)
+    assert dup.outcome is RecordOutcome.DUPLICATE
+    assert new.exceptions == (RecordException.CARD_BLOCKED,)
+    rows = await fetch(db_dsn, "SELECT chip_adjust FROM cards WHERE card_no = $1", int(CARD))
+    assert rows[0]["chip_adjust"] == 9_400
     await assert_books_balance(db_dsn)

@@ -775,7 +775,7 @@ async def test_replacement_while_offline_records_of_the_old_card_arrive(
     assert second[0].results[0].outcome == upload_pb2.RECORD_OUTCOME_POSTED_WITH_EXCEPTION
     # Blocked (replaced), and nothing else: each chip reported the balance the
     # card had when replaced, less its records since, where the ledger holds 0
-    # for it (every late record was a BALANCE_MISMATCH before).
+    # for it (every late record was a BALANCE_MISMATCH before, migration 0018).
     for uploaded in (first, second):
         assert list(uploaded[0].results[0].exceptions) == [upload_pb2.RECORD_EXCEPTION_CARD_BLOCKED]
 
@@ -906,8 +906,9 @@ async def test_a_replaced_cards_late_record_after_a_lost_one_is_a_balance_mismat
         int(upload_pb2.RECORD_EXCEPTION_BALANCE_MISMATCH),
     )
     assert [r["detail"] for r in details] == [
-        "card reported 2750 fen before, ledger held 3000 for it "
-        "(its purse when replaced, less its records since)"
+        "card reported 2750 fen before, ledger held 0 and +3000 moved without the chip "
+        "(its replacement, late records following to the card that replaced it): "
+        "3000 expected"
     ]
     # The lost record turns up: the chip said 3000, the ledger now expects 2750.
     (late,) = await Gateway(channel).upload_records([lost])

@@ -478,11 +478,11 @@ async def replace_card(ctx: Context, conn: Conn, req: Replacement) -> DeskOutcom
     await mover.flush(conn)
     await conn.execute(
         "UPDATE cards SET status = $2, replaced_by = $3, status_changed_at = now(), "
-        "replaced_purse = $4 WHERE card_no = $1",
+        "chip_adjust = chip_adjust + $4 WHERE card_no = $1",
         old_no,
         int(CardStatus.BLOCKED),
         new_no,
-        row["purse_balance"],  # what its chip holds, as far as the ledger knows
+        row["purse_balance"],  # moved away from the ledger purse, not from the chip
     )
     version = await list_card(conn, old_no, DenyReason.BLOCKED)
     views = await load_views(conn, [old_no, new_no])

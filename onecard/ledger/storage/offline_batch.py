@@ -84,12 +84,12 @@ class _Card:
     #: Times of the card's online debits made after ``counter_at``, oldest
     #: first: read only for a card whose records in the batch may show a gap.
     debits: tuple[dt.datetime, ...] = ()
-    #: A replaced card's purse when it was replaced, less its late records
-    #: since (migration 0018): what its chip should report, where the ledger
-    #: holds 0. None on a card never replaced (or replaced before 0018).
-    replaced_purse: int | None = None
-    #: Whether a record of this batch moved ``replaced_purse`` (written back).
-    replaced_purse_moved: bool = False
+    #: What the chip holds beyond ``balance`` through moves the ledger made
+    #: without it (a replacement, a late record's amount following to the
+    #: newest card; migration 0018): the chip should report the sum.
+    chip_adjust: int = 0
+    #: Whether a record of this batch moved ``chip_adjust`` (written back).
+    chip_adjust_moved: bool = False
 
 
 @dataclass(slots=True)
@@ -194,7 +194,7 @@ SELECT DISTINCT replaced_by FROM chain
 
 _LOCK_CARDS = """
 SELECT card_no, status, purse_balance, offline_counter, lost_at, replaced_by, key_version,
-       last_loss_from, last_loss_until, offline_counter_at, replaced_purse
+       last_loss_from, last_loss_until, offline_counter_at, chip_adjust
 FROM cards WHERE card_no = ANY($1::bigint[])
 ORDER BY card_no
 FOR UPDATE
@@ -328,11 +328,11 @@ WITH purses AS (
 SELECT 1
 """
 
-# Replaced cards' purses as their chips should hold them (migration 0018);
-# their rows are locked with the batch's other cards.
-_UPDATE_REPLACED_PURSES = """
-UPDATE cards AS c SET replaced_purse = d.purse
-FROM unnest($1::bigint[], $2::bigint[]) AS d(card_no, purse)
+# What replaced cards' and their successors' chips hold beyond their purses
+# (migration 0018); their rows are locked with the batch's other cards.
+_UPDATE_CHIP_ADJUSTS = """
+UPDATE cards AS c SET chip_adjust = d.adjust
+FROM unnest($1::bigint[], $2::bigint[]) AS d(card_no, adjust)
 WHERE c.card_no = d.card_no
 """
 
@@ -423,7 +423,7 @@ async def apply_offline_batch(
         cards: dict[int, _Card] = {}
         for row in await conn.fetch(_LOCK_CARDS, lock):
             (card_no, status, balance, counter, lost_at, replaced_by, kv, lost_from, lost_until,
-             counter_at, replaced_purse) = row  # fmt: skip
+             counter_at, chip_adjust) = row  # fmt: skip
             window = (_local(lost_from), _local(lost_until)) if lost_until is not None else None
             cards[card_no] = _Card(
                 status,
@@ -434,7 +434,7 @@ async def apply_offline_batch(
                 kv,
                 window,
                 counter_at=counter_at,
-                replaced_purse=replaced_purse,
+                chip_adjust=chip_adjust,
             )
         if any(c.replaced_by is not None and c.replaced_by not in cards for c in cards.values()):
             raise BatchRaced()  # replaced between the two reads; run again
@@ -534,10 +534,10 @@ async def apply_offline_batch(
                 system,
                 [writes.accounts[a] for a in system],
             )
-            moved = [(no, c.replaced_purse) for no, c in touched if c.replaced_purse_moved]
+            moved = [(no, c.chip_adjust) for no, c in touched if c.chip_adjust_moved]
             if moved:  # late records of replaced cards: rare, so a statement of their own
                 await conn.execute(
-                    _UPDATE_REPLACED_PURSES, [no for no, _ in moved], [v for _, v in moved]
+                    _UPDATE_CHIP_ADJUSTS, [no for no, _ in moved], [v for _, v in moved]
                 )
     return results
 
@@ -658,6 +658,7 @@ def _decide(
         and card.loss_window is None
         and card.replaced_by is None
         and r.card_balance_before == card.balance
+        and card.chip_adjust == 0
         and r.amount <= card.balance
         and card.counter < counter
         and (card.counter == 0 or counter == card.counter + 1)
@@ -759,22 +760,18 @@ def _decide_in_full(
                 what += f" and in turn by {holder:016d}"
             what += ": the amount follows to it"
         found.append((RecordException.CARD_BLOCKED, f"card is {what}"))
-    if card.replaced_purse is None:
-        if r.card_balance_before != card.balance:
-            found.append(
-                (
-                    RecordException.BALANCE_MISMATCH,
-                    f"card reported {r.card_balance_before} fen before, ledger held {card.balance}",
-                )
+    if r.card_balance_before != card.balance + card.chip_adjust:
+        held = f"ledger held {card.balance}"
+        if card.chip_adjust:
+            held += (
+                f" and {card.chip_adjust:+} moved without the chip (its replacement, late "
+                f"records following to the card that replaced it): "
+                f"{card.balance + card.chip_adjust} expected"
             )
-    elif r.card_balance_before != card.replaced_purse:
-        # Its purse moved to the card that replaced it: the chip is compared
-        # with what the card held then, less its late records since.
         found.append(
             (
                 RecordException.BALANCE_MISMATCH,
-                f"card reported {r.card_balance_before} fen before, ledger held "
-                f"{card.replaced_purse} for it (its purse when replaced, less its records since)",
+                f"card reported {r.card_balance_before} fen before, {held}",
             )
         )
     counter = r.offline_counter
@@ -791,9 +788,6 @@ def _decide_in_full(
         card.counter = counter
         card.counter_at = p.txn_time
     card.touched = True
-    if card.replaced_purse is not None:
-        card.replaced_purse -= amount
-        card.replaced_purse_moved = True
     bearer = card
     if card.replaced_by is not None:
         holder = _holder(card, cards)
@@ -810,6 +804,10 @@ def _decide_in_full(
         successor.balance -= amount
         successor.delta -= amount
         successor.touched = True
+        # Neither chip saw the follow: the old one paid, the newest did not.
+        card.chip_adjust -= amount
+        successor.chip_adjust += amount
+        card.chip_adjust_moved = successor.chip_adjust_moved = True
         bearer = successor
     if bearer.balance < 0:
         found.append(

@@ -112,6 +112,18 @@ async def _reverse(conn: Conn, ref: ReferenceData, r: Reversal, window: float) -
             )
             detail = f"the amount follows to card {holder:016d}, which replaced this one"
         await mover.flush(conn, terminal_id, r.terminal_seq)
+        if holder != card_no:
+            # The chips did not see the follow: the old card's is taken as if
+            # its purse had the reversal, the holder's as if nothing moved
+            # (migration 0018), so their next offline records compare right.
+            await conn.execute(
+                "UPDATE cards SET chip_adjust = chip_adjust + "
+                "CASE WHEN card_no = $1 THEN $3::bigint ELSE -$3::bigint END "
+                "WHERE card_no IN ($1, $2)",
+                card_no,
+                holder,
+                gained,
+            )
         balance += mover.deltas.get(purse_account(card_no), 0)
         await conn.execute(
             "UPDATE terminal_txns SET reversed_by_seq = $3 "

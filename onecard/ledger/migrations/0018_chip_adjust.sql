@@ -1,0 +1,11 @@
+-- What a card's chip holds beyond its ledger purse, through moves the ledger
+-- made without the chip: a replacement empties the old card's purse into the
+-- new card's (the old chip keeps its money), and a late offline record of a
+-- replaced card takes its amount from the newest card of the chain (whose
+-- chip was written at replacement and does not see it). Before, the old
+-- card's every late record was a BALANCE_MISMATCH (the ledger held 0 for it),
+-- and so was every later record of the card the amount followed from, though
+-- each chip was right. An uploaded record's reported balance is now compared
+-- with purse_balance + chip_adjust. Cards replaced before this migration keep
+-- 0 (their late records are compared with the ledger's 0, as before).
+ALTER TABLE cards ADD COLUMN chip_adjust bigint NOT NULL DEFAULT 0;
