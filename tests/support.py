@@ -18,7 +18,7 @@ import asyncpg
 import grpc
 
 from onecard.clients.card import SimulatedCard
-from onecard.ledger.audit import balance_discrepancies, trial_balance
+from onecard.ledger.audit import balance_discrepancies, chip_adjust_discrepancies, trial_balance
 from onecard.ledger.devdata import DEV_KEYS
 from onecard.ledger.keys import KeyVersion, MemoryKeyStore, parse_key_document
 from onecard.v1 import common_pb2, desk_pb2, desk_pb2_grpc
@@ -74,11 +74,13 @@ async def issue(
 
 
 async def assert_books_balance(dsn: str) -> None:
-    """Money neither created nor lost: trial balance zero, every balance equals its postings."""
+    """Money neither created nor lost: trial balance zero, every balance equals its postings;
+    and every card's chip adjustment equals the purse postings its chip did not see."""
     conn = await asyncpg.connect(dsn)
     try:
         assert await trial_balance(conn) == 0
         assert await balance_discrepancies(conn) == []
+        assert await chip_adjust_discrepancies(conn) == []
     finally:
         await conn.close()
 

@@ -626,7 +626,7 @@ async def test_a_ride_inside_a_released_loss_period_is_still_card_lost(
 
 async def replace_by_sql(dsn: str, old: SimulatedCard, new: SimulatedCard) -> None:
     """The desk's replacement, as direct SQL: the purse moves by a posting, the old
-    card is blocked for good and names its successor."""
+    card is blocked for good and names its successor, and its chip keeps the money."""
     await fetch(
         dsn,
         "WITH b AS (SELECT purse_balance AS amount FROM cards WHERE card_no = $1),"
@@ -635,7 +635,9 @@ async def replace_by_sql(dsn: str, old: SimulatedCard, new: SimulatedCard) -> No
         " UPDATE cards SET purse_balance = CASE WHEN card_no = $1 THEN 0"
         "   ELSE purse_balance + (SELECT amount FROM b) END,"
         " status = CASE WHEN card_no = $1 THEN 3 ELSE status END,"
-        " replaced_by = CASE WHEN card_no = $1 THEN $2 ELSE replaced_by END"
+        " replaced_by = CASE WHEN card_no = $1 THEN $2 ELSE replaced_by END,"
+        " chip_adjust = chip_adjust + CASE WHEN card_no = $1"
+        "   THEN greatest((SELECT amount FROM b), 0) ELSE 0 END"
         " WHERE card_no IN ($1, $2)",
         int(old.card_no),
         int(new.card_no),

@@ -9,3 +9,26 @@
 -- with purse_balance + chip_adjust. Cards replaced before this migration keep
 -- 0 (their late records are compared with the ledger's 0, as before).
 ALTER TABLE cards ADD COLUMN chip_adjust bigint NOT NULL DEFAULT 0;
+
+-- The same, worked out from the postings for cards moved before now: every
+-- purse posting the chip did not see (what the ledger's audit holds it to,
+-- onecard/ledger/audit.py). One pass over postings, once.
+UPDATE cards AS c SET chip_adjust = d.adjust
+FROM (
+    SELECT card_no, sum(amount) AS adjust
+    FROM (
+        SELECT debit_account - 10000000000000000 AS card_no, amount FROM postings
+        WHERE kind IN (4, 7, 9, 11)  -- follow, balance refund, dispute refund, deposit offset
+          AND debit_account BETWEEN 10000000000000000 AND 19999999999999999
+        UNION ALL
+        SELECT credit_account - 10000000000000000, -amount FROM postings
+        WHERE kind IN (4, 7, 9, 11)
+          AND credit_account BETWEEN 10000000000000000 AND 19999999999999999
+        UNION ALL  -- a replacement: the old card's side only (the new chip is written)
+        SELECT card_no,
+               CASE WHEN debit_account = 10000000000000000 + card_no THEN amount ELSE -amount END
+        FROM postings WHERE kind = 5
+    ) AS moves
+    GROUP BY card_no
+) AS d
+WHERE c.card_no = d.card_no AND d.adjust <> 0;

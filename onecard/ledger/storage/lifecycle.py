@@ -532,6 +532,7 @@ async def _pay_out(
     mover = Mover(request_id)
     paid_balance = max(0, min(balance_to_pay, purse))
     mover.move(card_no, purse_account(card_no), cash, paid_balance, PostingKind.BALANCE_REFUND)
+    offset = 0
     if purse < 0 and deposit > 0:
         offset = min(deposit, -purse)
         mover.move(
@@ -542,7 +543,19 @@ async def _pay_out(
     paid_deposit = max(0, deposit)
     mover.move(card_no, deposit_account(card_no), cash, paid_deposit, PostingKind.DEPOSIT_REFUND)
     await mover.flush(conn)
+    # Paid out of (or made whole into) the ledger purse only: the chip keeps
+    # what it held, and a record made before the desk visit reports that
+    # (migration 0018).
+    await _chip_missed(conn, card_no, paid_balance - offset)
     return paid_balance, paid_deposit
+
+
+async def _chip_missed(conn: Conn, card_no: int, taken: int) -> None:
+    """``taken`` left the card's ledger purse (negative: came in) without its chip seeing it."""
+    if taken:
+        await conn.execute(
+            "UPDATE cards SET chip_adjust = chip_adjust + $2 WHERE card_no = $1", card_no, taken
+        )
 
 
 async def cancel_card(ctx: Context, conn: Conn, req: Cancellation) -> DeskOutcome:
@@ -763,6 +776,7 @@ async def refund_posting(ctx: Context, conn: Conn, req: DisputeRefund) -> DeskOu
         corrects=req.posting_id,
     )
     (posting_id,) = await mover.flush(conn)
+    await _chip_missed(conn, target, -req.amount)  # credited to the account, not to the chip
     await conn.execute(
         """INSERT INTO dispute_refunds (card_no, refund_posting, original_posting, amount,
                                         case_reference, reason, staff_id, request_id)
