@@ -6,8 +6,8 @@
 -- card's every late record was a BALANCE_MISMATCH (the ledger held 0 for it),
 -- and so was every later record of the card the amount followed from, though
 -- each chip was right. An uploaded record's reported balance is now compared
--- with purse_balance + chip_adjust. Cards replaced before this migration keep
--- 0 (their late records are compared with the ledger's 0, as before).
+-- with purse_balance + chip_adjust. The desk's payouts at cancellation and
+-- dispute refunds move the ledger purse without the chip too, and count.
 ALTER TABLE cards ADD COLUMN chip_adjust bigint NOT NULL DEFAULT 0;
 
 -- The same, worked out from the postings for cards moved before now: every
