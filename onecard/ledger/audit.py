@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from onecard.ledger.accounts import CARD_SPACE, DEPOSIT_BASE, PURSE_BASE
-from onecard.ledger.model import PostingKind
+from onecard.ledger.model import UNSEEN_BY_CHIP, PostingKind
 from onecard.ledger.storage import Conn
 
 
@@ -63,20 +63,12 @@ async def balance_discrepancies(conn: Conn) -> list[Discrepancy]:
     return [Discrepancy(r["account"], r["balance"], r["from_postings"]) for r in rows]
 
 
-#: Purse postings a chip does not see: a late record's amount following between
-#: cards, the desk paying a purse out or making it whole from the deposit, a
-#: dispute refund. A replacement counts on the old card's side only (the new
-#: card's chip is written with the balance).
-UNSEEN_BY_CHIP = (
-    PostingKind.REPLACED_CARD_FOLLOW,
-    PostingKind.BALANCE_REFUND,
-    PostingKind.DISPUTE_REFUND,
-    PostingKind.DEPOSIT_OFFSET,
-)
-
-
 async def chip_adjust_discrepancies(conn: Conn) -> list[tuple[int, int, int]]:
-    """(card, stored chip_adjust, from postings) for every card where the two differ."""
+    """(card, stored chip_adjust, from postings) for every card where the two differ.
+
+    The SQL twin of ``model.chip_unseen``, which the desk's moves apply one
+    posting at a time and the upload batch the same way in bulk.
+    """
     rows = await conn.fetch(
         """
         WITH moves AS (
@@ -97,7 +89,7 @@ async def chip_adjust_discrepancies(conn: Conn) -> list[tuple[int, int, int]]:
         ORDER BY 1
         """,
         PURSE_BASE,
-        [int(k) for k in UNSEEN_BY_CHIP],
+        sorted(int(k) for k in UNSEEN_BY_CHIP),
         CARD_SPACE - 1,
         int(PostingKind.REPLACEMENT_TRANSFER),
     )

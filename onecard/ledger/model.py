@@ -76,6 +76,41 @@ class PostingKind(enum.IntEnum):
     DEPOSIT_OFFSET = 11
 
 
+#: Purse postings a chip does not see, so they move ``cards.chip_adjust`` (what
+#: the chip holds beyond the ledger purse, migration 0018): a late record's
+#: amount following between cards, the desk paying a purse out or making it
+#: whole from the deposit, a dispute refund. A replacement's transfer moves it
+#: on the old card's side only (the new card's chip is written with the
+#: balance): see ``chip_unseen``.
+UNSEEN_BY_CHIP = frozenset(
+    {
+        PostingKind.REPLACED_CARD_FOLLOW,
+        PostingKind.BALANCE_REFUND,
+        PostingKind.DISPUTE_REFUND,
+        PostingKind.DEPOSIT_OFFSET,
+    }
+)
+
+
+def chip_unseen(
+    kind: PostingKind, card_no: int, debit: int, credit: int, amount: int, purse_base: int
+) -> list[tuple[int, int]]:
+    """(card, change of its chip adjustment) for one posting (amount > 0).
+
+    Money leaving a purse the chip did not see leaves the chip ahead of the
+    ledger (+), money arriving leaves it behind (-).
+    """
+    if kind in UNSEEN_BY_CHIP:
+        sides = [(debit, amount), (credit, -amount)]
+    elif kind is PostingKind.REPLACEMENT_TRANSFER:
+        own = purse_base + card_no
+        sides = [(debit, amount)] if debit == own else [(credit, -amount)] if credit == own else []
+    else:
+        return []
+    limit = purse_base * 2  # purse accounts are purse_base + a 16-digit card number
+    return [(a - purse_base, d) for a, d in sides if purse_base <= a < limit]
+
+
 class PaymentChannel(enum.IntEnum):
     CASH = 1
     BANK_CARD = 2

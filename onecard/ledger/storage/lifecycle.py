@@ -43,7 +43,14 @@ from onecard.ledger.lifecycle import (
     ReplaceReason,
     wrong_state,
 )
-from onecard.ledger.model import CardStatus, CardView, DeskStatus, PaymentChannel, PostingKind
+from onecard.ledger.model import (
+    CardStatus,
+    CardView,
+    DeskStatus,
+    PaymentChannel,
+    PostingKind,
+    chip_unseen,
+)
 from onecard.ledger.pii import PiiProtector
 from onecard.ledger.refdata import ReferenceData
 from onecard.ledger.storage import Conn, Contention
@@ -244,6 +251,9 @@ class Mover:
     request_id: str | None
     rows: list[tuple[int, int, int, int, PostingKind, int | None]] = field(default_factory=list)
     deltas: dict[int, int] = field(default_factory=dict)
+    #: Per card, how much its chip adjustment moves: the purse postings of
+    #: this action its chip does not see (model.chip_unseen).
+    chip: dict[int, int] = field(default_factory=dict)
 
     def move(
         self,
@@ -261,6 +271,8 @@ class Mover:
         self.rows.append((card_no, debit, credit, amount, kind, corrects))
         self.deltas[debit] = self.deltas.get(debit, 0) - amount
         self.deltas[credit] = self.deltas.get(credit, 0) + amount
+        for card, change in chip_unseen(kind, card_no, debit, credit, amount, PURSE_BASE):
+            self.chip[card] = self.chip.get(card, 0) + change
 
     async def flush(
         self, conn: Conn, terminal_id: int | None = None, terminal_seq: int | None = None
@@ -286,7 +298,7 @@ class Mover:
             )
         for account in sorted(self.deltas):
             delta = self.deltas[account]
-            if delta == 0:
+            if delta == 0 and not self.chip.get(account - PURSE_BASE):
                 continue
             if account >= DEPOSIT_BASE:
                 await conn.execute(
@@ -296,9 +308,11 @@ class Mover:
                 )
             elif account >= PURSE_BASE:
                 await conn.execute(
-                    "UPDATE cards SET purse_balance = purse_balance + $2 WHERE card_no = $1",
+                    "UPDATE cards SET purse_balance = purse_balance + $2, "
+                    "chip_adjust = chip_adjust + $3 WHERE card_no = $1",
                     account - PURSE_BASE,
                     delta,
+                    self.chip.get(account - PURSE_BASE, 0),
                 )
             else:
                 await conn.execute(
@@ -477,12 +491,11 @@ async def replace_card(ctx: Context, conn: Conn, req: Replacement) -> DeskOutcom
     )
     await mover.flush(conn)
     await conn.execute(
-        "UPDATE cards SET status = $2, replaced_by = $3, status_changed_at = now(), "
-        "chip_adjust = chip_adjust + $4 WHERE card_no = $1",
+        "UPDATE cards SET status = $2, replaced_by = $3, status_changed_at = now() "
+        "WHERE card_no = $1",
         old_no,
         int(CardStatus.BLOCKED),
         new_no,
-        row["purse_balance"],  # moved away from the ledger purse, not from the chip
     )
     version = await list_card(conn, old_no, DenyReason.BLOCKED)
     views = await load_views(conn, [old_no, new_no])
@@ -532,7 +545,6 @@ async def _pay_out(
     mover = Mover(request_id)
     paid_balance = max(0, min(balance_to_pay, purse))
     mover.move(card_no, purse_account(card_no), cash, paid_balance, PostingKind.BALANCE_REFUND)
-    offset = 0
     if purse < 0 and deposit > 0:
         offset = min(deposit, -purse)
         mover.move(
@@ -542,20 +554,8 @@ async def _pay_out(
         deposit -= offset
     paid_deposit = max(0, deposit)
     mover.move(card_no, deposit_account(card_no), cash, paid_deposit, PostingKind.DEPOSIT_REFUND)
-    await mover.flush(conn)
-    # Paid out of (or made whole into) the ledger purse only: the chip keeps
-    # what it held, and a record made before the desk visit reports that
-    # (migration 0018).
-    await _chip_missed(conn, card_no, paid_balance - offset)
+    await mover.flush(conn)  # the chip keeps what was paid out: chip_adjust (Mover)
     return paid_balance, paid_deposit
-
-
-async def _chip_missed(conn: Conn, card_no: int, taken: int) -> None:
-    """``taken`` left the card's ledger purse (negative: came in) without its chip seeing it."""
-    if taken:
-        await conn.execute(
-            "UPDATE cards SET chip_adjust = chip_adjust + $2 WHERE card_no = $1", card_no, taken
-        )
 
 
 async def cancel_card(ctx: Context, conn: Conn, req: Cancellation) -> DeskOutcome:
@@ -776,7 +776,6 @@ async def refund_posting(ctx: Context, conn: Conn, req: DisputeRefund) -> DeskOu
         corrects=req.posting_id,
     )
     (posting_id,) = await mover.flush(conn)
-    await _chip_missed(conn, target, -req.amount)  # credited to the account, not to the chip
     await conn.execute(
         """INSERT INTO dispute_refunds (card_no, refund_posting, original_posting, amount,
                                         case_reference, reason, staff_id, request_id)

@@ -111,19 +111,9 @@ async def _reverse(conn: Conn, ref: ReferenceData, r: Reversal, window: float) -
                 PostingKind.REPLACED_CARD_FOLLOW,
             )
             detail = f"the amount follows to card {holder:016d}, which replaced this one"
+        # The chips do not see the follow: Mover moves both cards' chip
+        # adjustments (migration 0018), so their next offline records compare right.
         await mover.flush(conn, terminal_id, r.terminal_seq)
-        if holder != card_no:
-            # The chips did not see the follow: the old card's is taken as if
-            # its purse had the reversal, the holder's as if nothing moved
-            # (migration 0018), so their next offline records compare right.
-            await conn.execute(
-                "UPDATE cards SET chip_adjust = chip_adjust + "
-                "CASE WHEN card_no = $1 THEN $3::bigint ELSE -$3::bigint END "
-                "WHERE card_no IN ($1, $2)",
-                card_no,
-                holder,
-                gained,
-            )
         balance += mover.deltas.get(purse_account(card_no), 0)
         await conn.execute(
             "UPDATE terminal_txns SET reversed_by_seq = $3 "
