@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from onecard.clients.card import SimulatedCard
-from onecard.clients.terminal import Terminal
+from onecard.clients.terminal import Terminal, now_bcd_text
 from onecard.ledger.keys import MemoryKeyStore
 from onecard.v1 import common_pb2, desk_pb2, desk_pb2_grpc, terminal_pb2, terminal_pb2_grpc
 from tests.support import STAFF, fetch, issue
@@ -184,3 +184,16 @@ async def assert_no_clear_pii(dsn: str) -> None:
         for r in rows:
             for clear in CLEAR_PII:
                 assert clear not in r["row"], f"clear personal data in table {table}"
+
+
+def reverse_request(
+    card_no: str, amount: int, seq: int, original: int, terminal: str = BUS
+) -> terminal_pb2.ReverseRequest:
+    return terminal_pb2.ReverseRequest(
+        card_number=card_no,
+        amount=amount,
+        terminal_id=terminal,
+        terminal_seq=seq,
+        original_seq=original,
+        date_time=now_bcd_text(),
+    )

@@ -16,14 +16,24 @@ from __future__ import annotations
 from dataclasses import replace as dc_replace
 
 import grpc
+import pytest
 
 from onecard.clients.card import SimulatedCard
 from onecard.clients.gateway import Gateway, offline_record
 from onecard.clients.terminal import Terminal, now_bcd_text
 from onecard.ledger.keys import MemoryKeyStore
 from onecard.server.app import RunningServer
-from onecard.v1 import common_pb2, desk_pb2, terminal_pb2, upload_pb2
-from tests.desk_support import BUS, OK, TOPUP, funded, get_card, replace, terminal_stub
+from onecard.v1 import common_pb2, desk_pb2, upload_pb2
+from tests.desk_support import (
+    BUS,
+    OK,
+    TOPUP,
+    funded,
+    get_card,
+    replace,
+    reverse_request,
+    terminal_stub,
+)
 from tests.support import assert_books_balance, fetch, issue, issuer_key, new_card_number
 
 BLOCKED = upload_pb2.RECORD_EXCEPTION_CARD_BLOCKED
@@ -147,10 +157,7 @@ async def test_a_reversed_load_of_a_replaced_card(
     assert (await topup.stub.Load(topup.load_request(a, pending, seq=6))).status == APPROVED
     late = offline_record(a, 250, BUS, 60, now_bcd_text())  # a's chip: 3000 before
     b = await _replace_with_chip(channel, keys, a.card_no)  # b's chip: 4000
-    reverse = terminal_pb2.ReverseRequest(
-        card_number=a.card_no, amount=1000, terminal_id=TOPUP, terminal_seq=7,
-        original_seq=6, date_time=now_bcd_text(),
-    )  # fmt: skip
+    reverse = reverse_request(a.card_no, 1000, 7, 6, TOPUP)
     assert (await terminal_stub(channel).Reverse(reverse)).status == APPROVED
     assert (await get_card(channel, b.card_no)).balance == 3000
     (reply,) = await Gateway(channel).upload_records([late])
@@ -162,21 +169,38 @@ async def test_a_reversed_load_of_a_replaced_card(
     await assert_books_balance(server.dsn)
 
 
-async def test_a_reversed_debit_of_a_replaced_card(
-    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
-) -> None:
-    """An online debit undone by its terminal: the chip has the 300 again."""
+async def reversal_over_a_chain(
+    channel: grpc.aio.Channel, keys: MemoryKeyStore, replacements: int, seq: int
+) -> list[SimulatedCard]:
+    """A's online debit undone by its terminal (its chip has the 300 again) after A
+    was replaced ``replacements`` times; then A's late ride and the newest card's own.
+    The cards of the chain, A first."""
     a = await funded(channel, keys, 1000)
-    bus = Terminal(channel, BUS, 70)
-    assert (await bus.debit(a, 300)).status == APPROVED  # seq 70
+    assert (await Terminal(channel, BUS, seq).debit(a, 300)).status == APPROVED
     a.balance += 300  # the cashier's mistake undone on the chip
-    late = offline_record(a, 250, "310400000002", 72, now_bcd_text())  # a's chip: 1000 before
-    await _replace_with_chip(channel, keys, a.card_no)
-    reverse = terminal_pb2.ReverseRequest(
-        card_number=a.card_no, amount=300, terminal_id=BUS, terminal_seq=71,
-        original_seq=70, date_time=now_bcd_text(),
-    )  # fmt: skip
+    late = offline_record(a, 250, "310400000002", seq + 2, now_bcd_text())  # chip: 1000 before
+    chain = [a]
+    for _ in range(replacements):
+        chain.append(await _replace_with_chip(channel, keys, chain[-1].card_no))
+    reverse = reverse_request(a.card_no, 300, seq + 1, seq)
     assert (await terminal_stub(channel).Reverse(reverse)).status == APPROVED
     (reply,) = await Gateway(channel).upload_records([late])
     assert _exceptions(reply) == [[BLOCKED]]
+    (own,) = await Gateway(channel).upload_records(
+        [offline_record(chain[-1], 100, "310400000002", seq + 3, now_bcd_text())]
+    )
+    assert [r.outcome for r in own.results] == [POSTED]
+    return chain
+
+
+@pytest.mark.parametrize(("replacements", "adjustments"), [(1, [750, -50]), (2, [750, 700, -50])])
+async def test_a_reversed_debit_of_a_replaced_card(
+    server: RunningServer,
+    channel: grpc.aio.Channel,
+    keys: MemoryKeyStore,
+    replacements: int,
+    adjustments: list[int],
+) -> None:
+    chain = await reversal_over_a_chain(channel, keys, replacements, 70 + 10 * replacements)
+    assert [await _chip_adjust(server.dsn, c.card_no) for c in chain] == adjustments
     await assert_books_balance(server.dsn)

@@ -21,10 +21,10 @@ from onecard.ledger.audit import chip_adjust_discrepancies
 from onecard.ledger.keys import MemoryKeyStore
 from onecard.ledger.storage.migrate import available_migrations
 from onecard.server.app import RunningServer
-from onecard.v1 import common_pb2, desk_pb2, terminal_pb2, upload_pb2
-from tests.desk_support import BUS, OK, cancel, desk, funded, rid, terminal_stub
+from onecard.v1 import common_pb2, desk_pb2, upload_pb2
+from tests.desk_support import BUS, OK, cancel, desk, funded, rid
 from tests.support import STAFF, assert_books_balance, fetch
-from tests.test_chip_adjust import _chip_adjust, _replace_with_chip
+from tests.test_chip_adjust import reversal_over_a_chain
 
 BUS2 = "310400000002"
 BLOCKED = upload_pb2.RECORD_EXCEPTION_CARD_BLOCKED
@@ -100,37 +100,11 @@ async def test_held_refund_paid_then_a_late_ride(
     await assert_books_balance(server.dsn)
 
 
-async def test_a_reversal_over_a_chain_of_three(
-    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
-) -> None:
-    """A -> B -> C, A's debit reversed, then A's late ride and C's own."""
-    a = await funded(channel, keys, 1000)
-    bus = Terminal(channel, BUS, 70)
-    assert (await bus.debit(a, 300)).status == common_pb2.TXN_STATUS_APPROVED
-    a.balance += 300
-    late = offline_record(a, 250, BUS2, 72, now_bcd_text())  # a's chip: 1000 before
-    b = await _replace_with_chip(channel, keys, a.card_no)
-    c = await _replace_with_chip(channel, keys, b.card_no)
-    reverse = terminal_pb2.ReverseRequest(
-        card_number=a.card_no, amount=300, terminal_id=BUS, terminal_seq=71,
-        original_seq=70, date_time=now_bcd_text(),
-    )  # fmt: skip
-    assert (await terminal_stub(channel).Reverse(reverse)).status == common_pb2.TXN_STATUS_APPROVED
-    (up,) = await Gateway(channel).upload_records([late])
-    assert [list(r.exceptions) for r in up.results] == [[BLOCKED]]
-    (own,) = await Gateway(channel).upload_records(
-        [offline_record(c, 100, BUS2, 73, now_bcd_text())]
-    )
-    assert [r.outcome for r in own.results] == [POSTED]
-    assert [await _chip_adjust(server.dsn, x.card_no) for x in (a, b, c)] == [750, 700, -50]
-    await assert_books_balance(server.dsn)
-
-
 async def test_migration_0018_works_the_adjustments_out_from_the_postings(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """Cards moved before 0018 get what their postings say, not 0."""
-    await test_a_reversal_over_a_chain_of_three(server, channel, keys)
+    await reversal_over_a_chain(channel, keys, 2, 170)
     await test_readable_cancellation_then_the_ride_the_chip_showed(server, channel, keys)
     await test_dispute_refund_then_an_offline_ride_with_a_correct_chip(server, channel, keys)
     await fetch(server.dsn, "UPDATE cards SET chip_adjust = 0")  # as the column began

@@ -34,6 +34,7 @@ from tests.desk_support import (
     release_loss,
     replace,
     report_loss,
+    reverse_request,
     rid,
     terminal_stub,
 )
@@ -587,19 +588,6 @@ async def test_refund_of_a_replaced_cards_purchase_goes_to_its_successor(
 # -- reversal --------------------------------------------------------------------------
 
 
-def _reverse_request(
-    card_no: str, amount: int, seq: int, original: int, terminal: str = BUS
-) -> terminal_pb2.ReverseRequest:
-    return terminal_pb2.ReverseRequest(
-        card_number=card_no,
-        amount=amount,
-        terminal_id=terminal,
-        terminal_seq=seq,
-        original_seq=original,
-        date_time=now_bcd_text(),
-    )
-
-
 async def test_terminal_reverses_its_last_transaction_once(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
@@ -607,33 +595,33 @@ async def test_terminal_reverses_its_last_transaction_once(
     bus = Terminal(channel, BUS, 10)
     assert (await bus.debit(card, 300)).status == APPROVED  # seq 10
     stub = terminal_stub(channel)
-    req = _reverse_request(card.card_no, 300, 11, 10)
+    req = reverse_request(card.card_no, 300, 11, 10)
     first = await stub.Reverse(req)
     assert first.status == APPROVED and first.balance_after == 1000, first
     retry = await stub.Reverse(req)
     assert retry.status == common_pb2.TXN_STATUS_DUPLICATE
     assert (retry.original_status, retry.balance_after) == (APPROVED, 1000)
-    twice = await stub.Reverse(_reverse_request(card.card_no, 300, 12, 10))
+    twice = await stub.Reverse(reverse_request(card.card_no, 300, 12, 10))
     assert twice.status == common_pb2.TXN_STATUS_ALREADY_REVERSED
-    changed = _reverse_request(card.card_no, 299, 11, 10)
+    changed = reverse_request(card.card_no, 299, 11, 10)
     assert (await stub.Reverse(changed)).status == common_pb2.TXN_STATUS_CONFLICT
 
     bus2 = Terminal(channel, "310400000002", 20)
     assert (await bus2.debit(card, 100)).status == APPROVED  # seq 20
     assert (await bus2.debit(card, 100)).status == APPROVED  # seq 21
-    not_last = await stub.Reverse(_reverse_request(card.card_no, 100, 22, 20, bus2.terminal_id))
+    not_last = await stub.Reverse(reverse_request(card.card_no, 100, 22, 20, bus2.terminal_id))
     assert not_last.status == common_pb2.TXN_STATUS_NOT_REVERSIBLE
     assert "not the terminal's last" in not_last.detail
-    wrong_amount = await stub.Reverse(_reverse_request(card.card_no, 50, 23, 21, bus2.terminal_id))
+    wrong_amount = await stub.Reverse(reverse_request(card.card_no, 50, 23, 21, bus2.terminal_id))
     assert wrong_amount.status == common_pb2.TXN_STATUS_NOT_REVERSIBLE
 
     lifecycle = server.ledger.lifecycle
     lifecycle.settings = dc_replace(lifecycle.settings, reversal_window=0)
-    too_late = await stub.Reverse(_reverse_request(card.card_no, 100, 24, 21, bus2.terminal_id))
+    too_late = await stub.Reverse(reverse_request(card.card_no, 100, 24, 21, bus2.terminal_id))
     assert too_late.status == common_pb2.TXN_STATUS_NOT_REVERSIBLE
     assert "window" in too_late.detail
     lifecycle.settings = dc_replace(lifecycle.settings, reversal_window=600)
-    ok = await stub.Reverse(_reverse_request(card.card_no, 100, 25, 21, bus2.terminal_id))
+    ok = await stub.Reverse(reverse_request(card.card_no, 100, 25, 21, bus2.terminal_id))
     assert ok.status == APPROVED and ok.balance_after == 900
 
     reversals = await fetch(
@@ -653,7 +641,7 @@ async def test_reverse_a_load(
     topup = Terminal(channel, TOPUP, 5)
     assert (await topup.load(card, 2000)).status == APPROVED  # seq 5
     stub = terminal_stub(channel)
-    reply = await stub.Reverse(_reverse_request(card.card_no, 2000, 6, 5, TOPUP))
+    reply = await stub.Reverse(reverse_request(card.card_no, 2000, 6, 5, TOPUP))
     assert reply.status == APPROVED and reply.balance_after == 0
     cash = await fetch(
         server.dsn, "SELECT balance FROM account_balances WHERE code = 'cash:3104:cash'"
@@ -673,13 +661,13 @@ async def test_reversal_after_replacement_follows_to_the_last_card(
     assert (await replace(channel, card.card_no, b_no, damaged)).status == OK
     assert (await replace(channel, b_no, c_no, damaged)).status == OK
 
-    reply = await terminal_stub(channel).Reverse(_reverse_request(card.card_no, 300, 11, 10))
+    reply = await terminal_stub(channel).Reverse(reverse_request(card.card_no, 300, 11, 10))
     assert reply.status == APPROVED, reply
     assert c_no in reply.detail
     balances = [(await get_card(channel, no)).balance for no in (card.card_no, b_no, c_no)]
     assert balances == [0, 0, 1000]
     # Reversed once: a second try is ALREADY_REVERSED, the holder's card keeps 1000.
-    again = await terminal_stub(channel).Reverse(_reverse_request(card.card_no, 300, 12, 10))
+    again = await terminal_stub(channel).Reverse(reverse_request(card.card_no, 300, 12, 10))
     assert again.status == common_pb2.TXN_STATUS_ALREADY_REVERSED
     assert (await get_card(channel, c_no)).balance == 1000
 
@@ -704,7 +692,7 @@ async def test_reversal_of_a_load_after_replacement_takes_it_from_the_new_card(
     assert (
         await replace(channel, card.card_no, new_no, desk_pb2.REPLACE_REASON_DAMAGED)
     ).status == OK
-    reply = await terminal_stub(channel).Reverse(_reverse_request(card.card_no, 2000, 6, 5, TOPUP))
+    reply = await terminal_stub(channel).Reverse(reverse_request(card.card_no, 2000, 6, 5, TOPUP))
     assert reply.status == APPROVED, reply
     assert [(await get_card(channel, no)).balance for no in (card.card_no, new_no)] == [0, 0]
     await assert_books_balance(server.dsn)
@@ -732,7 +720,7 @@ async def test_reversal_on_a_closed_card_is_left_to_the_desk(
         (closed.card_no, bus, 10, closed.card_no),
         (replaced.card_no, bus2, 20, new_no),
     ):
-        reply = await stub.Reverse(_reverse_request(card_no, 300, seq + 1, seq, terminal))
+        reply = await stub.Reverse(reverse_request(card_no, 300, seq + 1, seq, terminal))
         assert reply.status == common_pb2.TXN_STATUS_NOT_REVERSIBLE, reply
         assert f"card {closed_no}" in reply.detail and "is closed" in reply.detail
         assert "dispute refund" in reply.detail
@@ -747,7 +735,7 @@ async def test_reversal_on_a_closed_card_is_left_to_the_desk(
 
 async def test_reverse_field_rules(server: RunningServer, channel: grpc.aio.Channel) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await terminal_stub(channel).Reverse(_reverse_request("3104000000000001", 100, 5, 9))
+        await terminal_stub(channel).Reverse(reverse_request("3104000000000001", 100, 5, 9))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = err.value.details()
     assert details is not None

@@ -15,7 +15,7 @@ import asyncio
 import copy
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -112,6 +112,19 @@ def _assert_refused_naming(reply: object, code: str) -> None:
     assert f"system account {code} does not exist" in details, details
 
 
+async def _one_refused_one_approved(
+    refused_call: Awaitable[object],
+    approved_call: Awaitable[terminal_pb2.DebitReply | terminal_pb2.LoadReply],
+    code: str,
+) -> None:
+    """Two terminal calls sent together (one batch): the first refused naming ``code``,
+    the second approved."""
+    refused, approved = await asyncio.gather(refused_call, approved_call, return_exceptions=True)
+    assert not isinstance(approved, BaseException), approved
+    assert approved.status == APPROVED
+    _assert_refused_naming(refused, code)
+
+
 async def _assert_each_posted_once(
     dsn: str,
     cards: Sequence[SimulatedCard],
@@ -136,16 +149,11 @@ async def test_a_debit_at_a_terminal_without_payable_is_refused_alone(
         before = [await postings_of(db_dsn, c) for c in (at_bad, at_good)]
         bad, good = Terminal(chan, "319900000101", 10), Terminal(chan, GOOD_TERMINAL, 95_000)
         refused_request = bad.debit_request(at_bad, 150)
-        refused: terminal_pb2.DebitReply | BaseException
-        approved: terminal_pb2.DebitReply | BaseException
-        refused, approved = await asyncio.gather(
+        await _one_refused_one_approved(
             bad.stub.Debit(refused_request),
             good.stub.Debit(good.debit_request(at_good, 150)),
-            return_exceptions=True,
+            account,
         )
-        assert not isinstance(approved, BaseException), approved
-        assert approved.status == APPROVED
-        _assert_refused_naming(refused, account)
         assert await postings_of(db_dsn, at_bad) == before[0]
         await assert_books_balance(db_dsn)
 
@@ -199,14 +207,9 @@ async def test_a_load_through_a_channel_without_cash_account_is_refused_alone(
             term.load_request(c, c.begin_load(3000, term.terminal_id), channel=wechat)
             for c in (lacking, usual)
         ]
-        refused: terminal_pb2.LoadReply | BaseException
-        approved: terminal_pb2.LoadReply | BaseException
-        refused, approved = await asyncio.gather(
-            *(term.stub.Load(r) for r in requests), return_exceptions=True
+        await _one_refused_one_approved(
+            term.stub.Load(requests[0]), term.stub.Load(requests[1]), account
         )
-        assert not isinstance(approved, BaseException), approved
-        assert approved.status == APPROVED
-        _assert_refused_naming(refused, account)
         assert await postings_of(db_dsn, lacking) == before[0]
 
         await _create_account(db_dsn, account, "cash")
@@ -268,16 +271,11 @@ async def test_a_load_of_an_issuer_this_process_has_not_read_is_refused_alone(
         request = term.load_request(
             lacking, lacking.begin_load(3000, term.terminal_id), channel=wechat
         )
-        refused: terminal_pb2.LoadReply | BaseException
-        debit: terminal_pb2.DebitReply | BaseException
-        refused, debit = await asyncio.gather(
+        await _one_refused_one_approved(
             term.stub.Load(request),
             bus.stub.Debit(bus.debit_request(rider, 150)),
-            return_exceptions=True,
+            f"cash:{LACKING_ISSUER}:wechat_pay",
         )
-        assert not isinstance(debit, BaseException), debit
-        assert debit.status == APPROVED
-        _assert_refused_naming(refused, f"cash:{LACKING_ISSUER}:wechat_pay")
     assert await postings_of(db_dsn, lacking) == before[0]
     assert await postings_of(db_dsn, rider) == [*before[1], (int(PostingKind.PURCHASE), 150)]
     await assert_books_balance(db_dsn)
