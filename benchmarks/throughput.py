@@ -441,14 +441,19 @@ async def run_online_open(
 # --------------------------------------------------------------------------- setup
 
 
-async def prepare_db(pg: EmbeddedPostgres, name: str, cards: int) -> str:
+async def empty_db(pg: EmbeddedPostgres, name: str) -> str:
+    """A new database ``name`` (dropped first if a run left it): its DSN."""
     admin = await asyncpg.connect(pg.dsn())
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    dsn = pg.dsn(name)
+    return pg.dsn(name)
+
+
+async def prepare_db(pg: EmbeddedPostgres, name: str, cards: int) -> str:
+    dsn = await empty_db(pg, name)
     conn = await asyncpg.connect(dsn)
     try:
         await apply_migrations(conn)

@@ -91,6 +91,16 @@ def test_purse_update_benchmark_prints_both_forms() -> None:
     assert re.search(line, stdout), stdout
 
 
+def test_refdata_reread_benchmark_prints_the_three_forms() -> None:
+    stdout = _bench("refdata_reread", "--terminals", "2000", "--repeat", "2")
+    line = (
+        r"refdata 2000 terminals: row a terminal [\d.]+ ms \(loop held [\d.]+ ms\), "
+        r"whole [\d.]+ ms \([\d.]+ ms\), one terminal [\d.]+ ms \([\d.]+ ms\), "
+        r"row/whole [\d.]+"
+    )
+    assert re.search(line, stdout), stdout
+
+
 def test_upload_ab_benchmark_compares_two_installations() -> None:
     # This installation against itself: the form, not a figure.
     args = ["--baseline-python", sys.executable, "--cards", "2000", "--records", "4000"]

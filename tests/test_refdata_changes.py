@@ -171,3 +171,93 @@ async def test_a_lost_listening_connection_reconnects_and_rereads(
     code = f"payable:{operator}:second"
     await _execute(db_dsn, ("INSERT INTO accounts (code, kind) VALUES ($1, 'payable')", (code,)))
     await wait_until(lambda: code in server.ledger.ref.account_ids)
+
+
+async def test_a_terminal_registered_is_read_alone_not_with_everything_else(
+    servers: list[RunningServer], db_dsn: str
+) -> None:
+    """One registration used to re-read all reference data in every process.
+
+    With a province's hundreds of thousands of terminals that held each
+    process's event loop for most of a second per registration. Now the
+    notification names the terminal, and only it is read: a product changed
+    behind the notifications' back (triggers off for that session) stays
+    unseen until something names products.
+    """
+    server = servers[0]
+    limit = server.ledger.ref.products["standard"].txn_max
+    operator, known = await _operator_with_terminal(db_dsn)
+    for each in servers:  # the new operator's re-read is over
+        await wait_until(lambda s=each: int(known) in s.ledger.ref.terminal_operator)  # type: ignore[misc]
+    await _execute(
+        db_dsn,
+        ("SET LOCAL session_replication_role = replica", ()),
+        ("UPDATE products SET txn_max = $1 WHERE product_code = 'standard'", (limit - 1,)),
+    )
+    try:
+        terminal = 319800009901
+        await _execute(
+            db_dsn,
+            (
+                "INSERT INTO terminals (terminal_id, operator_id, kind) VALUES ($1, $2, 'bus')",
+                (terminal, operator),
+            ),
+        )
+        for each in servers:
+            await wait_until(lambda s=each: terminal in s.ledger.ref.terminal_operator)  # type: ignore[misc]
+            payable = each.ledger.ref.account_ids[f"payable:{operator}"]
+            assert each.ledger.ref.terminal_payable[terminal] == payable
+            assert each.ledger.ref.products["standard"].txn_max == limit
+    finally:
+        await _set_txn_max(db_dsn, limit)
+
+
+async def test_a_terminal_removed_or_renumbered_is_forgotten(
+    servers: list[RunningServer], db_dsn: str
+) -> None:
+    keys = dev_keys()
+    operator, first = await _operator_with_terminal(db_dsn)
+    _, second = await _operator_with_terminal(db_dsn)
+    renumbered = int(first) + 50
+    for each in servers:
+        await wait_until(lambda s=each: int(second) in s.ledger.ref.terminal_operator)  # type: ignore[misc]
+    await _execute(
+        db_dsn,
+        ("DELETE FROM terminals WHERE terminal_id = $1", (int(second),)),
+        ("UPDATE terminals SET terminal_id = $2 WHERE terminal_id = $1", (int(first), renumbered)),
+    )
+    for each in servers:
+        ref = each.ledger.ref
+        await wait_until(lambda r=ref: renumbered in r.terminal_operator)  # type: ignore[misc]
+        assert int(first) not in ref.terminal_operator
+        assert int(first) not in ref.terminal_payable
+        assert int(second) not in ref.terminal_operator
+        assert ref.terminal_operator[renumbered] == operator
+        async with grpc.aio.insecure_channel(each.address) as chan:
+            card = await funded(chan, keys, amount=1_000)
+            for gone in (first, second):
+                reply = await Terminal(chan, gone, 1).debit(card, 100)
+                assert reply.status == common_pb2.TXN_STATUS_UNKNOWN_TERMINAL, reply
+            reply = await Terminal(chan, str(renumbered), next(_numbers)).debit(card, 100)
+            assert reply.status == APPROVED, reply
+    await assert_books_balance(db_dsn)
+
+
+async def test_a_bulk_registration_past_what_a_notification_names_is_read_whole(
+    servers: list[RunningServer], db_dsn: str
+) -> None:
+    operator, _ = await _operator_with_terminal(db_dsn)
+    first = 319700000000
+    await _execute(
+        db_dsn,
+        (
+            "INSERT INTO terminals (terminal_id, operator_id, kind)"
+            " SELECT $1::bigint + g, $2, 'bus' FROM generate_series(0, 999) g",
+            (first, operator),
+        ),
+    )
+    for each in servers:
+        ref = each.ledger.ref
+        await wait_until(lambda r=ref: first + 999 in r.terminal_operator)  # type: ignore[misc]
+        payable = ref.account_ids[f"payable:{operator}"]
+        assert all(ref.terminal_payable[first + g] == payable for g in range(1000))

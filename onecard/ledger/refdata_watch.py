@@ -7,6 +7,10 @@ operator's payable, a product's new limits were not applied. Migration 0017
 makes every change to those tables notify channel ``onecard_refdata`` at its
 COMMIT; each process listens on a connection of its own (the pooled ones keep
 no session state, see LedgerConnection) and re-reads its copy when told.
+Terminals, the one table that is large and changes every day, are named in
+the notification (migration 0019) and re-read alone; any other change, or
+a statement that changed more terminals than a notification names, re-reads
+the whole copy.
 
 A notification sent while the listening connection was down is lost, so the
 watch re-reads after every (re)connection. A connection can also die without
@@ -61,6 +65,10 @@ class RefdataWatch:
         self.probe_s = probe_s
         self.settle_s = settle_s
         self._changed = asyncio.Event()
+        #: What the notifications since the last re-read named: terminals by
+        #: id, or anything else, which needs the whole copy read again.
+        self._terminals: set[int] = set()
+        self._whole = True
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         #: Completed re-reads, and the database backend listening, None while
@@ -98,7 +106,20 @@ class RefdataWatch:
         self.listening_pid = conn.get_server_pid()
         return conn
 
-    def _notified(self, *_: object) -> None:
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        table, _, ids = str(payload).partition(":")
+        if table == "terminals" and ids:
+            try:
+                self._terminals.update(int(i) for i in ids.split(","))
+            except ValueError:
+                self._whole = True
+        else:
+            self._whole = True
+        self._changed.set()
+
+    def _lose_track(self) -> None:
+        """Whatever was notified while nobody listened is unknown: read everything."""
+        self._whole = True
         self._changed.set()
 
     def _terminated(self, *_: object) -> None:
@@ -109,13 +130,13 @@ class RefdataWatch:
         delay = self.retry_s
         # A change committed between the copy's first read and LISTEN was not
         # notified to this connection: read once now.
-        self._changed.set()
+        self._lose_track()
         try:
             while True:
                 try:
                     if conn is None:
                         conn = await self._listen()
-                        self._changed.set()  # what was notified while it was down is lost
+                        self._lose_track()  # what was notified while it was down is lost
                     await self._until_changed(conn)
                 except asyncio.CancelledError:
                     raise
@@ -135,9 +156,14 @@ class RefdataWatch:
                     delay = min(delay * 2, self.max_retry_s)
                     continue
                 self._changed.clear()
+                whole, terminals = self._whole, self._terminals
+                self._whole, self._terminals = False, set()
                 try:
                     async with self._pool.acquire() as reading:
-                        await self._ref.refresh(reading)
+                        if whole:
+                            await self._ref.refresh(reading)
+                        else:
+                            await self._ref.refresh_terminals(reading, terminals)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -151,6 +177,8 @@ class RefdataWatch:
                         )
                     else:
                         log.exception("reference data watch: re-read failed; again in %gs", delay)
+                    self._whole |= whole
+                    self._terminals |= terminals
                     self._changed.set()
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.max_retry_s)
