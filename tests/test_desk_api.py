@@ -81,7 +81,7 @@ async def test_issue_retry_returns_first_outcome(
     [
         ({"card_number": "12"}, "card_number", "16 decimal digits"),
         ({"card_number": "9999000000000001"}, "card_number", "issuer code 9999"),
-        ({"product": "platinum"}, "product", "unknown product 'platinum'"),
+        ({"product": "platinum"}, "product", "no such card product (got 8 characters)"),
         ({"deposit": 500}, "deposit", "takes a deposit of 2000 fen"),
         ({"key_version": 7}, "key_version", "unknown key version 7"),
         ({"payment_channel": 0}, "payment_channel", "must name a payment channel"),
@@ -123,3 +123,19 @@ async def test_get_unknown_card_is_not_found(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.GetCard(desk_pb2.GetCardRequest(card_number="3104000000000000"), metadata=STAFF)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_staff_id_past_its_limit_is_refused_naming_the_limit(
+    server: RunningServer, channel: grpc.aio.Channel
+) -> None:
+    """It was refused as if none had been sent, its caller told to send one (found by review)."""
+    stub = desk_pb2_grpc.DeskServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.GetCard(
+            desk_pb2.GetCardRequest(card_number="3104000000000001"),
+            metadata=(("x-onecard-operator", "clerk." + "x" * 59),),  # 65 characters
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert refused.value.details() == (
+        "staff id in metadata key 'x-onecard-operator' must be 1 to 64 printable characters, got 65"
+    )

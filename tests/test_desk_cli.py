@@ -113,6 +113,44 @@ async def test_cli_refund_and_reverse(
     await assert_books_balance(server.dsn)
 
 
+async def test_cli_reverse_run_again_answers_the_first_outcome_and_names_the_clerk(
+    server: RunningServer,
+    channel: grpc.aio.Channel,
+    keys: MemoryKeyStore,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A clerk runs a reversal again after its reply was lost: it is the same reversal.
+
+    The tool stamps each try with the time, which was part of what made a
+    retry "the same": the second try was refused as CONFLICT, the clerk
+    told it had failed though the money was back, and a refund at the desk
+    would have paid the purchase back twice. The reversal was also audited
+    as the terminal's, naming no clerk (found by review).
+    """
+    from onecard.clients.terminal import Terminal
+    from tests.support import fetch
+
+    card = await funded(channel, keys, 1000)
+    assert (await Terminal(channel, "310400000001", 50).debit(card, 300)).status == 1
+    argv = (
+        "reverse", card.card_no, "300",
+        "--terminal", "310400000001", "--seq", "51", "--original-seq", "50",
+    )  # fmt: skip
+    code, out, _ = await desk(capsys, server, *argv)
+    assert code == 0 and "approved" in out, out
+    await asyncio.sleep(1.1)  # a second later: another time stamp
+    code, out, _ = await desk(capsys, server, *argv)
+    assert code == 0 and "duplicate" in out and "10.00" in out, out
+    rows = await fetch(
+        server.dsn,
+        "SELECT staff_id, after->'details'->>'terminal' AS terminal FROM audit_log"
+        " WHERE card_no = $1 AND operation = 'reverse'",
+        int(card.card_no),
+    )
+    assert [(r["staff_id"], r["terminal"]) for r in rows] == [("clerk7", "310400000001")]
+    await assert_books_balance(server.dsn)
+
+
 async def test_cli_exit_codes_for_usage_and_outage(
     server: RunningServer, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -634,6 +634,33 @@ async def test_terminal_reverses_its_last_transaction_once(
     await assert_books_balance(server.dsn)
 
 
+async def test_a_reversal_stored_before_its_time_left_the_fingerprint_still_matches_its_retry(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """A retry's time no longer counts; one stored with the earlier fingerprint is still its own."""
+    from onecard.ledger.lifecycle import Reversal
+    from onecard.ledger.storage.reversal import _fingerprint_before_r2
+
+    card = await funded(channel, keys, 1000)
+    assert (await Terminal(channel, BUS, 70).debit(card, 300)).status == APPROVED
+    req = reverse_request(card.card_no, 300, 71, 70)
+    assert (await terminal_stub(channel).Reverse(req)).status == APPROVED
+    stored = Reversal(req.card_number, 300, BUS, 71, 70, req.date_time)
+    await fetch(
+        server.dsn,
+        "UPDATE terminal_txns SET fingerprint = $3 WHERE terminal_id = $1 AND terminal_seq = $2",
+        int(BUS), 71, _fingerprint_before_r2(stored),
+    )  # fmt: skip
+    retry = await terminal_stub(channel).Reverse(req)
+    assert (retry.status, retry.original_status) == (common_pb2.TXN_STATUS_DUPLICATE, APPROVED)
+    other_time = terminal_pb2.ReverseRequest()
+    other_time.CopyFrom(req)
+    other_time.date_time = "20261203120000"
+    retry = await terminal_stub(channel).Reverse(other_time)
+    assert retry.status == common_pb2.TXN_STATUS_CONFLICT  # the old form holds the time
+    await assert_books_balance(server.dsn)
+
+
 async def test_reverse_a_load(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:

@@ -16,6 +16,7 @@ from onecard.server.app import RunningServer
 from onecard.v1 import desk_pb2, terminal_pb2
 from tests.desk_support import desk, get_card, report_loss
 from tests.support import STAFF, issue
+from tests.test_desk_api import issue_request
 
 ID_NUMBER = "32010219900101123X"
 PHONE = "13812345678"
@@ -44,6 +45,19 @@ async def test_personal_data_in_a_card_number_field_is_not_echoed(
         details = refused.value.details() or ""
         assert "decimal digits, got " in details, details
         assert typed not in details and typed[:11] not in details, details
+
+
+@pytest.mark.parametrize("typed", [ID_NUMBER, PHONE], ids=["ID number", "phone"])
+async def test_personal_data_in_the_product_field_is_not_echoed(
+    server: RunningServer, channel: grpc.aio.Channel, typed: str
+) -> None:
+    """The unknown product was quoted whole (found by review)."""
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await desk(channel).IssueCard(issue_request(product=typed), metadata=STAFF)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = refused.value.details() or ""
+    assert details.startswith("product: no such card product"), details
+    assert typed not in details and typed[:11] not in details, details
 
 
 def test_desk_requests_and_settings_show_no_id_number_or_key_when_printed() -> None:

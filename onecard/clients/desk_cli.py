@@ -322,6 +322,7 @@ async def _reverse(c: DeskClient, _d: Any, terminal: Any, a: argparse.Namespace)
             original_seq=a.original_seq,
             date_time=now_bcd_text(),
         ),
+        metadata=c.metadata,
         timeout=a.timeout,
     )
     status = _enum(common_pb2.TxnStatus, reply.status, "TXN_STATUS_")
@@ -340,7 +341,7 @@ async def _reverse(c: DeskClient, _d: Any, terminal: Any, a: argparse.Namespace)
 
 def cmd_desk(args: argparse.Namespace) -> int:
     prog = f"onecard desk {args.flow}"
-    if args.handler not in (_deny_list, _reverse) and not args.operator:
+    if args.handler is not _deny_list and not args.operator:
         print(
             f"{prog}: no staff id: give --operator STAFF_ID or set ONECARD_OPERATOR",
             file=sys.stderr,

@@ -87,7 +87,11 @@ class DisputeRefund:
 
 @dataclass(frozen=True, slots=True)
 class Reversal:
-    """A terminal undoing its own last transaction; seq is the reversal's own."""
+    """A terminal undoing its own last transaction; seq is the reversal's own.
+
+    ``staff``: who did it, when a clerk reverses from the desk tool (the
+    audit log names them); empty for a terminal's own reversal.
+    """
 
     card_no: str
     amount: int
@@ -95,6 +99,7 @@ class Reversal:
     terminal_seq: int
     original_seq: int
     date_time: str
+    staff: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -135,8 +135,12 @@ def check_card_issue(issue: CardIssue, ref: ReferenceData, keys: KeyStore) -> No
         raise FieldError("card_number", f"issuer code {issuer} (first 4 digits) is not known")
     product = ref.products.get(issue.product)
     if product is None:
+        # Described, not quoted: an ID or phone number typed into the wrong
+        # box came back whole in the refusal, to the desk screen and its logs.
         raise FieldError(
-            "product", f"unknown product {issue.product!r}; known: {sorted(ref.products)}"
+            "product",
+            f"no such card product (got {len(issue.product)} characters); "
+            f"known: {', '.join(sorted(ref.products))}",
         )
     if issue.deposit != product.deposit:
         raise FieldError(

@@ -22,22 +22,10 @@ from onecard.ledger.model import CardIssue, CardView, DeskResult
 from onecard.ledger.pii import HolderDetails
 from onecard.ledger.validation import check_digits, parse_channel
 from onecard.server.errors import guarded
+from onecard.server.staff import STAFF_METADATA_KEY, staff_id
 from onecard.v1 import desk_pb2, desk_pb2_grpc
 
-STAFF_METADATA_KEY = "x-onecard-operator"
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-async def staff_id(context: Context) -> str:
-    """Every desk action is attributed: refuse a call that does not say who makes it."""
-    for key, value in context.invocation_metadata() or ():
-        if key == STAFF_METADATA_KEY and isinstance(value, str) and 0 < len(value) <= 64:
-            return value
-    await context.abort(
-        grpc.StatusCode.UNAUTHENTICATED,
-        f"desk calls must carry the staff id in metadata key {STAFF_METADATA_KEY!r}",
-    )
-    raise AssertionError("unreachable")
 
 
 def card_message(view: CardView) -> desk_pb2.Card:

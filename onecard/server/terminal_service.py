@@ -11,6 +11,7 @@ from onecard.ledger.lifecycle import Reversal
 from onecard.ledger.model import Debit, Load, TxnResult
 from onecard.ledger.validation import check_debit, check_load, parse_channel
 from onecard.server.errors import guarded
+from onecard.server.staff import given_staff_id
 from onecard.v1 import terminal_pb2, terminal_pb2_grpc
 
 
@@ -82,6 +83,7 @@ class TerminalServicer(terminal_pb2_grpc.TerminalServiceServicer):
                 terminal_seq=request.terminal_seq,
                 original_seq=request.original_seq,
                 date_time=request.date_time,
+                staff=await given_staff_id(context) or "",
             )
             res = await self.ledger.lifecycle.reverse(reversal)
             return terminal_pb2.ReverseReply(**_status_fields(res))  # type: ignore[arg-type]

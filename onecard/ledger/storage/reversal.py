@@ -34,6 +34,19 @@ from onecard.ledger.storage.lifecycle import Mover, audit, load_view, load_views
 
 
 def reversal_fingerprint(r: Reversal) -> bytes:
+    """What makes a retry the same reversal: the card, the amount, the transaction undone.
+
+    Not the time it was sent: no card signs a reversal, so its time is only
+    the sender's clock, and a clerk's tool stamps each try anew; a retry of
+    a reversal that went through was answered CONFLICT, and the clerk told
+    it had failed. Nor who sent it.
+    """
+    parts = ("R2", r.card_no, r.amount, r.original_seq)
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+
+
+def _fingerprint_before_r2(r: Reversal) -> bytes:
+    """A reversal stored before the time left the fingerprint: its retry still matches."""
     parts = ("R", r.card_no, r.amount, r.original_seq, r.date_time)
     return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
 
@@ -61,7 +74,7 @@ async def _reverse(conn: Conn, ref: ReferenceData, r: Reversal, window: float) -
         r.terminal_seq,
     )
     if earlier is not None:
-        if earlier["fingerprint"] != fp:
+        if earlier["fingerprint"] not in (fp, _fingerprint_before_r2(r)):
             return TxnResult(
                 TxnStatus.CONFLICT,
                 detail=f"terminal {r.terminal_id} seq {r.terminal_seq} was used before "
@@ -142,7 +155,10 @@ async def _reverse(conn: Conn, ref: ReferenceData, r: Reversal, window: float) -
         }  # fmt: skip
         if holder != card_no:
             details["credited_card"] = f"{holder:016d}"
-        staff = f"terminal:{r.terminal_id}"
+        # A clerk reversing from the desk tool is named; a terminal's own
+        # reversal is its terminal's.
+        details["terminal"] = r.terminal_id
+        staff = r.staff or f"terminal:{r.terminal_id}"
         await audit(conn, staff, "reverse", None, card_no, before, views[card_no], details)
         if holder != card_no:
             await audit(conn, staff, "reverse", None, holder, holder_before, views[holder], details)
