@@ -261,3 +261,47 @@ async def test_a_bulk_registration_past_what_a_notification_names_is_read_whole(
         await wait_until(lambda r=ref: first + 999 in r.terminal_operator)  # type: ignore[misc]
         payable = ref.account_ids[f"payable:{operator}"]
         assert all(ref.terminal_payable[first + g] == payable for g in range(1000))
+
+
+async def test_many_terminals_registered_in_small_statements_are_read_whole(
+    servers: list[RunningServer], db_dsn: str
+) -> None:
+    """Each statement names its terminals, but together they named thousands.
+
+    Every process then read them a row each, which took longer than reading
+    them all a row per operator (found by review). Past
+    ``TERMINALS_BY_ID_MAX`` named, the whole copy is read: a product changed
+    behind the notifications' back is seen with them.
+    """
+    from onecard.ledger.refdata import TERMINALS_BY_ID_MAX
+
+    server = servers[0]
+    limit = server.ledger.ref.products["standard"].txn_max
+    operator, known = await _operator_with_terminal(db_dsn)
+    for each in servers:
+        await wait_until(lambda s=each: int(known) in s.ledger.ref.terminal_operator)  # type: ignore[misc]
+    await _execute(
+        db_dsn,
+        ("SET LOCAL session_replication_role = replica", ()),
+        ("UPDATE products SET txn_max = $1 WHERE product_code = 'standard'", (limit - 1,)),
+    )
+    first, statements = 319600000000, TERMINALS_BY_ID_MAX // 400 + 1
+    try:
+        await _execute(
+            db_dsn,
+            *(
+                (
+                    "INSERT INTO terminals (terminal_id, operator_id, kind)"
+                    " SELECT $1::bigint + g, $2, 'bus' FROM generate_series(0, 399) g",
+                    (first + 400 * n, operator),
+                )
+                for n in range(statements)
+            ),
+        )
+        last = first + 400 * statements - 1
+        for each in servers:
+            ref = each.ledger.ref
+            await wait_until(lambda r=ref: last in r.terminal_operator)  # type: ignore[misc]
+            assert ref.products["standard"].txn_max == limit - 1
+    finally:
+        await _set_txn_max(db_dsn, limit)

@@ -48,6 +48,10 @@ class AccountsMissing(ItemsHeld):
 
 #: Terminals added to the copy between two turns of the event loop.
 _SLICE = 20_000
+#: Past this many terminals named, reading them by id costs more than reading
+#: all of them (a row per id, against a row per operator): a registration of
+#: 300,000 terminals in statements of 400 took five times a whole re-read.
+TERMINALS_BY_ID_MAX = 1_000
 
 
 class _PayableOf(dict[str, int | None]):
@@ -145,13 +149,17 @@ class ReferenceData:
         """Re-read only these terminals (registered, moved or removed), patching the copy.
 
         A terminal registered or moved is the everyday change, and the whole
-        re-read it used to cause reads every terminal: with 300,000 of them
-        that is seconds of a flusher's time and a stalled event loop in every
-        process, for each registration. The payable accounts of operators
-        this copy does not know are read with them.
+        re-read it used to cause read every terminal, in every process, for
+        each registration, holding each event loop while it built the copy
+        (``benchmarks.refdata_reread``). The payable accounts of operators
+        this copy does not know are read with them. Many terminals named at
+        once (a registration in statements of 400) are read whole instead.
         """
         ids = list(terminal_ids)
         if not ids:
+            return
+        if len(ids) > TERMINALS_BY_ID_MAX:
+            await self.refresh(conn)
             return
         async with self._rereading:
             rows = await conn.fetch(
@@ -195,9 +203,14 @@ class ReferenceData:
         reference data, terminals table included, on the flusher's
         connection: a terminal that is not registered (misconfigured, or
         hostile) made every flush pay for it. One primary-key probe per batch
-        reads what there is to learn, and nothing else.
+        says whether there is anything to learn, without waiting for a re-read
+        in progress; only what it finds is read again, under the re-read lock.
         """
-        await self.refresh_terminals(conn, terminal_ids)
+        if await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM terminals WHERE terminal_id = ANY($1::bigint[]))",
+            list(terminal_ids),
+        ):
+            await self.refresh_terminals(conn, terminal_ids)
 
     def payable_of(self, terminal_id: int, operator: str) -> int:
         """The payable account of the terminal's operator (LookupError if it has none)."""

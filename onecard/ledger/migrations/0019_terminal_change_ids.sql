@@ -1,13 +1,15 @@
 -- Registering or moving one terminal made every server process re-read all
 -- reference data (0017), terminals included: with a province's hundreds of
--- thousands of terminals that is seconds of database and CPU time in each
--- process, and an event loop held long enough to delay every call in flight,
--- for each registration. The notification now names the terminals a
--- statement changed (up to 400 of them, which keeps the payload far below
--- NOTIFY's 8,000 bytes) and each process re-reads only those. A statement
--- that changed more says only 'terminals', and the whole copy is re-read,
--- as before. A transition table serves one event only, so there is one
--- trigger per event; TRUNCATE keeps 0017's function.
+-- thousands of terminals that is a read of every one of them in each
+-- process, and an event loop held long enough to delay every call in
+-- flight, for each registration (python -m benchmarks.refdata_reread). The
+-- notification now names the terminals a statement changed (up to 400 of
+-- them, which keeps the payload far below NOTIFY's 8,000 bytes) and each
+-- process re-reads only those. A statement that changed more says only
+-- 'terminals', and the whole copy is re-read, as before (as it is when
+-- many statements together name more than a re-read by id is worth:
+-- refdata.TERMINALS_BY_ID_MAX). A transition table serves one event only,
+-- so there is one trigger per event; TRUNCATE keeps 0017's function.
 CREATE FUNCTION onecard_terminals_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     ids bigint[];
