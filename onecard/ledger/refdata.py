@@ -49,8 +49,9 @@ class AccountsMissing(ItemsHeld):
 #: Terminals added to the copy between two turns of the event loop.
 _SLICE = 20_000
 #: Past this many terminals named, reading them by id costs more than reading
-#: all of them (a row per id, against a row per operator): a registration of
-#: 300,000 terminals in statements of 400 took five times a whole re-read.
+#: all of them (a row per id, against a row per operator): a review's
+#: registration of 300,000 terminals in statements of 400, read by id, took
+#: longer than a whole re-read of them.
 TERMINALS_BY_ID_MAX = 1_000
 
 
