@@ -73,3 +73,24 @@ def test_no_card_is_topped_up_twice_within_the_load_gap() -> None:
         assert op.at - last.get(card, -LOAD_GAP) >= LOAD_GAP, card
         last[card] = op.at
     assert loads > 500  # the case it is about: many dry cards topping up
+
+
+@pytest.mark.parametrize("cards", [7_919, 79_190])
+def test_every_card_of_the_population_can_be_drawn(cards: int) -> None:
+    """Zipf.draw mapped a rank to a card by (rank * 7919 + offset) % n, a permutation
+    only when n was no multiple of 7919: with --cards 7919 every request of the run
+    went to one card, with --cards 79190 to ten (found by review)."""
+    import random
+    from collections import Counter
+
+    from onecard.clients.population import Zipf
+
+    zipf = Zipf(cards, 1.0, random.Random(1))
+    drawn = Counter(zipf.draw() for _ in range(20_000))
+    # s = 1 over this many cards: the top card carries ~10%, thousands of cards are drawn
+    assert len(drawn) > 1_000, f"{cards} cards, but only {len(drawn)} ever drawn"
+    assert drawn.most_common(1)[0][1] < 0.5 * 20_000
+    every_rank = {(r * zipf.stride + zipf.offset) % cards for r in range(cards)}
+    assert len(every_rank) == cards
+    same_seed = [Zipf(cards, 1.0, random.Random(1)) for _ in range(2)]
+    assert [same_seed[0].draw() for _ in range(100)] == [same_seed[1].draw() for _ in range(100)]

@@ -11,6 +11,7 @@ generator measures the server, not its own crypto.
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -78,11 +79,29 @@ def card_number(index: int) -> str:
     return f"{BASE_CARD + index:016d}"
 
 
+#: Spreads neighbouring ranks over the card table: 1 / golden ratio.
+_SPREAD = (math.sqrt(5) - 1) / 2
+
+
+def _stride(n: int) -> int:
+    """A step coprime to ``n`` near ``n / golden ratio``.
+
+    Coprime, ``rank -> (rank * step + offset) % n`` is a permutation of the
+    ``n`` cards whatever ``n`` is; a fixed step was not when ``n`` was its
+    multiple (a prime 7919: ``--cards 7919`` drew one card only).
+    """
+    step = max(1, round(n * _SPREAD))
+    while math.gcd(step, n) != 1:
+        step += 1  # n - 1 is coprime to n: found below n
+    return step
+
+
 class Zipf:
     """Draws card indexes with popularity ~ 1/rank^s, as in real ridership.
 
     A few commuters' cards are used many times a day, most a few times a
-    month. A precomputed CDF and bisect keep each draw cheap.
+    month. A precomputed CDF and bisect keep each draw cheap. ``s`` 0 is
+    uniform; the larger ``s``, the more draws land on the first ranks.
     """
 
     def __init__(self, n: int, s: float, rng: random.Random, ranks: int = 100_000) -> None:
@@ -99,15 +118,16 @@ class Zipf:
             acc += w / total
             self.cdf.append(acc)
         self.top = top
-        # A random permutation, so popular cards are spread over the table.
+        # A permutation from a random start, so popular cards are spread over the table.
         self.offset = rng.randrange(n)
+        self.stride = _stride(n)
 
     def draw(self) -> int:
         u = self.rng.random()
         rank = bisect.bisect_left(self.cdf, u)
         if rank >= self.top:
             rank = self.top + self.rng.randrange(max(1, self.n - self.top))
-        return (rank * 7_919 + self.offset) % self.n
+        return (rank * self.stride + self.offset) % self.n
 
 
 @dataclass
