@@ -51,6 +51,41 @@ def test_an_option_that_runs_nothing_is_refused_naming_its_limit(
     assert says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("nan", "argument --zipf: must be finite and >= 0, got nan"),
+        ("inf", "argument --zipf: must be finite and >= 0, got inf"),
+        ("-1", "argument --zipf: must be finite and >= 0, got -1"),
+    ],
+)
+def test_a_zipf_skew_that_is_no_finite_number_at_least_0_is_refused_naming_the_option(
+    value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--rate nan was refused, --zipf nan taken: every draw then landed on one card
+    (the CDF all NaN, bisect answering rank 0) and the run reported a "Zipf-like"
+    load that was one card's lock queue; a negative skew made the rarest cards the
+    most popular (found by review)."""
+    with pytest.raises(SystemExit) as exc:
+        _parser().parse_args(["--zipf", value])
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("skew", ["0", "1000"])
+def test_a_zipf_skew_of_0_or_a_large_one_is_taken_and_drawn(skew: str) -> None:
+    """0 is every card alike; 1000 put 100,000 ** 1000 in a float, an OverflowError
+    before the run started (found by review)."""
+    import random
+
+    from onecard.clients.population import Zipf
+
+    s = _parser().parse_args(["--zipf", skew]).zipf
+    zipf = Zipf(100_000, s, random.Random(1))
+    drawn = {zipf.draw() for _ in range(1_000)}
+    assert len(drawn) > 900 if s == 0 else len(drawn) == 1
+
+
 async def test_a_rate_and_duration_that_make_no_request_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

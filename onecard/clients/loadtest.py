@@ -711,7 +711,7 @@ def _whole(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _seconds_or_rate(*, zero: bool) -> Callable[[str], float]:
+def _finite_number(*, zero: bool) -> Callable[[str], float]:
     """An argparse type: a finite number above 0 (or 0 too, when ``zero`` means something)."""
 
     def parse(text: str) -> float:
@@ -745,12 +745,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--duration",
-        type=_seconds_or_rate(zero=False),
+        type=_finite_number(zero=False),
         help="seconds; with --rate sets the count; closed loop stops at it or at --count",
     )
     p.add_argument(
         "--rate",
-        type=_seconds_or_rate(zero=True),
+        type=_finite_number(zero=True),
         default=0.0,
         help="mean requests/s over the run, open loop, whatever the profile; 0: closed loop",
     )
@@ -764,7 +764,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="steady",
         help="open loop: evenly spaced, or a hump from half the mean rate to 1.5 times it",
     )
-    p.add_argument("--zipf", type=float, default=1.0, help="card popularity skew")
+    p.add_argument(
+        "--zipf",
+        type=_finite_number(zero=True),
+        default=1.0,
+        help="card popularity skew s (popularity ~ 1/rank^s); 0: every card alike",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", type=Path, help="write the report as JSON")
     p.add_argument("--plot", type=Path, help="draw throughput and latency over time (PNG)")

@@ -109,8 +109,9 @@ class Zipf:
         self.rng = rng
         # Ranks beyond ``ranks`` share the tail uniformly: the CDF stays small.
         top = min(n, ranks)
-        weights = [1.0 / (r + 1) ** s for r in range(top)]
-        tail = (n - top) * (1.0 / (top + 1) ** s) if n > top else 0.0
+        # (r + 1) ** -s: 1.0 / (r + 1) ** s overflowed (OverflowError) for a large s
+        weights = [(r + 1) ** -s for r in range(top)]
+        tail = (n - top) * (top + 1) ** -s if n > top else 0.0
         total = sum(weights) + tail
         acc = 0.0
         self.cdf: list[float] = []
