@@ -162,3 +162,24 @@ async def test_a_second_run_on_the_same_database_uses_fresh_terminal_seqs(
         assert await run(args) == 0
         outcomes = json.loads(report_file.read_text())["outcomes"]
         assert not [k for k in outcomes if "DUPLICATE" in k or "CONFLICT" in k], (n, outcomes)
+
+
+async def test_a_population_short_of_money_uploads_full_batches_and_its_books_hold(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    """Records of empty cards were dropped from their batches, and empty batches from
+    the run: 43 requests of --count 50 here, 1 to 71 records a batch of --batch 100.
+    Holders now top up (loads in upload slots), which the books check must still
+    find exact (found by review)."""
+    report_file = tmp_path / "r.json"
+    args = _args(
+        "--target", server.address, "--dsn", server.dsn, "--cards", "100",
+        "--card-balance", "1000", "--terminals", "4", "--mix", "upload=1", "--batch", "100",
+        "--count", "50", "--json", str(report_file),
+    )  # fmt: skip
+    assert await run(args) == 0
+    report = json.loads(report_file.read_text())
+    assert report["requests"] == 50
+    uploads = report["latency_ms"]["upload"]["calls"]
+    assert report["records"] == uploads * 100 + report["latency_ms"]["load"]["calls"]
+    assert report["check"]["ok"] and report["check"]["acknowledged"] == report["records"]

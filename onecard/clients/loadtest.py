@@ -73,6 +73,8 @@ RUSH_SWING = 0.5
 #: ledger in the other order, and the later counter first makes the earlier
 #: load a stale one (STALE_COUNTER), which no real card ever sees.
 LOAD_GAP = 10.0
+#: Cards drawn for one offline ride before its holder must top up (build_ops).
+RIDE_DRAWS = 100
 #: Terminal seqs are unsigned 32-bit on the wire (PROTOCOL.md).
 MAX_TERMINAL_SEQ = 2**32 - 1
 
@@ -192,6 +194,33 @@ async def last_terminal_seq(conn: asyncpg.Connection, terminals: list[str]) -> i
     return int(last)
 
 
+def _rides(
+    pop: Population, zipf: Zipf, rng: random.Random, n: int
+) -> tuple[list[tuple[int, int]], list[int] | None]:
+    """An upload batch's ``n`` rides (card, fen), each by a card that can pay for it.
+
+    A card refuses a ride it cannot pay for; the next rider's card is drawn
+    instead (up to ``RIDE_DRAWS`` draws a ride). When none of them could pay,
+    the cards drawn are returned second: one of their holders must top up
+    first. Nothing is signed here, so no chip moves for a batch not sent.
+    """
+    rides: list[tuple[int, int]] = []
+    spent: Counter[int] = Counter()
+    for _ in range(n):
+        amount = rng.randrange(100, 400)
+        tried = []
+        for _ in range(RIDE_DRAWS):
+            index = zipf.draw()
+            if pop.chip(index).balance - spent[index] >= amount:
+                break
+            tried.append(index)
+        else:
+            return rides, tried
+        spent[index] += amount
+        rides.append((index, amount))
+    return rides, None
+
+
 def build_ops(
     pop: Population,
     terminals: list[str],
@@ -223,35 +252,45 @@ def build_ops(
     for kind, at in zip(kinds, times, strict=True):
         terminal = rng.choice(terminals)
         if kind == "upload":
-            recs = []
-            for _ in range(batch):
-                index, amount = zipf.draw(), rng.randrange(100, 400)
-                if pop.chip(index).balance < amount:
-                    continue  # a card refuses a ride it cannot pay for
-                seqs[terminal] += 1
-                recs.append(
-                    pop.offline_record(index, amount, terminal, base + seqs[terminal], when)
+            rides, short = _rides(pop, zipf, rng, batch)
+            if short is None:
+                recs = []
+                for index, amount in rides:
+                    seqs[terminal] += 1
+                    recs.append(
+                        pop.offline_record(index, amount, terminal, base + seqs[terminal], when)
+                    )
+                req: Any = upload_pb2.UploadBatch(
+                    batch_id=f"{terminal}-{seqs[terminal]}",
+                    records=recs,
+                    claimed_count=len(recs),
+                    claimed_total=sum(r.amount for r in recs),
                 )
-            if not recs:
+                ops.append(Op(kind, at, req, len(recs)))
                 continue
-            req: Any = upload_pb2.UploadBatch(
-                batch_id=f"{terminal}-{seqs[terminal]}",
-                records=recs,
-                claimed_count=len(recs),
-                claimed_total=sum(r.amount for r in recs),
-            )
-            ops.append(Op(kind, at, req, len(recs)))
-            continue
+            # No rider found who could pay: one of them tops up in this slot
+            # instead (the batch waits for the next upload slot), as an empty
+            # debit's holder does.
+            free = [
+                i
+                for i in short
+                if at - loaded_at.get(i, -LOAD_GAP) >= LOAD_GAP
+                and pop.chip(i).balance + 5_000 <= PURSE_MAX
+            ]
+            if not free:
+                continue  # no card free to top up now: the batch waits (a rare miss)
+            kind, index, amount = "load", free[0], 0
+        else:
+            index = zipf.draw()
+            amount = rng.choice([100, 200, 300, 400])
+            for _ in range(100):  # a card that just topped up stays at the gate
+                if at - loaded_at.get(index, -LOAD_GAP) >= LOAD_GAP or (
+                    kind == "debit" and pop.chip(index).balance >= amount
+                ):
+                    break
+                index = zipf.draw()
         seqs[terminal] += 1
         seq = base + seqs[terminal]
-        index = zipf.draw()
-        amount = rng.choice([100, 200, 300, 400])
-        for _ in range(100):  # a card that just topped up stays at the gate
-            if at - loaded_at.get(index, -LOAD_GAP) >= LOAD_GAP or (
-                kind == "debit" and pop.chip(index).balance >= amount
-            ):
-                break
-            index = zipf.draw()
         if kind == "debit" and pop.chip(index).balance < amount:
             kind = "load"  # an empty card: its holder tops up instead of riding
         if kind == "load" and pop.chip(index).balance + 5_000 > PURSE_MAX:
