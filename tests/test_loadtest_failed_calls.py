@@ -12,12 +12,16 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 import pytest_asyncio
 
-from onecard.clients.loadtest import Report, add_arguments, run
+from onecard.clients.loadtest import Op, Report, add_arguments, run, run_ops
+from onecard.clients.population import Population, seed_cards, seed_terminals
+from onecard.ledger.devdata import DEMO_ISSUER
 from onecard.ledger.engine import BatchSettings
 from onecard.server.app import RunningServer
+from onecard.v1 import upload_pb2
 from tests.support import dev_keys, start_test_server
 
 
@@ -70,3 +74,34 @@ def test_an_error_is_kept_out_of_the_answered_latencies() -> None:
     assert summary["latency_ms"]["debit"]["p50"] == pytest.approx(10, rel=0.01)
     assert summary["failed_latency_ms"]["debit"]["calls"] == 2
     assert (summary["requests"], summary["answered"], summary["failed"]) == (3, 1, 2)
+
+
+async def test_upload_outcomes_count_transactions_whether_answered_or_failed(
+    server: RunningServer,
+) -> None:
+    """An answered upload added one count per record to the outcomes ("upload
+    POSTED"), a failed one one count per batch ("upload error ..."): the counts
+    added up neither to the transactions nor to the calls sent (found by review)."""
+    version = dev_keys().get(DEMO_ISSUER, 2)
+    assert version is not None
+    conn = await asyncpg.connect(server.dsn)
+    try:
+        await seed_cards(conn, 10, 20_000, version.kv)
+        terminals = await seed_terminals(conn, 2)
+    finally:
+        await conn.close()
+    pop = Population(version, 10, 20_000)
+    when = "20250101080000"
+    good = [pop.offline_record(i, 100, terminals[0], 1 + i, when) for i in range(5)]
+    bad = [pop.offline_record(i, 100, terminals[1], 1 + i, when) for i in range(4)]
+    ops = [
+        Op("upload", 0, upload_pb2.UploadBatch(
+            batch_id="good", records=good, claimed_count=5, claimed_total=500), 5),
+        Op("upload", 0, upload_pb2.UploadBatch(
+            batch_id="bad", records=bad, claimed_count=4, claimed_total=401), 4),
+    ]  # fmt: skip
+    report = await run_ops(server.address, ops, 0, 1)
+    summary = report.summary()
+    assert summary["outcomes"] == {"upload POSTED": 5, "upload error INVALID_ARGUMENT": 4}
+    assert (summary["records"], summary["failed_records"]) == (5, 4)
+    assert (summary["answered"], summary["failed"]) == (1, 1)

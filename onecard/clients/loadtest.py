@@ -104,7 +104,10 @@ class Report:
     answered: list[tuple[Op, Any]] = field(default_factory=list)
     #: ops whose call ended in a gRPC error: the server may or may not have posted them
     unanswered: list[Op] = field(default_factory=list)
+    #: transactions (an upload batch's records, or a debit or load) of answered calls
     records: int = 0
+    #: transactions of calls that ended in a gRPC error
+    failed_records: int = 0
     errors: dict[str, str] = field(default_factory=dict)  # first detail per error kind
 
     def record(self, kind: str, latency: float, done_at: float, ok: bool = True) -> None:
@@ -127,6 +130,7 @@ class Report:
             "failed_share": round(failed / requests, 4) if requests else 0.0,
             "records": self.records,
             "records_per_second": round(self.records / self.seconds, 1) if self.seconds else 0,
+            "failed_records": self.failed_records,
             "outcomes": dict(sorted(self.outcomes.items())),
             "errors": self.errors,
             "latency_ms": _percentiles(self.hist),
@@ -312,7 +316,8 @@ async def _send(
     upload: upload_pb2_grpc.UploadServiceStub,
     report: Report,
 ) -> bool:
-    """Sends one op and counts its outcome; False when the call ended in a gRPC error.
+    """Sends one op and counts its outcome per transaction (an upload batch's
+    records each, answered or not); False when the call ended in a gRPC error.
 
     The reply is kept as it came: what it acknowledged is worked out after
     the run (see expectations), so the books check costs the timed loop one
@@ -336,7 +341,8 @@ async def _send(
         return True
     except grpc.aio.AioRpcError as exc:
         key = f"{op.kind} error {exc.code().name}"
-        report.outcomes[key] += 1
+        report.outcomes[key] += op.records  # per transaction, as the answered ones
+        report.failed_records += op.records
         report.errors.setdefault(key, exc.details() or "")
         report.unanswered.append(op)
         return False
@@ -933,6 +939,11 @@ async def run(args: argparse.Namespace) -> int:
                 *(f"{lat[q]:.1f}" for q in ("p50", "p95", "p99", "max")),
             )
     console.print(table)
+    console.print(
+        f"outcomes per transaction (an upload batch's records each): "
+        f"{summary['records']:,} answered, {summary['failed_records']:,} in failed calls",
+        highlight=False,
+    )
     for name, n in summary["outcomes"].items():
         console.print(f"  {name:<40}{n:>9,}", highlight=False)
         if name in report.errors:
