@@ -902,3 +902,24 @@ async def test_a_full_queue_still_names_what_is_wrong_with_a_malformed_batch(
 def _scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as resp:
         return str(resp.read().decode())
+
+
+async def test_a_batch_reply_counts_a_conflict_as_quarantined(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """The reply's counts ("for the gateway's log") left CONFLICT out: a record
+    kept in the quarantine table (IDENTITY_CONFLICT) was counted in no field, so a
+    batch of two records logged one and the kept copy was invisible (found by
+    review)."""
+    card = await funded(channel, keys)
+    seq, when = next(_seqs), now_bcd_text()
+    first = offline_record(card, 200, BUS, seq, when)
+    second = offline_record(card, 300, BUS, seq, when)  # a terminal that reused its seq
+    (reply,) = await Gateway(channel).upload([make_batch("a", [first, second])])
+    assert [r.outcome for r in reply.results] == [
+        upload_pb2.RECORD_OUTCOME_POSTED,
+        upload_pb2.RECORD_OUTCOME_CONFLICT,
+    ]
+    kept = await fetch(server.dsn, "SELECT reason FROM quarantine")
+    assert [r["reason"] for r in kept] == [upload_pb2.QUARANTINE_REASON_IDENTITY_CONFLICT]
+    assert (reply.posted, reply.duplicates, reply.quarantined) == (1, 0, 1)

@@ -72,7 +72,8 @@ def _reply(batch_id: str, results: list[OfflineResult]) -> upload_pb2.UploadBatc
         )
     reply.posted = counts[RecordOutcome.POSTED] + counts[RecordOutcome.POSTED_WITH_EXCEPTION]
     reply.duplicates = counts[RecordOutcome.DUPLICATE]
-    reply.quarantined = counts[RecordOutcome.QUARANTINED]
+    # a CONFLICT is not posted and its copy is kept in quarantine (IDENTITY_CONFLICT)
+    reply.quarantined = counts[RecordOutcome.QUARANTINED] + counts[RecordOutcome.CONFLICT]
     reply.exceptions = counts[RecordOutcome.POSTED_WITH_EXCEPTION]
     return reply
 
