@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from onecard.clients import loadtest
 from onecard.clients.loadtest import add_arguments, collector_quiet, embedded_dsn, run
 from onecard.server.app import EMBEDDED_DATABASE, RunningServer
+from onecard.v1 import terminal_pb2, terminal_pb2_grpc, upload_pb2, upload_pb2_grpc
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -183,3 +189,78 @@ async def test_a_population_short_of_money_uploads_full_batches_and_its_books_ho
     uploads = report["latency_ms"]["upload"]["calls"]
     assert report["records"] == uploads * 100 + report["latency_ms"]["load"]["calls"]
     assert report["check"]["ok"] and report["check"]["acknowledged"] == report["records"]
+
+
+class _Stalled(  # the generated servicers are untyped
+    terminal_pb2_grpc.TerminalServiceServicer,  # type: ignore[misc]
+    upload_pb2_grpc.UploadServiceServicer,  # type: ignore[misc]
+):
+    """A server stuck behind a lock: it takes calls and never answers them."""
+
+    def __init__(self) -> None:
+        self.never = asyncio.Event()
+
+    async def Debit(self, request: Any, context: Any) -> terminal_pb2.DebitReply:
+        await self.never.wait()
+        return terminal_pb2.DebitReply()
+
+    async def UploadRecords(
+        self, request_iterator: Any, context: Any
+    ) -> AsyncIterator[upload_pb2.UploadBatchReply]:
+        await self.never.wait()
+        yield upload_pb2.UploadBatchReply()
+
+
+@pytest.mark.parametrize("kind", ["debit", "upload"])
+async def test_a_run_ends_near_its_duration_and_reports_when_the_server_stalls(
+    kind: str, tmp_path: Path
+) -> None:
+    """--duration ends a closed-loop run by time, but calls carried no deadline and
+    the duration was looked at only before the next send: a server that stopped
+    answering (the very thing a load test must show) kept the run, its report and
+    its books check waiting for ever. A call now fails DEADLINE_EXCEEDED after
+    --timeout (found by review)."""
+    stalled = _Stalled()
+    server = grpc.aio.server()
+    terminal_pb2_grpc.add_TerminalServiceServicer_to_server(stalled, server)
+    upload_pb2_grpc.add_UploadServiceServicer_to_server(stalled, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    report_file = tmp_path / "r.json"
+    args = _args(
+        "--target", f"127.0.0.1:{port}", "--data-dir", str(tmp_path), "--cards", "10",
+        "--terminals", "2", "--mix", f"{kind}=1", "--batch", "5", "--count", "20",
+        "--concurrency", "2", "--duration", "0.5", "--timeout", "1", "--json", str(report_file),
+    )  # fmt: skip
+    began = time.perf_counter()
+    try:
+        try:
+            code = await asyncio.wait_for(run(args), timeout=15)
+        except TimeoutError:
+            pytest.fail("--duration 0.5 --timeout 1 run still waiting on its calls after 15 s")
+    finally:
+        stalled.never.set()
+        await server.stop(0)
+    assert code == 0 and time.perf_counter() - began < 10
+    report = json.loads(report_file.read_text())
+    assert report["answered"] == 0 and report["failed"] == 2  # the two in flight
+    assert set(report["outcomes"]) == {f"{kind} error DEADLINE_EXCEEDED"}
+    assert report["check"]["checked"] is False
+
+
+async def test_calls_past_the_timeout_are_unanswered_in_the_books_check(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    """A call that ran out of time may still be posted by the server: the books
+    check holds it to at most one posting, as any call without an answer."""
+    report_file = tmp_path / "r.json"
+    args = _args(
+        "--target", server.address, "--dsn", server.dsn, "--cards", "50", "--terminals", "4",
+        "--mix", "debit=1,upload=1", "--batch", "5", "--count", "40", "--timeout", "0.0001",
+        "--json", str(report_file),
+    )  # fmt: skip
+    assert await run(args) == 0
+    report = json.loads(report_file.read_text())
+    timed_out = sum(n for k, n in report["outcomes"].items() if k.endswith("DEADLINE_EXCEEDED"))
+    assert timed_out > 0 and report["check"]["ok"]
+    assert report["check"]["unanswered"] == report["failed_records"] >= timed_out

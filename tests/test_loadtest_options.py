@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
         (["--rate", "nan"], "argument --rate: must be finite and >= 0, got nan"),
         (["--duration", "0"], "argument --duration: must be finite and > 0, got 0"),
         (["--duration", "-2"], "argument --duration: must be finite and > 0, got -2"),
+        (["--timeout", "0"], "argument --timeout: must be finite and > 0, got 0"),
+        (["--timeout", "inf"], "argument --timeout: must be finite and > 0, got inf"),
     ],
 )
 def test_an_option_that_runs_nothing_is_refused_naming_its_limit(

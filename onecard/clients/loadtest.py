@@ -13,9 +13,11 @@ share one TCP connection between channels to the same address, and with
 so one connection would keep every worker but one idle.
 
 Calls that end in a gRPC error (a full queue's RESOURCE_EXHAUSTED, a
-cancellation, an outage) are counted as outcomes of their own and timed
-apart: a refusal answered in a millisecond would otherwise pull the answered
-calls' percentiles down exactly when the server is overloaded.
+cancellation, an outage, no answer within ``--timeout``: DEADLINE_EXCEEDED,
+so a stalled server cannot keep the run from its report) are counted as
+outcomes of their own and timed apart: a refusal answered in a millisecond
+would otherwise pull the answered calls' percentiles down exactly when the
+server is overloaded.
 
 Afterwards the books are checked in the database, set-based: every
 acknowledged request has exactly one posting with its card, amount, kind and
@@ -315,6 +317,7 @@ async def _send(
     terminal: terminal_pb2_grpc.TerminalServiceStub,
     upload: upload_pb2_grpc.UploadServiceStub,
     report: Report,
+    timeout: float = 30.0,
 ) -> bool:
     """Sends one op and counts its outcome per transaction (an upload batch's
     records each, answered or not); False when the call ended in a gRPC error.
@@ -325,7 +328,7 @@ async def _send(
     """
     try:
         if op.kind == "upload":
-            replies = [r async for r in upload.UploadRecords(iter([op.request]))]
+            replies = [r async for r in upload.UploadRecords(iter([op.request]), timeout=timeout)]
             for res in replies[0].results:
                 name = upload_pb2.RecordOutcome.Name(res.outcome).removeprefix("RECORD_OUTCOME_")
                 report.outcomes[f"upload {name}"] += 1
@@ -333,7 +336,7 @@ async def _send(
             report.records += op.records
             return True
         call = terminal.Debit if op.kind == "debit" else terminal.Load
-        reply = await call(op.request)
+        reply = await call(op.request, timeout=timeout)
         name = common_pb2.TxnStatus.Name(reply.status).removeprefix("TXN_STATUS_")
         report.outcomes[f"{op.kind} {name}"] += 1
         report.answered.append((op, reply))
@@ -450,9 +453,12 @@ async def run_ops(
     progress: Any = None,
     channels: int = 8,
     duration: float | None = None,
+    timeout: float = 30.0,
 ) -> Report:
+    """Sends ``ops`` and times them; a call not answered within ``timeout`` seconds
+    is a failed one (DEADLINE_EXCEEDED), so a stalled server cannot hold the run."""
     with collector_quiet():
-        return await _run_ops(target, ops, rate, concurrency, progress, channels, duration)
+        return await _run_ops(target, ops, rate, concurrency, progress, channels, duration, timeout)
 
 
 async def _run_ops(
@@ -463,6 +469,7 @@ async def _run_ops(
     progress: Any,
     channels: int,
     duration: float | None,
+    timeout: float,
 ) -> Report:
     report = Report()
     chans = open_channels(target, max(1, channels))
@@ -479,7 +486,7 @@ async def _run_ops(
             nonlocal sent
             terminal, upload = stubs[sent % len(stubs)]
             sent += 1
-            ok = await _send(op, terminal, upload, report)
+            ok = await _send(op, terminal, upload, report, timeout)
             done = time.perf_counter()
             report.record(op.kind, done - intended, done - start, ok)
             if progress is not None:
@@ -799,6 +806,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="mean requests/s over the run, open loop, whatever the profile; 0: closed loop",
     )
+    p.add_argument(
+        "--timeout",
+        type=_finite_number(zero=False),
+        default=30.0,
+        help="seconds a call may take; one unanswered by then fails (DEADLINE_EXCEEDED)",
+    )
     p.add_argument("--concurrency", type=_whole(1), default=64, help="in flight, closed loop")
     p.add_argument(
         "--channels", type=_whole(1), default=8, help="TCP connections (spread over --workers)"
@@ -919,6 +932,7 @@ async def run(args: argparse.Namespace) -> int:
             lambda: progress.advance(task),
             args.channels,
             args.duration,
+            args.timeout,
         )
     summary = report.summary()
     title = (
