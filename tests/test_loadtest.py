@@ -13,11 +13,13 @@ from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 
 from onecard.clients import loadtest
 from onecard.clients.loadtest import add_arguments, collector_quiet, embedded_dsn, run
 from onecard.server.app import EMBEDDED_DATABASE, RunningServer
 from onecard.v1 import terminal_pb2, terminal_pb2_grpc, upload_pb2, upload_pb2_grpc
+from tests.support import dev_keys, start_test_server
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -264,3 +266,34 @@ async def test_calls_past_the_timeout_are_unanswered_in_the_books_check(
     timed_out = sum(n for k, n in report["outcomes"].items() if k.endswith("DEADLINE_EXCEEDED"))
     assert timed_out > 0 and report["check"]["ok"]
     assert report["check"]["unanswered"] == report["failed_records"] >= timed_out
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def few_streams_server(db_dsn: str, tmp_path: Path) -> AsyncIterator[RunningServer]:
+    """A server that takes 4 upload streams at once (64 by default)."""
+    running = await start_test_server(db_dsn, tmp_path, dev_keys(), max_upload_streams=4)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def test_upload_batches_share_a_few_long_lived_streams_as_gateways_do(
+    few_streams_server: RunningServer, tmp_path: Path
+) -> None:
+    """The generator opened a stream for every batch: a burst of batches held more
+    streams than the server's --max-upload-streams and was refused
+    RESOURCE_EXHAUSTED ("64 upload streams are open": the open-loop rush run failed
+    3 of 4 times on 2 CPUs), a load no fleet of gateways makes (found by review)."""
+    server = few_streams_server
+    report_file = tmp_path / "r.json"
+    args = _args(
+        "--target", server.address, "--dsn", server.dsn, "--cards", "500", "--terminals", "8",
+        "--mix", "upload=1", "--batch", "20", "--count", "80", "--rate", "800",
+        "--upload-streams", "4", "--json", str(report_file),
+    )  # fmt: skip
+    assert await run(args) == 0
+    report = json.loads(report_file.read_text())
+    assert report["failed"] == 0, report["errors"]
+    assert sum(report["outcomes"].values()) == report["records"] == 80 * 20
+    assert report["check"]["acknowledged"] == 80 * 20

@@ -312,10 +312,74 @@ def build_ops(
     return ops
 
 
+class UploadStreams:
+    """A few long-lived upload streams, as gateways keep, that every batch of the run shares.
+
+    Every open stream holds one of the server's ``--max-upload-streams``
+    places (64 a process): a stream per batch, as the generator once
+    opened, took more than that in a burst and was refused
+    RESOURCE_EXHAUSTED, which no fleet of gateways causes. A batch waits
+    for a free stream (inside its deadline, and counted in its latency),
+    sends, and has its reply read before the stream takes the next batch. A
+    stream that failed or ran out of time is dropped (what it was sending
+    has no answer) and the next batch opens a new one on its channel; the
+    streams are spread over the channels.
+    """
+
+    def __init__(self, stubs: list[upload_pb2_grpc.UploadServiceStub], n: int) -> None:
+        self._stubs = stubs
+        self._free: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        for i in range(n):
+            self._free.put_nowait((i, None))  # opened on first use
+
+    async def send(self, batch: upload_pb2.UploadBatch, timeout: float) -> Any:
+        """The batch's reply; AioRpcError DEADLINE_EXCEEDED when none came within ``timeout``."""
+        slot, call = -1, None
+        try:
+            async with asyncio.timeout(timeout):
+                slot, call = await self._free.get()
+                if call is None or call.done():  # never opened, or ended by the server (idle)
+                    call = self._stubs[slot % len(self._stubs)].UploadRecords()
+                await call.write(batch)
+                reply = await call.read()
+            if not isinstance(reply, upload_pb2.UploadBatchReply):  # EOF: the stream ended
+                code = await call.code()
+                raise _rpc_error(code, "the upload stream ended without a reply")
+        except BaseException as exc:
+            if call is not None:
+                call.cancel()
+            if slot >= 0:
+                self._free.put_nowait((slot, None))
+            if isinstance(exc, TimeoutError):
+                raise _rpc_error(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply within {timeout:g} s"
+                ) from None
+            raise
+        self._free.put_nowait((slot, call))
+        return reply
+
+    async def close(self) -> None:
+        """Ends the streams as a gateway does, by closing its side; cancels what does not end."""
+        while not self._free.empty():
+            _, call = self._free.get_nowait()
+            if call is None or call.done():
+                continue
+            try:
+                async with asyncio.timeout(5):
+                    await call.done_writing()
+                    await call.code()
+            except (TimeoutError, grpc.aio.AioRpcError):
+                call.cancel()
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+
+
 async def _send(
     op: Op,
     terminal: terminal_pb2_grpc.TerminalServiceStub,
-    upload: upload_pb2_grpc.UploadServiceStub,
+    upload: UploadStreams,
     report: Report,
     timeout: float = 30.0,
 ) -> bool:
@@ -328,11 +392,11 @@ async def _send(
     """
     try:
         if op.kind == "upload":
-            replies = [r async for r in upload.UploadRecords(iter([op.request]), timeout=timeout)]
-            for res in replies[0].results:
+            batch_reply = await upload.send(op.request, timeout)
+            for res in batch_reply.results:
                 name = upload_pb2.RecordOutcome.Name(res.outcome).removeprefix("RECORD_OUTCOME_")
                 report.outcomes[f"upload {name}"] += 1
-            report.answered.append((op, replies[0]))
+            report.answered.append((op, batch_reply))
             report.records += op.records
             return True
         call = terminal.Debit if op.kind == "debit" else terminal.Load
@@ -454,11 +518,15 @@ async def run_ops(
     channels: int = 8,
     duration: float | None = None,
     timeout: float = 30.0,
+    upload_streams: int = 8,
 ) -> Report:
     """Sends ``ops`` and times them; a call not answered within ``timeout`` seconds
-    is a failed one (DEADLINE_EXCEEDED), so a stalled server cannot hold the run."""
+    is a failed one (DEADLINE_EXCEEDED), so a stalled server cannot hold the run.
+    Upload batches go over ``upload_streams`` long-lived streams (UploadStreams)."""
     with collector_quiet():
-        return await _run_ops(target, ops, rate, concurrency, progress, channels, duration, timeout)
+        return await _run_ops(
+            target, ops, rate, concurrency, progress, channels, duration, timeout, upload_streams
+        )
 
 
 async def _run_ops(
@@ -470,23 +538,22 @@ async def _run_ops(
     channels: int,
     duration: float | None,
     timeout: float,
+    upload_streams: int,
 ) -> Report:
     report = Report()
     chans = open_channels(target, max(1, channels))
+    uploads = UploadStreams([upload_pb2_grpc.UploadServiceStub(c) for c in chans], upload_streams)
     try:
-        stubs = [
-            (terminal_pb2_grpc.TerminalServiceStub(c), upload_pb2_grpc.UploadServiceStub(c))
-            for c in chans
-        ]
+        stubs = [terminal_pb2_grpc.TerminalServiceStub(c) for c in chans]
         start = time.perf_counter()
         deadline = start + duration if duration and rate <= 0 else math.inf
         sent = 0
 
         async def timed(op: Op, intended: float) -> None:
             nonlocal sent
-            terminal, upload = stubs[sent % len(stubs)]
+            terminal = stubs[sent % len(stubs)]
             sent += 1
-            ok = await _send(op, terminal, upload, report, timeout)
+            ok = await _send(op, terminal, uploads, report, timeout)
             done = time.perf_counter()
             report.record(op.kind, done - intended, done - start, ok)
             if progress is not None:
@@ -514,6 +581,7 @@ async def _run_ops(
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         report.seconds = time.perf_counter() - start
     finally:
+        await uploads.close()
         for c in chans:
             await c.close(None)
     return report
@@ -817,6 +885,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--channels", type=_whole(1), default=8, help="TCP connections (spread over --workers)"
     )
     p.add_argument(
+        "--upload-streams",
+        type=_whole(1),
+        default=8,
+        help="long-lived upload streams the batches share, as gateways keep "
+        "(the server takes --max-upload-streams, 64, a process)",
+    )
+    p.add_argument(
         "--profile",
         choices=["steady", "rush"],
         default="steady",
@@ -933,6 +1008,7 @@ async def run(args: argparse.Namespace) -> int:
             args.channels,
             args.duration,
             args.timeout,
+            args.upload_streams,
         )
     summary = report.summary()
     title = (
