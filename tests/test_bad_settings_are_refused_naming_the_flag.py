@@ -35,13 +35,20 @@ BAD_SETTINGS = [
     ("ONECARD_MAX_AMOUNT", "4294967296", "--max-amount: must be at most 4294967295"),
     ("--reversal-window", "-1", "--reversal-window: must be at least 0, got -1.0"),
     ("ONECARD_REFUND_HOLD", "-0.5", "--refund-hold: must be at least 0, got -0.5"),
-    ("--refund-hold", "nan", "--refund-hold: must be a finite number of at least 0, got 'nan'"),
+    ("--refund-hold", "nan", "--refund-hold: must be a finite number from 0 to 315360000, got 'nan'"),
     ("--refund-job-interval", "-2", "--refund-job-interval: must be at least 0, got -2.0"),
     ("ONECARD_LINGER_MS", "inf", "--linger-ms: must be a finite number from 0 to 1000"),
     ("ONECARD_ALLOW_SLOW_CRYPTO", "maybe", "--allow-slow-crypto: must be one of 1, true, yes"),
     ("ONECARD_WORKERS", "0", "--workers: must be at least 1, got 0"),
     ("ONECARD_LISTEN", "nowhere", "--listen: must be HOST:PORT"),
     ("--lock-timeout-ms", "-1", "--lock-timeout-ms: must be at least 0, got -1"),
+    # Taken, then failing later (found by review): gRPC's hard limit, three times
+    # it, overflowed a C int after the database had started; every reversal
+    # failed in make_interval; every due date of a held refund passed year 9999.
+    ("--max-pending-calls", "1000000000", "--max-pending-calls: must be at most 10000000"),
+    ("--reversal-window", "1e13", "--reversal-window: must be at most 31536000"),
+    ("ONECARD_REFUND_HOLD", "1e12", "--refund-hold: must be at most 315360000"),
+    ("--refund-job-interval", "1e9", "--refund-job-interval: must be at most 86400"),
     # gRPC refuses a message over the limit itself, as RESOURCE_EXHAUSTED, which a
     # gateway takes for "retry later": a batch the ledger allows must always fit.
     ("--max-message-bytes", "65536", "--max-message-bytes: must hold an upload batch of "

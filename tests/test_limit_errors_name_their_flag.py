@@ -109,3 +109,38 @@ async def test_uploads_name_max_upload_queue_and_max_upload_batch(small: Running
         await queued
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "--max-upload-queue (ONECARD_MAX_UPLOAD_QUEUE)" in (refused.details() or "")
+
+
+@pytest.mark.parametrize("held", ["card row", "table"])
+async def test_a_lock_held_past_the_timeout_names_lock_timeout_ms(
+    db_dsn: str, tmp_path: Path, held: str
+) -> None:
+    """A lock wait cut short by --lock-timeout-ms named no flag; a table's was even
+    answered and logged as a database outage while health said SERVING (found by review)."""
+    import asyncpg
+
+    from tests.support import issue
+
+    running = await start_test_server(db_dsn, tmp_path, dev_keys(), lock_timeout_ms=300)
+    holder = await asyncpg.connect(db_dsn)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as chan:
+            card = await issue(chan, dev_keys())
+            topup = Terminal(chan, "310400000009", 7_000)
+            assert (await topup.load(card, 1_000)).status == 1
+            async with holder.transaction():
+                if held == "card row":
+                    await holder.execute(
+                        "SELECT 1 FROM cards WHERE card_no = $1 FOR UPDATE", int(card.card_no)
+                    )
+                else:
+                    await holder.execute("LOCK TABLE terminal_txns IN ACCESS EXCLUSIVE MODE")
+                bus = Terminal(chan, "310400000001", 50)
+                refused = await _refusal(bus.stub.Debit(bus.debit_request(card, 100), timeout=10))
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
+        details = refused.details() or ""
+        assert "past the lock timeout" in details and "unavailable" not in details, details
+        assert details.endswith("[limit set by --lock-timeout-ms (ONECARD_LOCK_TIMEOUT_MS)]")
+    finally:
+        await holder.close()
+        await running.stop()

@@ -395,6 +395,51 @@ async def test_database_outage_is_unavailable_and_recovers(tmp_path: Path) -> No
         await asyncio.to_thread(pg.stop)
 
 
+async def test_health_is_not_serving_while_the_database_takes_no_writes(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """A standby, or a primary left read-only, answered the health look's ``SELECT 1``:
+    health said SERVING while every debit was refused UNAVAILABLE (found by review).
+
+    Read-only here is ``default_transaction_read_only`` on the test's database
+    with its sessions ended, which a write meets with a standby's error (25006).
+    """
+    from urllib.parse import urlsplit
+
+    name = urlsplit(db_dsn).path.lstrip("/")
+    running = await start_test_server(db_dsn, tmp_path, dev_keys())
+    admin = await asyncpg.connect(db_dsn)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as chan:
+            card = await issue(chan, dev_keys())
+            await Terminal(chan, "310400000009").load(card, 1_000)
+            health = health_pb2_grpc.HealthStub(chan)
+            assert await _health(health) == SERVING
+            await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+            await _until_health(health, NOT_SERVING)
+            bus = Terminal(chan, "310400000001")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await bus.stub.Debit(bus.debit_request(card, 100), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+            await _until_health(health, SERVING)
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+        await admin.close()
+        await running.stop()
+    await assert_books_balance(db_dsn)
+
+
 _COUNT_FLAGS = [
     "--upload-flushers",
     "--upload-flush-records",

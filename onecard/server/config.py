@@ -448,9 +448,16 @@ _BOUNDS: dict[str, tuple[int | None, int | None]] = {
     "--key-cache-size": (0, 0x3FFFFFFF),  # the extension's own ceiling
     "--max-message-bytes": (1, 2**31 - 1),  # gRPC's is a C int; -1 there is "unlimited"
     "--max-amount": (1, 0xFFFFFFFF),  # amount is 4 bytes on the card (PROTOCOL.md)
-    "--refund-hold": (0, None),
-    "--refund-job-interval": (0, None),
-    "--reversal-window": (0, None),
+    # gRPC's hard limit is three times it, in a C int: a larger value passed
+    # every check and stopped the start-up after the database had started.
+    "--max-pending-calls": (1, 10_000_000),
+    # Ten years: further on, a refund's due date passed PostgreSQL's and
+    # Python's year 9999, and every cancellation of an unreadable card failed.
+    "--refund-hold": (0, 315_360_000),
+    "--refund-job-interval": (0, 86_400),
+    # A year: 10^13 seconds was taken, and every reversal then failed in
+    # make_interval; a cashier's mistake is undone within minutes.
+    "--reversal-window": (0, 31_536_000),
     "--lock-timeout-ms": (0, 3_600_000),
     "--keepalive-s": (0, 86_400),
     "--upload-idle-s": (0, 86_400),
@@ -466,6 +473,7 @@ LIMIT_FLAGS = {
     "max_upload_streams": "--max-upload-streams",
     "max_upload_streams_per_connection": "--max-upload-streams-per-connection",
     "upload_idle_s": "--upload-idle-s",
+    "lock_timeout_ms": "--lock-timeout-ms",
 }
 
 

@@ -30,6 +30,9 @@ class CardsHeld(ItemsHeld):
     without them. The message names no card: it reaches every caller refused.
     """
 
+    #: The ledger setting whose limit this is (the server names its flag).
+    setting = "lock_timeout_ms"
+
     def __init__(self, cards: set[int]) -> None:
         super().__init__(
             "the card's record is locked by another database session past the lock "
