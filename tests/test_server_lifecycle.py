@@ -409,29 +409,29 @@ async def test_health_is_not_serving_while_the_database_takes_no_writes(
     name = urlsplit(db_dsn).path.lstrip("/")
     running = await start_test_server(db_dsn, tmp_path, dev_keys())
     admin = await asyncpg.connect(db_dsn)
+
+    async def read_only(change: str) -> None:
+        """Change the database's setting, and end its sessions: the new ones have it."""
+        await admin.execute(f'ALTER DATABASE "{name}" {change}')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+
     try:
         async with grpc.aio.insecure_channel(running.address) as chan:
             card = await issue(chan, dev_keys())
             await Terminal(chan, "310400000009").load(card, 1_000)
             health = health_pb2_grpc.HealthStub(chan)
             assert await _health(health) == SERVING
-            await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = $1 AND pid <> pg_backend_pid()",
-                name,
-            )
+            await read_only("SET default_transaction_read_only = on")
             await _until_health(health, NOT_SERVING)
             bus = Terminal(chan, "310400000001")
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await bus.stub.Debit(bus.debit_request(card, 100), timeout=10)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-            await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = $1 AND pid <> pg_backend_pid()",
-                name,
-            )
+            await read_only("RESET default_transaction_read_only")
             await _until_health(health, SERVING)
     finally:
         await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
