@@ -777,3 +777,22 @@ def test_large_batch_grouped_by_card_answers_in_input_order(cache_size: int) -> 
     fast_v = FastVerifier(store, cache_size=cache_size)
     assert fast_v.verify_purchases(batch) == expected
     assert fast_v.verify_purchases(batch[::-1]) == expected[::-1]
+
+
+@pytest.mark.parametrize("when", ["20261131083000", "20260229120000", "20261203246000"])
+def test_the_per_call_helpers_refuse_a_date_that_never_was_as_the_twin_does(when: str) -> None:
+    """The extension signed 30 February and 24:60 where the reference refused them (found by
+    review); a simulator would have sent what the server then refused."""
+    from onecard.ledger.crypto import reference
+
+    v = BY_SUITE[Suite.AES]
+    key = _fast.derive_card_key(3, v.version().mtk.reveal(), CARD, KV, 1)
+    for sign in (
+        lambda: _fast.purchase_tac(3, key, 100, 6, "310400000001", 1, when),
+        lambda: reference.purchase_tac(Suite.AES, key, 100, 6, "310400000001", 1, when),
+        lambda: _fast.load_mac2(3, key, 100, 2, "310400000009", when),
+        lambda: reference.load_mac2(Suite.AES, key, 100, 2, "310400000009", when),
+    ):
+        with pytest.raises(FieldError) as info:
+            sign()
+        assert info.value.field == "date_time"

@@ -56,7 +56,7 @@ from onecard.ledger.crypto._openssl cimport (
 import os
 import threading
 
-from onecard.ledger.crypto.encoding import FieldError, described
+from onecard.ledger.crypto.encoding import FieldError, described, parse_datetime
 
 ctypedef unsigned char uchar
 
@@ -1300,7 +1300,11 @@ def mac(suite, key, data):
 
 def purchase_tac(suite, card_tac_key, amount, txn_type, terminal_id, terminal_seq,
                  date_time):
-    """TAC = MAC(card TAC key, amount ‖ type ‖ terminal id ‖ terminal seq ‖ date time)."""
+    """TAC = MAC(card TAC key, amount ‖ type ‖ terminal id ‖ terminal seq ‖ date time).
+
+    The date must be a real moment, as the reference twin requires: these
+    helpers signed 20261131… where the twin refused it (found by review).
+    """
     cdef int s = _check_suite(suite)
     cdef bytes k = bytes(card_tac_key)
     cdef uchar msg[22]
@@ -1309,6 +1313,7 @@ def purchase_tac(suite, card_tac_key, amount, txn_type, terminal_id, terminal_se
     msg[4] = <uint8_t>txn_type
     _bcd(terminal_id, msg + 5, 12, "terminal_id")
     put32(msg + 11, terminal_seq)
+    parse_datetime(date_time)  # in the twin's order: after the fields before it
     _bcd(date_time, msg + 15, 14, "date_time")
     return _mac(s, k, msg, 22)
 
@@ -1345,12 +1350,13 @@ def load_mac1(suite, seslk, old_balance, amount, txn_type, terminal_id):
 
 
 def load_mac2(suite, seslk, amount, txn_type, terminal_id, date_time):
-    """MAC2 = MAC(SESLK, amount ‖ type ‖ terminal id ‖ date time)."""
+    """MAC2 = MAC(SESLK, amount ‖ type ‖ terminal id ‖ date time); a real moment, as in the twin."""
     cdef int s = _check_suite(suite)
     cdef uchar msg[18]
     put32(msg, amount)
     msg[4] = <uint8_t>txn_type
     _bcd(terminal_id, msg + 5, 12, "terminal_id")
+    parse_datetime(date_time)
     _bcd(date_time, msg + 11, 14, "date_time")
     return _mac(s, seslk, msg, 18)
 
