@@ -12,7 +12,7 @@ import datetime as dt
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
@@ -787,12 +787,13 @@ def test_the_per_call_helpers_refuse_a_date_that_never_was_as_the_twin_does(when
 
     v = BY_SUITE[Suite.AES]
     key = _fast.derive_card_key(3, v.version().mtk.reveal(), CARD, KV, 1)
-    for sign in (
+    signers: tuple[Callable[[], bytes], ...] = (
         lambda: _fast.purchase_tac(3, key, 100, 6, "310400000001", 1, when),
         lambda: reference.purchase_tac(Suite.AES, key, 100, 6, "310400000001", 1, when),
         lambda: _fast.load_mac2(3, key, 100, 2, "310400000009", when),
         lambda: reference.load_mac2(Suite.AES, key, 100, 2, "310400000009", when),
-    ):
+    )
+    for sign in signers:
         with pytest.raises(FieldError) as info:
             sign()
         assert info.value.field == "date_time"
