@@ -6,9 +6,10 @@ import asyncio
 import datetime as dt
 import itertools
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 
@@ -18,8 +19,9 @@ from onecard.clients.terminal import CHINA_TIME, Terminal, now_bcd_text
 from onecard.ledger.accounts import purse_account
 from onecard.ledger.engine import UPLOAD_COMMITTER, BatchSettings
 from onecard.ledger.keys import MemoryKeyStore
+from onecard.ledger.model import PostingKind
 from onecard.server.app import RunningServer
-from onecard.v1 import common_pb2, terminal_pb2, upload_pb2
+from onecard.v1 import common_pb2, terminal_pb2, upload_pb2, upload_pb2_grpc
 from tests.support import (
     assert_books_balance,
     fetch,
@@ -923,3 +925,90 @@ async def test_a_batch_reply_counts_a_conflict_as_quarantined(
     kept = await fetch(server.dsn, "SELECT reason FROM quarantine")
     assert [r["reason"] for r in kept] == [upload_pb2.QUARANTINE_REASON_IDENTITY_CONFLICT]
     assert (reply.posted, reply.duplicates, reply.quarantined) == (1, 0, 1)
+
+
+async def test_a_stop_ends_upload_streams_at_once_and_answers_only_the_batch_taken(
+    db_dsn: str, keys: MemoryKeyStore, tmp_path: Path
+) -> None:
+    """A stop ends every upload stream as soon as its batch in the ledger is answered,
+    and takes no batch after it began: each gateway is told UNAVAILABLE and resends the
+    rest to a server that stays.
+
+    Nothing told the upload service the server was stopping, and an open stream is a
+    call gRPC's stop waits for: a gateway's stream idle between batches held every
+    stop for the whole shutdown grace, and a batch sent during it was read, posted and
+    answered after Ctrl-C or SIGTERM had said the server took no more calls
+    (found by review).
+    """
+    # A grace longer than any wait below: the stop must not end by waiting it out.
+    running = await start_test_server(
+        db_dsn, tmp_path, keys, shutdown_grace=300, lock_timeout_ms=120_000
+    )
+    stopping: asyncio.Future[None] | None = None
+    holder = await asyncpg.connect(db_dsn)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as chan:
+            idle_card, busy_card = await funded(chan, keys), await funded(chan, keys)
+            stub = upload_pb2_grpc.UploadServiceStub(chan)
+            queues: list[asyncio.Queue[upload_pb2.UploadBatch]] = [asyncio.Queue(), asyncio.Queue()]
+
+            async def gateway(
+                queue: asyncio.Queue[upload_pb2.UploadBatch],
+            ) -> AsyncIterator[upload_pb2.UploadBatch]:
+                while True:
+                    yield await queue.get()
+
+            idle, busy = (stub.UploadRecords(gateway(q)) for q in queues)
+            for call, queue, card in ((idle, queues[0], idle_card), (busy, queues[1], busy_card)):
+                await queue.put(make_batch("first", [ride(card, 100)]))
+                assert (await call.read()).posted == 1
+            # The busy stream's next batch waits in the ledger for a card row held here.
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute(
+                "SELECT 1 FROM cards WHERE card_no = $1 FOR UPDATE", int(busy_card.card_no)
+            )
+            await queues[1].put(make_batch("taken", [ride(busy_card, 100)]))
+
+            async def waiting_for_the_row() -> bool:
+                rows = await fetch(db_dsn, "SELECT count(*) AS n FROM pg_locks WHERE NOT granted")
+                return bool(rows[0]["n"])
+
+            for _ in range(600):
+                if await waiting_for_the_row():
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the batch never reached the database")
+
+            stopping = asyncio.ensure_future(running.stop())
+            # The idle stream ends at once, while the busy one's batch is still held.
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(idle.read(), 30)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (ended.value.details() or "")
+            assert not stopping.done()
+            # Sent after the stop began: never read.
+            await queues[0].put(make_batch("late-idle", [ride(idle_card, 100)]))
+            await queues[1].put(make_batch("late-busy", [ride(busy_card, 100)]))
+            await tx.rollback()
+            # The batch taken before the stop is finished and answered after its COMMIT ...
+            answered = await asyncio.wait_for(busy.read(), 60)
+            assert isinstance(answered, upload_pb2.UploadBatchReply)
+            assert (answered.batch_id, answered.posted) == ("taken", 1)
+            # ... and its stream ends there, the late batch refused with it.
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(busy.read(), 60)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (ended.value.details() or "")
+            await asyncio.wait_for(stopping, 60)
+    finally:
+        await holder.close()
+        if stopping is None:
+            await running.stop()
+        elif not stopping.done():
+            await asyncio.wait([stopping], timeout=360)
+    purchases = [(int(PostingKind.PURCHASE), 100)]
+    assert [p for p in await postings_of(db_dsn, idle_card) if p in purchases] == purchases
+    assert [p for p in await postings_of(db_dsn, busy_card) if p in purchases] == purchases * 2
+    await assert_books_balance(db_dsn)

@@ -211,6 +211,8 @@ class RunningServer:
     sampler: asyncio.Task[None] | None = None
     #: Keeps the health service in step with the database (watch_database).
     watcher: asyncio.Task[None] | None = None
+    #: The upload streams of every server of the process, ended by a stop.
+    upload_streams: StreamSlots | None = None
 
     @property
     def address(self) -> str:
@@ -222,6 +224,10 @@ class RunningServer:
         for task in (self.sampler, self.watcher):
             if task is not None:
                 task.cancel()
+        if self.upload_streams is not None:
+            # An upload stream is a call that ends only when its gateway
+            # closes it: left open, it held the stop for the whole grace.
+            self.upload_streams.stop()
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(*(s.stop(self.config.shutdown_grace) for s in self.servers))
         await self.ledger.close()
@@ -416,4 +422,5 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
         metrics,
         sampler,
         watcher,
+        upload_streams,
     )

@@ -10,6 +10,11 @@ Each open stream can hold a few megabytes of batches in gRPC's buffers (its
 flow-control window) before the ledger reads them, so the streams a process
 keeps open are bounded (``--max-upload-streams``); one more is answered
 RESOURCE_EXHAUSTED before any of its batches is read.
+
+A stop ends every stream at once (``StreamSlots.stop``): the batch in the
+ledger is finished and answered after its COMMIT, and the stream is then
+ended UNAVAILABLE (the server is shutting down) without reading another
+batch, so the gateway resends the rest to a server that stays.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from onecard.ledger.batcher import ShuttingDown
 from onecard.ledger.engine import Ledger
 from onecard.ledger.model import OfflineRecord, OfflineResult, RecordOutcome
 from onecard.ledger.validation import check_upload_batch
@@ -89,6 +95,9 @@ class StreamSlots:
     ``per_connection``: the places one connection (a peer address and port)
     may hold. Without it one gateway's connection could open every place
     and the others were refused until its streams ended.
+
+    ``stop``: the server is stopping, and every stream ends once its batch in
+    the ledger (if any) is answered.
     """
 
     def __init__(self, limit: int, idle_s: float = 0, per_connection: int | None = None) -> None:
@@ -97,6 +106,25 @@ class StreamSlots:
         self.per_connection = limit if per_connection is None else per_connection
         self.open = 0
         self._held: dict[str, int] = {}
+        self._stopping: asyncio.Future[None] | None = None
+
+    def stopping(self) -> asyncio.Future[None]:
+        """Done once the server has begun to stop."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_future()
+        return self._stopping
+
+    def stop(self) -> None:
+        """End every stream: those waiting for a batch now, the others once answered.
+
+        gRPC's own stop waits for open calls up to the shutdown grace, and
+        an open stream is a call: a gateway's stream idle between batches
+        held every stop for the whole grace, and a batch it sent meanwhile
+        was read, posted and answered after the stop began.
+        """
+        stopping = self.stopping()
+        if not stopping.done():
+            stopping.set_result(None)
 
     def take(self, peer: str) -> TooManyStreams | None:
         """A place for a stream of ``peer``; the refusal to raise when there is none."""
@@ -120,6 +148,35 @@ class StreamSlots:
         UPLOAD_STREAMS_OPEN.dec()
 
 
+async def _next_batch(
+    batches: AsyncIterator[upload_pb2.UploadBatch], stopping: asyncio.Future[None], idle_s: float
+) -> upload_pb2.UploadBatch:
+    """The stream's next batch; ShuttingDown once the server stops, StreamIdle after ``idle_s``.
+
+    A batch that comes with the stop is not read: it is refused with the
+    stream (nothing of it written), and the gateway sends it again elsewhere.
+    """
+    if stopping.done():
+        raise ShuttingDown()
+    reading = asyncio.ensure_future(anext(batches))
+    try:
+        await asyncio.wait(
+            (reading, stopping), timeout=idle_s or None, return_when=asyncio.FIRST_COMPLETED
+        )
+    except BaseException:  # the call was cancelled (its peer went away)
+        reading.cancel()
+        raise
+    if stopping.done() or not reading.done():
+        reading.cancel()
+        await asyncio.wait((reading,))
+        if not reading.cancelled():
+            reading.exception()  # retrieved: what it read is dropped with the stream
+        if stopping.done():
+            raise ShuttingDown()
+        raise StreamIdle(idle_s)
+    return reading.result()
+
+
 class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
     def __init__(self, ledger: Ledger, streams: StreamSlots) -> None:
         self.ledger = ledger
@@ -140,22 +197,20 @@ class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
             yield await guarded(context, refuse)  # raises: the stream ends refused
             return
         idle_s = self.streams.idle_s
+        stopping = self.streams.stopping()
         batches = aiter(request_iterator)
         try:
             while True:
                 try:
-                    if idle_s:
-                        batch = await asyncio.wait_for(anext(batches), idle_s)
-                    else:
-                        batch = await anext(batches)
+                    batch = await _next_batch(batches, stopping, idle_s)
                 except StopAsyncIteration:
                     return
-                except TimeoutError:
+                except (ShuttingDown, StreamIdle) as exc:
 
-                    async def idle() -> upload_pb2.UploadBatchReply:
-                        raise StreamIdle(idle_s)
+                    async def end(exc: Exception = exc) -> upload_pb2.UploadBatchReply:
+                        raise exc
 
-                    yield await guarded(context, idle)  # raises: the stream ends
+                    yield await guarded(context, end)  # raises: the stream ends
                     return
 
                 async def call(
