@@ -205,3 +205,56 @@ async def test_items_held_that_name_nothing_of_the_batch_fail_it_whole() -> None
     assert all(isinstance(r, _Odd) for r in results)
     assert flushes == 1
     await gc.close()
+
+
+async def test_an_abandoned_close_tells_every_waiting_caller_to_retry() -> None:
+    """A close that cannot wait any longer for a database that does not answer fails the
+    queued callers at once and those of the flush in flight when it fails, each with
+    ShuttingDown (UNAVAILABLE), never with a result.
+
+    A close waited for the flush in flight without bound: a stop of the server hung
+    for ever on a database that had stopped answering (found by review).
+    """
+    silent = asyncio.Event()
+
+    async def flush(items: list[int]) -> list[int]:
+        await silent.wait()  # a database that does not answer ...
+        raise ConnectionResetError("connection terminated")  # ... until cut off
+
+    gc: GroupCommitter[int, int] = GroupCommitter(flush, max_batch=1, max_queue=10)
+    gc.start()
+    in_flight = asyncio.create_task(gc.submit(1))
+    await asyncio.sleep(0)
+    queued = asyncio.create_task(gc.submit(2))
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(gc.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()
+    assert gc.abandon() == (1, 1)
+    with pytest.raises(ShuttingDown):
+        await queued
+    silent.set()
+    with pytest.raises(ShuttingDown):
+        await in_flight
+    await asyncio.wait_for(closing, 10)
+    with pytest.raises(ShuttingDown):
+        await gc.submit(3)
+
+
+async def test_a_flush_cancelled_by_a_stop_tells_its_callers_to_retry() -> None:
+    """A flusher cancelled mid-flush (whether it committed is unknown) fails its callers
+    with ShuttingDown: they were left waiting for ever (found by review)."""
+
+    async def flush(items: list[int]) -> list[int]:
+        await asyncio.Event().wait()
+        return items
+
+    gc: GroupCommitter[int, int] = GroupCommitter(flush)
+    gc.start()
+    waiting = asyncio.create_task(gc.submit(1))
+    await asyncio.sleep(0.01)
+    closing = asyncio.create_task(gc.close())
+    await asyncio.sleep(0.01)
+    closing.cancel()
+    with pytest.raises(ShuttingDown):
+        await asyncio.wait_for(waiting, 10)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import asyncpg
 import grpc
@@ -25,6 +28,7 @@ from onecard.ledger.pii import read_key_file
 from onecard.ledger.storage.migrate import apply_migrations, available_migrations
 from onecard.server.app import RunningServer, start_server
 from onecard.server.config import ServerConfig
+from onecard.server.embedded_pg import EmbeddedPostgres
 from onecard.v1 import common_pb2
 from tests.support import (
     assert_books_balance,
@@ -341,10 +345,6 @@ async def _until_health(stub: health_pb2_grpc.HealthStub, status: int) -> None:
 
 
 async def test_database_outage_is_unavailable_and_recovers(tmp_path: Path) -> None:
-    import socket
-
-    from onecard.server.embedded_pg import EmbeddedPostgres
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -438,6 +438,134 @@ async def test_health_is_not_serving_while_the_database_takes_no_writes(
         await admin.close()
         await running.stop()
     await assert_books_balance(db_dsn)
+
+
+def _postgres_pids(pg: EmbeddedPostgres) -> list[int]:
+    """The postmaster of ``pg`` and its children (backends, checkpointer, ...)."""
+    postmaster = int((pg.data_dir / "postmaster.pid").read_text().splitlines()[0])
+    pids = [postmaster]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == postmaster:
+            pids.append(int(entry))
+    return pids
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+async def test_a_stop_ends_while_the_database_does_not_answer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop gives the ledger a bounded time to commit what it holds, then gives up on
+    a database that does not answer (a partition, a paused VM, a storage stall: frozen
+    here with SIGSTOP, its connections open and silent), tells every caller still
+    waiting to retry and none that its request committed, and ends.
+
+    The pool set no command timeout and the stop waited on the ledger's flushes and
+    the pool's close without bound: a stop never ended, a supervisor's stop ended in
+    SIGKILL, and an operator restarting the server to get it off a database that went
+    away could not (found by review).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pg = EmbeddedPostgres(tmp_path / "pg", port=port)
+    await asyncio.to_thread(pg.start)
+    frozen: list[int] = []
+    stopping: asyncio.Future[None] | None = None
+    try:
+        admin = await asyncpg.connect(pg.dsn())
+        await admin.execute("CREATE DATABASE frozen")
+        await admin.close()
+        dsn = pg.dsn("frozen")
+        conn = await asyncpg.connect(dsn)
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+        running = await start_test_server(dsn, tmp_path, dev_keys())
+        async with grpc.aio.insecure_channel(running.address) as chan:
+            card = await issue(chan, dev_keys())
+            await Terminal(chan, "310400000009").load(card, 1_000)
+            bus = Terminal(chan, "310400000001")
+            frozen = _postgres_pids(pg)
+            _signal_all(frozen, signal.SIGSTOP)
+            # A debit in flight: its flush waits on the silent database.
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await bus.stub.Debit(bus.debit_request(card, 100), timeout=2)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            stopping = asyncio.ensure_future(running.stop())
+            # The grace (10 s), then the drain (10 s): a bound only a hang exceeds.
+            await asyncio.wait([stopping], timeout=60)
+            assert stopping.done(), "the stop still waits for a database that does not answer"
+            stopping.result()
+        abandoned = [r.getMessage() for r in caplog.records if "abandoned" in r.getMessage()]
+        assert len(abandoned) == 1, caplog.text
+        assert "group-commit: 0 requests queued, 1 in a transaction" in abandoned[0]
+        _signal_all(frozen, signal.SIGCONT)
+        frozen = []
+        # The debit was never answered: posted once or not at all, the books whole.
+        rows = await fetch(
+            dsn,
+            "SELECT count(*) AS n FROM postings WHERE card_no = $1 AND kind = 1",
+            int(card.card_no),
+        )
+        assert rows[0]["n"] in (0, 1)
+        await assert_books_balance(dsn)
+    finally:
+        _signal_all(frozen, signal.SIGCONT)
+        if stopping is not None and not stopping.done():
+            # Thawed, the flush ends and the stop completes.
+            await asyncio.wait([stopping], timeout=60)
+        await asyncio.to_thread(pg.stop)
+
+
+async def test_a_stop_that_gave_up_on_the_database_stops_the_embedded_one_at_once() -> None:
+    """Once the ledger gave up on a database that did not answer, the embedded one is
+    stopped without its shutdown checkpoint (immediate: the next start recovers every
+    COMMIT from the WAL), which a stalled disk would hold for pg_ctl's whole wait."""
+
+    class GaveUp:
+        async def close(self, timeout: float | None = None) -> bool:
+            assert timeout == ServerConfig().shutdown_drain_s
+            return False
+
+    class Closed:
+        async def close(self) -> None:
+            pass
+
+        async def enter_graceful_shutdown(self) -> None:
+            pass
+
+    modes: list[str] = []
+
+    class Embedded:
+        def stop(self, mode: str = "fast") -> None:
+            modes.append(mode)
+
+    closed: Any = Closed()
+    running = RunningServer(
+        ServerConfig(),
+        [],
+        0,
+        cast(Any, GaveUp()),
+        closed,
+        dev_keys(),
+        closed,
+        cast(Any, Embedded()),
+        "",
+    )
+    await running.stop()
+    assert modes == ["immediate"]
 
 
 _COUNT_FLAGS = [

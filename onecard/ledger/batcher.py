@@ -97,6 +97,11 @@ class GroupCommitter(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        #: Given up on (``abandon``): a flush that fails from now on tells its
+        #: callers ShuttingDown, not the error of a connection taken from it.
+        self._abandoned = False
+        #: Callers whose items are in a flush now (in a transaction, not queued).
+        self._flushing_callers = 0
         self.batches = 0
         self.items = 0
 
@@ -149,6 +154,30 @@ class GroupCommitter(Generic[T, R]):
         tasks, self._tasks = self._tasks, []
         await asyncio.gather(*tasks)
 
+    def abandon(self) -> tuple[int, int]:
+        """Give up on what ``close`` has not finished: (callers queued, callers in a flush).
+
+        For a stop that cannot wait for the database any longer (one that does
+        not answer: a partition, a paused VM, a storage stall). Each queued
+        caller is told ShuttingDown now, nothing of its request sent. A flush
+        in flight is left to fail (the caller terminates its connection): its
+        callers are told ShuttingDown too, whatever the error, since only a
+        COMMIT that returned is ever answered with results. Either way the
+        caller retries elsewhere, and the retry of a request that did commit
+        is answered as the duplicate it is.
+        """
+        self._closing = True
+        self._abandoned = True
+        queued = 0
+        while self._queue:
+            _, fut = self._queue.popleft()
+            if not fut.done():
+                fut.set_exception(ShuttingDown())
+                queued += 1
+        self._queued_items = 0
+        self._wakeup.set()
+        return queued, self._flushing_callers
+
     def _take_batch(self) -> list[tuple[list[T], asyncio.Future[list[R]]]]:
         """The next batch; groups whose caller has gone are dropped, not flushed.
 
@@ -187,9 +216,18 @@ class GroupCommitter(Generic[T, R]):
                 continue  # every caller queued had gone
             items = [item for group, _ in groups for item in group]
             began = time.perf_counter()
+            self._flushing_callers += len(groups)
             try:
                 results = await self._flush(items)
+            except asyncio.CancelledError:
+                # Stopped without waiting for this flush: whether it committed
+                # is unknown, so no caller is told it did.
+                _fail(groups, ShuttingDown())
+                raise
             except ItemsHeld as exc:
+                if self._abandoned:
+                    _fail(groups, ShuttingDown())
+                    continue
                 held = [any(exc.holds(i) for i in group) for group, _ in groups]
                 for (_, fut), fails in zip(groups, held, strict=True):
                     # If it named nothing of this batch, the whole batch fails.
@@ -203,10 +241,10 @@ class GroupCommitter(Generic[T, R]):
                             self._queued_items += len(group)
                 continue
             except Exception as exc:  # the whole batch failed: every caller sees why
-                for _, fut in groups:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                _fail(groups, ShuttingDown() if self._abandoned else exc)
                 continue
+            finally:
+                self._flushing_callers -= len(groups)
             took = time.perf_counter() - began
             # Committed: answer every caller before anything else can fail.
             start = 0
@@ -232,3 +270,10 @@ class GroupCommitter(Generic[T, R]):
                 took * 1e3,
                 self._queued_items,
             )
+
+
+def _fail(groups: list[tuple[list[Any], asyncio.Future[Any]]], exc: Exception) -> None:
+    """Tell each caller of ``groups`` still waiting ``exc``."""
+    for _, fut in groups:
+        if not fut.done():
+            fut.set_exception(exc)

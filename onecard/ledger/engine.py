@@ -81,6 +81,9 @@ class BatchSettings:
 #: Committer names, as metrics and logs label them.
 ONLINE_COMMITTER = "group-commit"
 UPLOAD_COMMITTER = "group-commit-uploads"
+#: Seconds a close waits for its flushes to fail once their connections were
+#: terminated (they fail at once: this only bounds the unforeseen).
+ABANDONED_WAIT_S = 5.0
 #: Held cards remembered at most (a few stuck rows at a time is already an
 #: incident); the oldest is forgotten first and, if still held, costs one
 #: more lock timeout to find again.
@@ -225,8 +228,48 @@ class Ledger:
         ledger.lifecycle.start()
         return ledger
 
-    async def close(self) -> None:
-        """Finish every queued request (each gets its reply), then stop."""
+    async def close(self, timeout: float | None = None) -> bool:
+        """Finish every queued request (each gets its reply), then stop; False if abandoned.
+
+        ``timeout``: seconds to wait for that (None: as long as it takes).
+        Without a bound, a database that stopped answering without closing
+        its connections (a partition, a paused VM, a storage stall) held the
+        close, and a server's stop with it, for ever. Past it what is left is
+        abandoned: every queued request and every request in a flush is told
+        ShuttingDown (UNAVAILABLE: retry; none is answered as committed), the
+        pool's connections are terminated so that the flushes fail at once,
+        and what was abandoned is logged.
+        """
+        closing = asyncio.ensure_future(self._close())
+        done, _ = await asyncio.wait((closing,), timeout=timeout)
+        if done:
+            closing.result()
+            return True
+        assert timeout is not None
+        abandoned = {c.name: c.abandon() for c in (self._committer, self._uploads)}
+        log.error(
+            "the database did not answer within %gs of the stop: abandoned %s (each caller "
+            "is told to retry, UNAVAILABLE; none was told its request committed); "
+            "terminating the pool's connections",
+            timeout,
+            "; ".join(
+                f"{name}: {queued} requests queued, {flushing} in a transaction"
+                for name, (queued, flushing) in abandoned.items()
+            ),
+        )
+        self.pool.terminate()
+        done, _ = await asyncio.wait((closing,), timeout=ABANDONED_WAIT_S)
+        if not done:
+            # Something waits on no connection of the pool: its callers are
+            # told ShuttingDown as the flushers are cancelled.
+            log.error("still closing %gs after the connections went: cancelled", ABANDONED_WAIT_S)
+            closing.cancel()
+            await asyncio.wait((closing,), timeout=ABANDONED_WAIT_S)
+        if closing.done() and not closing.cancelled() and closing.exception() is not None:
+            log.error("closing after the database was abandoned: %r", closing.exception())
+        return False
+
+    async def _close(self) -> None:
         if self.refdata_watch is not None:
             await self.refdata_watch.close()
         await self.lifecycle.close()

@@ -230,12 +230,24 @@ class RunningServer:
             self.upload_streams.stop()
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(*(s.stop(self.config.shutdown_grace) for s in self.servers))
-        await self.ledger.close()
-        await self.pool.close()
+        # Bounded: a database that does not answer (a partition, a paused VM,
+        # a storage stall) held the stop for ever, until a supervisor's SIGKILL.
+        drained = await self.ledger.close(self.config.shutdown_drain_s)
+        try:
+            await asyncio.wait_for(self.pool.close(), self.config.shutdown_drain_s)
+        except TimeoutError:  # asyncpg terminated the connections
+            log.error(
+                "the database did not answer the pool's close within %gs: connections terminated",
+                self.config.shutdown_drain_s,
+            )
+            drained = False
         if self.metrics is not None:
             self.metrics.stop()
         if self.embedded is not None:
-            await asyncio.to_thread(self.embedded.stop)
+            # A database that did not answer may be stalled on its disk: no
+            # shutdown checkpoint then (its WAL still holds every COMMIT).
+            mode = "fast" if drained else "immediate"
+            await asyncio.to_thread(self.embedded.stop, mode)
         log.info("stopped")
 
     def reload_keys(self) -> None:

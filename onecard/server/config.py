@@ -66,6 +66,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     batching: BatchSettings = field(default_factory=BatchSettings)
     shutdown_grace: float = 10.0
+    #: Seconds a stop then waits for the ledger to commit what it holds; past
+    #: them a database that does not answer is given up on (Ledger.close).
+    shutdown_drain_s: float = 10.0
     desk: DeskSettings = field(default_factory=DeskSettings)
     #: Hex key for holder-data digests; required with --dsn, else DATA_DIR/pii-key, made once.
     pii_key_file: Path | None = None
