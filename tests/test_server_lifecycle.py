@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -344,7 +345,11 @@ async def _until_health(stub: health_pb2_grpc.HealthStub, status: int) -> None:
     )
 
 
-async def test_database_outage_is_unavailable_and_recovers(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def _own_postgres(
+    tmp_path: Path, database: str
+) -> AsyncIterator[tuple[EmbeddedPostgres, str]]:
+    """A PostgreSQL of the test's own (to stop or freeze) and a migrated ``database`` on it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -352,14 +357,21 @@ async def test_database_outage_is_unavailable_and_recovers(tmp_path: Path) -> No
     await asyncio.to_thread(pg.start)
     try:
         admin = await asyncpg.connect(pg.dsn())
-        await admin.execute("CREATE DATABASE outage")
+        await admin.execute(f"CREATE DATABASE {database}")
         await admin.close()
-        dsn = pg.dsn("outage")
+        dsn = pg.dsn(database)
         conn = await asyncpg.connect(dsn)
         try:
             await apply_migrations(conn)
         finally:
             await conn.close()
+        yield pg, dsn
+    finally:
+        await asyncio.to_thread(pg.stop)
+
+
+async def test_database_outage_is_unavailable_and_recovers(tmp_path: Path) -> None:
+    async with _own_postgres(tmp_path, "outage") as (pg, dsn):
         running = await start_test_server(dsn, tmp_path, dev_keys())
         try:
             async with grpc.aio.insecure_channel(running.address) as chan:
@@ -391,8 +403,6 @@ async def test_database_outage_is_unavailable_and_recovers(tmp_path: Path) -> No
         finally:
             await running.stop()
         await assert_books_balance(dsn)
-    finally:
-        await asyncio.to_thread(pg.stop)
 
 
 async def test_health_is_not_serving_while_the_database_takes_no_writes(
@@ -475,58 +485,44 @@ async def test_a_stop_ends_while_the_database_does_not_answer(
     SIGKILL, and an operator restarting the server to get it off a database that went
     away could not (found by review).
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pg = EmbeddedPostgres(tmp_path / "pg", port=port)
-    await asyncio.to_thread(pg.start)
     frozen: list[int] = []
     stopping: asyncio.Future[None] | None = None
-    try:
-        admin = await asyncpg.connect(pg.dsn())
-        await admin.execute("CREATE DATABASE frozen")
-        await admin.close()
-        dsn = pg.dsn("frozen")
-        conn = await asyncpg.connect(dsn)
+    async with _own_postgres(tmp_path, "frozen") as (pg, dsn):
         try:
-            await apply_migrations(conn)
+            running = await start_test_server(dsn, tmp_path, dev_keys())
+            async with grpc.aio.insecure_channel(running.address) as chan:
+                card = await issue(chan, dev_keys())
+                await Terminal(chan, "310400000009").load(card, 1_000)
+                bus = Terminal(chan, "310400000001")
+                frozen = _postgres_pids(pg)
+                _signal_all(frozen, signal.SIGSTOP)
+                # A debit in flight: its flush waits on the silent database.
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await bus.stub.Debit(bus.debit_request(card, 100), timeout=2)
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                stopping = asyncio.ensure_future(running.stop())
+                # The grace (10 s), then the drain (10 s): a bound only a hang exceeds.
+                await asyncio.wait([stopping], timeout=60)
+                assert stopping.done(), "the stop still waits for a database that does not answer"
+                stopping.result()
+            abandoned = [r.getMessage() for r in caplog.records if "abandoned" in r.getMessage()]
+            assert len(abandoned) == 1, caplog.text
+            assert "group-commit: 0 requests queued, 1 in a transaction" in abandoned[0]
+            _signal_all(frozen, signal.SIGCONT)
+            frozen = []
+            # The debit was never answered: posted once or not at all, the books whole.
+            rows = await fetch(
+                dsn,
+                "SELECT count(*) AS n FROM postings WHERE card_no = $1 AND kind = 1",
+                int(card.card_no),
+            )
+            assert rows[0]["n"] in (0, 1)
+            await assert_books_balance(dsn)
         finally:
-            await conn.close()
-        running = await start_test_server(dsn, tmp_path, dev_keys())
-        async with grpc.aio.insecure_channel(running.address) as chan:
-            card = await issue(chan, dev_keys())
-            await Terminal(chan, "310400000009").load(card, 1_000)
-            bus = Terminal(chan, "310400000001")
-            frozen = _postgres_pids(pg)
-            _signal_all(frozen, signal.SIGSTOP)
-            # A debit in flight: its flush waits on the silent database.
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await bus.stub.Debit(bus.debit_request(card, 100), timeout=2)
-            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            stopping = asyncio.ensure_future(running.stop())
-            # The grace (10 s), then the drain (10 s): a bound only a hang exceeds.
-            await asyncio.wait([stopping], timeout=60)
-            assert stopping.done(), "the stop still waits for a database that does not answer"
-            stopping.result()
-        abandoned = [r.getMessage() for r in caplog.records if "abandoned" in r.getMessage()]
-        assert len(abandoned) == 1, caplog.text
-        assert "group-commit: 0 requests queued, 1 in a transaction" in abandoned[0]
-        _signal_all(frozen, signal.SIGCONT)
-        frozen = []
-        # The debit was never answered: posted once or not at all, the books whole.
-        rows = await fetch(
-            dsn,
-            "SELECT count(*) AS n FROM postings WHERE card_no = $1 AND kind = 1",
-            int(card.card_no),
-        )
-        assert rows[0]["n"] in (0, 1)
-        await assert_books_balance(dsn)
-    finally:
-        _signal_all(frozen, signal.SIGCONT)
-        if stopping is not None and not stopping.done():
-            # Thawed, the flush ends and the stop completes.
-            await asyncio.wait([stopping], timeout=60)
-        await asyncio.to_thread(pg.stop)
+            _signal_all(frozen, signal.SIGCONT)
+            if stopping is not None and not stopping.done():
+                # Thawed, the flush ends and the stop completes.
+                await asyncio.wait([stopping], timeout=60)
 
 
 async def test_a_stop_that_gave_up_on_the_database_stops_the_embedded_one_at_once() -> None:
