@@ -139,6 +139,9 @@ async def _prepare_unless_stopped(
 #: restarted in a loop, and the operator told nothing useful).
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
+#: Seconds a worker's death by SIGTERM while starting waits for a stop of
+#: the whole service to reach this process too (_Supervisor._await_stop).
+STOP_FOLLOWS_S = 1.0
 #: How long the supervision loop waits for a banner or an exit before it
 #: looks at the signals it was sent.
 _TICK = 0.1
@@ -281,6 +284,8 @@ class _Supervisor:
 
     def _exited(self, w: _Worker, rc: int) -> None:
         what = f"worker {w.slot} (pid {w.proc.pid}) {_how(rc)}"
+        if not self.stopping and not w.serving and rc == -signal.SIGTERM:
+            self._await_stop()
         if self.stopping:
             if w.serving and rc != 0:
                 log.error("%s while stopping", what)
@@ -316,6 +321,20 @@ class _Supervisor:
             RESTART_WINDOW,
         )
         self.to_start.append(w.slot)
+
+    def _await_stop(self) -> None:
+        """Give a stop that may be on its way the time to arrive.
+
+        A supervisor stopping the service signals every process of it
+        (systemd does): a starting worker, its handlers not yet installed,
+        dies of its SIGTERM and may be reaped before this process's own
+        SIGTERM is handled. Taken for a crash, the stop ended with "a worker
+        failed" and exit 1 (a test run's race). A worker killed so alone,
+        with no stop following, is still a failure.
+        """
+        deadline = time.monotonic() + STOP_FOLLOWS_S
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(_TICK)
 
     def _fail(self) -> None:
         self.failed = True
