@@ -13,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import grpc
@@ -28,12 +29,13 @@ from onecard.ledger.keys import FileKeyStore, KeyStoreError, MemoryKeyStore
 from onecard.ledger.pii import read_key_file
 from onecard.ledger.storage.migrate import apply_migrations, available_migrations
 from onecard.server.app import RunningServer, start_server
-from onecard.server.config import ServerConfig
+from onecard.server.config import ServerConfig, describe_dsn
 from onecard.server.embedded_pg import EmbeddedPostgres
 from onecard.v1 import common_pb2
 from tests.support import (
     assert_books_balance,
     assert_simulation_passes,
+    cli_server_env,
     dev_keys,
     fetch,
     issue,
@@ -711,3 +713,73 @@ async def test_a_card_locked_by_another_session_stalls_no_other_card(
         await holder.close()
         await running.stop()
     await assert_books_balance(db_dsn)
+
+
+def test_the_banner_shows_each_host_of_a_multi_host_dsn_and_never_its_password() -> None:
+    """The banner's ``describe_dsn`` asked urllib for the port, which raises
+    ValueError on asyncpg's host list (``db1:5432,db2:5433``): a server that
+    had started on a primary and its standby crashed there (found by review)."""
+    assert describe_dsn("postgresql://ledger:s3cret@db1:5432,db2:5433/onecard") == (
+        "db1:5432,db2:5433/onecard"
+    )
+    assert describe_dsn("postgresql://ledger:s3cret@db1,[::1]:6000/onecard") == (
+        "db1:5432,[::1]:6000/onecard"
+    )
+    assert describe_dsn("postgresql://ledger@/onecard?host=/run/pg,/tmp&port=5433,5434") == (
+        "/run/pg:5433,/tmp:5434/onecard"
+    )
+    # An unescaped @ in a password: nothing before the last one is shown.
+    shown = describe_dsn("postgresql://ledger:s3@cret@db1/onecard?password=s3cret2")
+    assert shown == "db1:5432/onecard"
+
+
+async def _forward_to(unix_path: str) -> tuple[asyncio.Server, int]:
+    """A local TCP port whose connections go to PostgreSQL's socket: a "host" of a host list."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(unix_path)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_server_on_a_primary_and_standby_dsn_serves_and_stops_cleanly(
+    db_dsn: str, tmp_path: Path, workers: str
+) -> None:
+    """``postgresql://u@db1:5432,db2:5432/onecard``, asyncpg's failover form:
+    the server connected, migrated and served, then its banner raised
+    ValueError and it exited 1 with a traceback, gRPC and the pool never
+    stopped; with --workers the parent failed before any worker started
+    (found by review)."""
+    parts = urlsplit(db_dsn)
+    query = parse_qs(parts.query)
+    unix_path = f"{query['host'][0]}/.s.PGSQL.{query['port'][0]}"
+    first, port1 = await _forward_to(unix_path)
+    second, port2 = await _forward_to(unix_path)
+    try:
+        hosts = f"127.0.0.1:{port1},127.0.0.1:{port2}"
+        dsn = f"postgresql://postgres:not-shown-7c1e@{hosts}{parts.path}"
+        env = await cli_server_env(db_dsn, tmp_path, ONECARD_DSN=dsn)
+        proc, banner = await asyncio.to_thread(start_cli_server, ["--workers", workers], env)
+        try:
+            assert f"database: PostgreSQL at {hosts}{parts.path}" in banner, banner
+        finally:
+            out = await asyncio.to_thread(stop_cli_server, proc, signal.SIGTERM)
+        assert proc.returncode == 0, banner + out
+        assert "stopped cleanly" in out, banner + out
+        assert "not-shown-7c1e" not in banner + out
+    finally:
+        first.close()
+        second.close()

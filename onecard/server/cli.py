@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -26,9 +27,12 @@ from onecard.server.config import (
 from onecard.server.embedded_pg import EmbeddedPostgresError
 from onecard.server.logs import setup_logging
 
+if TYPE_CHECKING:
+    from onecard.server.app import RunningServer
+
 
 async def _serve(cfg: ServerConfig) -> None:
-    from onecard.server.app import EMBEDDED_DATABASE, start_server
+    from onecard.server.app import start_server
     from onecard.server.entry import take_noted
 
     # Handlers before starting: a SIGTERM that lands meanwhile (a supervisor's
@@ -72,8 +76,27 @@ async def _serve(cfg: ServerConfig) -> None:
             print("onecard: stopped cleanly (stopped while starting)", flush=True)
             return
     running = starting.result()
+    try:
+        await _announce(cfg, running, signals, reload_asked)
+        await stop.wait()
+        print("onecard: stopping (draining in-flight work)", flush=True)
+    finally:
+        # Whatever fails once serving (a banner that cannot be made or
+        # written) still stops taking calls and drains what is in flight,
+        # before the error leaves, instead of leaving gRPC and the pool as
+        # they were.
+        await running.stop()
+    print("onecard: stopped cleanly", flush=True)
+
+
+async def _announce(
+    cfg: ServerConfig, running: RunningServer, signals: bool, reload_asked: list[int]
+) -> None:
+    """Once up: SIGHUP reloads the keys; the banner, and the address in DATA_DIR/server.addr."""
+    from onecard.server.app import EMBEDDED_DATABASE
+
     if signals:
-        loop.add_signal_handler(signal.SIGHUP, running.reload_keys)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, running.reload_keys)
         if reload_asked:
             running.reload_keys()
     # The embedded database has no TCP listener: people reach it with psql
@@ -94,10 +117,6 @@ async def _serve(cfg: ServerConfig) -> None:
     )
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     (cfg.data_dir / "server.addr").write_text(running.address)
-    await stop.wait()
-    print("onecard: stopping (draining in-flight work)", flush=True)
-    await running.stop()
-    print("onecard: stopped cleanly", flush=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

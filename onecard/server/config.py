@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from onecard.ledger.crypto.encoding import FieldError
 from onecard.ledger.engine import ONLINE_COMMITTER, UPLOAD_COMMITTER, BatchSettings
@@ -481,15 +482,47 @@ LIMIT_FLAGS = {
 
 
 def describe_dsn(dsn: str) -> str:
-    """Where a DSN points (host:port/database), as banners show it: never a password,
-    whether it comes as ``user:password@`` or as a ``?password=`` parameter."""
-    from urllib.parse import parse_qs, urlsplit
+    """Where a DSN points, as banners show it: ``host:port/database``, never a password.
 
-    parts = urlsplit(dsn)
-    query = parse_qs(parts.query)
-    host = parts.hostname or query.get("host", ["?"])[0]
-    port = parts.port or query.get("port", ["5432"])[0]
-    return f"{host}:{port}{parts.path}"
+    Any DSN asyncpg takes: its host list (``db1:5432,db2:5433``, a primary and
+    its standby) is shown as given, each host with its port, and the hosts
+    may come from ``?host=`` (a socket directory) with ``?port=``. Nothing of
+    what comes before the last ``@`` (``user:password``) is shown, nor any
+    parameter but host and port (``?password=`` stays out too). urllib's own
+    ``.port`` refuses a host list, which made the banner of a server that had
+    started on one raise.
+    """
+    try:
+        parts = urlsplit(dsn)
+        query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+    except ValueError:  # asyncpg refuses what urllib refuses; a banner never raises
+        return "?"
+    default_port = os.environ.get("PGPORT") or "5432"
+    hosts = parts.netloc.rpartition("@")[2]
+    if hosts:
+        # As asyncpg reads it: a port in the host list, else PGPORT or 5432.
+        ports = default_port
+    else:
+        hosts = query.get("host", "?")
+        ports = query.get("port") or default_port
+    listed = ",".join(_host_and_port(spec, ports, i) for i, spec in enumerate(hosts.split(",")))
+    database = parts.path or (f"/{query['dbname']}" if "dbname" in query else "")
+    return f"{listed}{database}"
+
+
+def _host_and_port(spec: str, ports: str, index: int) -> str:
+    """``spec`` (``host``, ``host:port``, ``[v6]:port``, ``/socket/dir``) as ``host:port``."""
+    port_list = ports.split(",")
+    default = port_list[index] if index < len(port_list) else port_list[0]
+    if spec.startswith("["):
+        host, _, rest = spec.partition("]")
+        host += "]"
+        port = rest[1:] if rest.startswith(":") else ""
+    elif spec.startswith("/"):
+        host, port = spec, ""
+    else:
+        host, _, port = spec.partition(":")
+    return f"{unquote(host)}:{unquote(port) or default}"
 
 
 def flag_for(setting: str) -> str | None:
