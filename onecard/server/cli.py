@@ -23,6 +23,7 @@ from onecard.server.config import (
     add_server_options,
     config_from_args,
     describe_dsn,
+    dsn_setting,
 )
 from onecard.server.embedded_pg import EmbeddedPostgresError
 from onecard.server.logs import setup_logging
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dev_init)
 
     p = sub.add_parser("migrate", help="apply schema migrations to --dsn")
-    add_option(p, "--dsn", help="PostgreSQL DSN")
+    add_option(p, "--dsn", type=dsn_setting, help="PostgreSQL DSN")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("simulate", help="play terminals and a service desk against a server")

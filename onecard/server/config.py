@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,7 +242,12 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
         default=d.metrics_listen,
         help="HOST:PORT for Prometheus metrics at /metrics (port 0 picks one); empty: none",
     )
-    add_option(p, "--dsn", help="PostgreSQL DSN; without it an embedded PostgreSQL is started")
+    add_option(
+        p,
+        "--dsn",
+        type=dsn_setting,
+        help="PostgreSQL DSN; without it an embedded PostgreSQL is started",
+    )
     add_option(
         p,
         "--data-dir",
@@ -525,6 +533,102 @@ def _host_and_port(spec: str, ports: str, index: int) -> str:
     return f"{unquote(host)}:{unquote(port) or default}"
 
 
+def dsn_problem(dsn: str) -> str | None:
+    """What asyncpg would refuse in ``dsn`` when connecting, said without its password; else None.
+
+    asyncpg parses a DSN only when it connects: a mistyped one (a port of
+    ``54x2``, an ``sslmode`` it does not know) reached create_pool as a
+    ValueError nothing caught, a traceback. Its own parser, run here
+    without connecting, refuses the same DSNs as the connection would
+    (with the ``PG*`` variables it reads too, and any certificate file the
+    DSN names). An asyncpg without that parser leaves the check to the
+    connection.
+    """
+    with contextlib.suppress(ValueError):
+        parts = urlsplit(dsn)
+        if "@" in parts.path or "@" in parts.fragment:
+            # user:pa/ss@host: the host part ended at the '/', so the rest of
+            # the password would be read as the database (and shown).
+            return (
+                "an '@' after the host: a '/', '?' or '#' in the user name or password "
+                "must be written %2F, %3F, %23 (an '@' in the database name %40)"
+            )
+    try:
+        from asyncpg import connect_utils
+
+        parse = connect_utils._parse_connect_dsn_and_args  # type: ignore[attr-defined]
+        names = inspect.signature(parse).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    try:
+        # Every argument as asyncpg.connect passes it when only a DSN is given.
+        parse(**{**dict.fromkeys(names), "dsn": dsn})
+    except ValueError as exc:  # asyncpg's ClientConfigurationError is one too
+        why = str(exc)
+        bad_number = _NOT_A_NUMBER.match(why)
+        if bad_number:
+            why = f"a port must be a number, got {bad_number[1]}"
+        return f"asyncpg cannot use it: {_without_secrets(why, dsn)}"
+    except OSError as exc:  # a certificate or key file it names
+        why = _without_secrets(str(exc), dsn)
+        return f"asyncpg cannot use it: a file it names cannot be read: {why}"
+    return None
+
+
+#: int()'s complaint, which is how asyncpg refuses a port that is not a number.
+_NOT_A_NUMBER = re.compile(r"invalid literal for int\(\) with base 10: ('.*')$")
+
+
+def _without_secrets(text: str, dsn: str) -> str:
+    """``text`` with whatever could be the DSN's password masked, quoted pieces of it too.
+
+    The password is what follows ``user:`` up to the last ``@``, or a
+    ``password=`` parameter. An unescaped ``/``, ``?`` or ``@`` in it makes
+    asyncpg read a piece of it as a port or a parameter, which its message
+    quotes: a quoted piece holding any piece of the password is masked (a
+    piece of one character only when it is all the quote holds).
+    """
+    rest = dsn.partition("://")[2]
+    secrets = [rest.rpartition("@")[0].partition(":")[2]] if "@" in rest else []
+    with contextlib.suppress(ValueError):
+        secrets += parse_qs(urlsplit(dsn).query).get("password", [])
+    pieces = {
+        piece
+        for secret in secrets
+        for whole in (secret, unquote(secret))
+        for piece in (whole, *re.split(r"[/?#@:&=]", whole))
+        if piece
+    }
+
+    def mask(quoted: re.Match[str]) -> str:
+        inner = quoted[0][1:-1]
+        shows = any(piece == inner or (len(piece) > 1 and piece in inner) for piece in pieces)
+        return "'***'" if shows else quoted[0]
+
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", mask, text)
+    for piece in sorted(pieces, key=len, reverse=True):
+        if len(piece) >= 3:
+            text = text.replace(piece, "***")
+    return text
+
+
+def dsn_setting(text: str) -> str:
+    """``type=`` of ``--dsn``: a DSN asyncpg can use, refused naming the flag (and its twin)."""
+    problem = dsn_problem(text) if text else None
+    if problem:
+        source = f" (from {text.env})" if isinstance(text, _FromEnv) else ""
+        raise argparse.ArgumentTypeError(f"{problem}{source}")
+    return text
+
+
+def checked_dsn(dsn: str | None) -> str | None:
+    """``dsn`` (None for none), or a FieldError naming ``--dsn`` if asyncpg could not use it."""
+    problem = dsn_problem(dsn) if dsn else None
+    if problem:
+        raise FieldError(f"--dsn ({env_name('--dsn')})", problem)
+    return dsn or None
+
+
 def flag_for(setting: str) -> str | None:
     """``--max-queue (ONECARD_MAX_QUEUE)`` for a ledger setting's name, if a flag sets it."""
     flag = LIMIT_FLAGS.get(setting)
@@ -598,7 +702,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         )
     return ServerConfig(
         listen=args.listen,
-        dsn=args.dsn or None,
+        dsn=checked_dsn(args.dsn),
         data_dir=Path(args.data_dir),
         keys=Path(args.keys) if args.keys else None,
         allow_slow_crypto=args.allow_slow_crypto,
