@@ -450,3 +450,76 @@ async def test_the_database_address_is_not_on_a_workers_command_line(
         kill_all(proc)
     assert proc.returncode == 0, text
     assert secret not in text
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` runs (not a zombie its new parent has yet to reap)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+async def test_workers_stop_cleanly_when_their_parent_is_killed(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """kill -9 of the --workers parent (the OOM killer, a supervisor's last resort)
+    left its workers serving for ever: in process groups of their own and tied to
+    nothing of the parent's, they held the port with no one to restart or stop
+    them, and on the embedded database the next serve stopped PostgreSQL under
+    them as an orphan (found by review)."""
+    env = await cli_server_env(db_dsn, tmp_path, ONECARD_ACCEPTORS="1")
+    proc, banner = await asyncio.to_thread(start_cli_server, ["--workers", "2"], env)
+    out = Output(proc, banner)
+    workers = set(map(int, banner.split("(pids ")[1].split(")")[0].split(", ")))
+    try:
+        assert workers == children(proc.pid)
+        proc.kill()  # the parent alone, as the OOM killer does
+        deadline = time.monotonic() + 60  # only a worker that never stops takes this long
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        left = [pid for pid in workers if _alive(pid)]
+        # Their output was the parent's (merged) output: whole once both exited.
+        text = await asyncio.to_thread(out.rest, 0 if left else 60)
+        assert not left, f"workers {left} still run after their parent was killed:\n{text}"
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        kill_all(proc)
+    assert text.count(f"the parent process (pid {proc.pid}) is gone") == 2, text
+    assert text.count("onecard: stopped cleanly") == 2, text  # drained, as on SIGTERM
+    assert "Traceback" not in text
+
+
+def test_a_worker_whose_parent_died_before_it_watched_stops_at_once(tmp_path: Path) -> None:
+    """The parent may die while a worker still imports the server: the watch must
+    see that the parent is already gone, not wait for a death that came before it
+    (found by review)."""
+    read_end, write_end = os.pipe()
+    os.close(write_end)  # the parent died: nothing holds the write end
+    script = (
+        "import asyncio\n"
+        "from onecard.server.workers import watch_parent\n"
+        "async def main():\n"
+        "    stop = asyncio.Event()\n"
+        "    watch_parent(stop.set)\n"
+        "    await asyncio.wait_for(stop.wait(), 60)\n"
+        "    print('stopped', flush=True)\n"
+        "asyncio.run(main())\n"
+    )
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "ONECARD_WORKER": "1", "ONECARD_WORKER_PARENT_FD": str(read_end)},
+            pass_fds=(read_end,),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(read_end)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "is gone: this worker stops" in run.stderr
+    assert "stopped" in run.stderr  # its output goes to the log once the parent's pipe is gone

@@ -60,6 +60,10 @@ async def _serve(cfg: ServerConfig) -> None:
                 reload_asked.append(1)
             else:
                 stop.set()
+        # A worker of --workers N stops, as on SIGTERM, when its parent dies.
+        from onecard.server.workers import watch_parent
+
+        watch_parent(stop.set)
     # A stop while starting ends the start (a database that does not answer
     # would otherwise hold it for asyncpg's whole connect timeout, and a
     # stopping parent would wait for its worker as long); start_server

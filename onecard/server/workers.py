@@ -37,7 +37,7 @@ from onecard.ledger.storage.migrate import apply_migrations
 from onecard.server.config import ServerConfig, describe_dsn
 from onecard.server.embedded_pg import EmbeddedPostgres
 from onecard.server.entry import take_noted
-from onecard.server.listen import WORKER_ENV, check_port_free
+from onecard.server.listen import WORKER_ENV, check_port_free, is_worker
 from onecard.server.metrics import MULTIPROC_ENV, MetricsServer, workers_dir
 
 log = logging.getLogger("onecard.server")
@@ -67,6 +67,58 @@ def _worker_argv(argv: list[str], listen: str, keys: Path | None, pii_key: Path)
     if keys is not None:
         out += ["--keys", str(keys)]
     return out
+
+
+#: The read end of a pipe whose write end only the parent holds, in a worker's
+#: environment: it reaches end-of-file when the parent dies, however it died.
+PARENT_FD_ENV = "ONECARD_WORKER_PARENT_FD"
+
+
+def watch_parent(stop: Callable[[], None]) -> None:
+    """In a worker: call ``stop`` once the parent that started it is gone.
+
+    Workers run in process groups of their own, so nothing else ties their
+    life to the parent's: a parent killed with SIGKILL (the OOM killer, a
+    supervisor's last resort) left them serving for ever, holding the port,
+    with no one to restart them, forward a reload or stop them, and on the
+    embedded database the next ``onecard serve`` stopped the PostgreSQL
+    under them as an orphan. The parent keeps the write end of a pipe open
+    and never writes; the kernel closes it when the parent dies, so the
+    worker's end reads end-of-file, even when the parent died before the
+    worker got here. The worker then stops as on SIGTERM, draining what is
+    in flight. Its standard output was the parent's pipe, now closed, so it
+    goes to standard error (the log) from then on.
+
+    Called with the event loop running, from the worker's main thread; does
+    nothing in a process the parent did not start.
+    """
+    text = os.environ.get(PARENT_FD_ENV)
+    if not is_worker() or not text or not text.isdigit():
+        return
+    fd = int(text)
+    parent = os.getppid()
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            if os.read(fd, 64):  # the parent never writes; nothing to do
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        loop.remove_reader(fd)
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        log.warning(
+            "the parent process (pid %d) is gone: this worker stops (draining in-flight work)",
+            parent,
+        )
+        stop()
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
 
 
 async def _prepare(
@@ -193,6 +245,8 @@ class _Supervisor:
         self.failed = False
         self.hups = 0
         self.up = False  # every worker served once: the banner is out
+        #: Descriptors every worker inherits (the read end of the parent's pipe).
+        self.pass_fds: tuple[int, ...] = ()
 
     def on_signal(self, sig: int, _frame: object) -> None:
         if sig == signal.SIGHUP:
@@ -227,6 +281,7 @@ class _Supervisor:
             # the parent only, which sends each worker SIGTERM (a SIGINT
             # would kill a worker still importing with a traceback).
             process_group=0,
+            pass_fds=self.pass_fds,
         )
         self.workers.append(_Worker(slot, proc, self.up, hups=self.hups))
 
@@ -367,6 +422,7 @@ def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
             sup.on_signal(early, None)
     embedded: EmbeddedPostgres | None = None
     metrics: MetricsServer | None = None
+    parent_r = parent_w = -1
     try:
         prepared = asyncio.run(_prepare_unless_stopped(cfg, lambda: sup.stopping))
         if prepared is not None:
@@ -380,6 +436,11 @@ def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
         listen = f"{host}:{port}"
         sup.argv = _worker_argv(argv, listen, key_path, pii_path)
         sup.env["ONECARD_DSN"] = dsn
+        # Held open, never written, until every worker has exited: a worker
+        # reads end-of-file on its end once this process is gone (watch_parent).
+        parent_r, parent_w = os.pipe()
+        sup.pass_fds = (parent_r,)
+        sup.env[PARENT_FD_ENV] = str(parent_r)
         if cfg.metrics_listen:
             # Workers record into files here; this process serves their sum.
             sup.metrics_dir = workers_dir(cfg.data_dir)
@@ -405,6 +466,9 @@ def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
         return 1 if sup.failed else 0
     finally:
         sup.terminate()
+        for fd in (parent_r, parent_w):
+            if fd >= 0:
+                os.close(fd)
         if metrics is not None:
             metrics.stop()
         if sup.metrics_dir is not None:
