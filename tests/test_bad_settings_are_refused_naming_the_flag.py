@@ -99,16 +99,21 @@ def test_a_bad_variable_of_serve_does_not_break_other_subcommands(
     assert "report-loss" in capsys.readouterr().out
 
 
-def test_a_bad_variable_exits_2_from_the_command(tmp_path: Path) -> None:
-    """The installed command as an operator runs it: exit 2, one line of advice, no traceback."""
-    data = tmp_path / "data"
-    run = subprocess.run(
+def _serve_command(data: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``onecard serve --data-dir DATA`` as an operator runs it, with ``env`` set."""
+    return subprocess.run(
         [sys.executable, "-m", "onecard.server.cli", "serve", "--data-dir", str(data)],
-        env={**os.environ, "ONECARD_POOL_SIZE": "eight", "ONECARD_LISTEN": "127.0.0.1:0"},
+        env={**os.environ, "ONECARD_LISTEN": "127.0.0.1:0", **env},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_a_bad_variable_exits_2_from_the_command(tmp_path: Path) -> None:
+    """The installed command as an operator runs it: exit 2, one line of advice, no traceback."""
+    data = tmp_path / "data"
+    run = _serve_command(data, ONECARD_POOL_SIZE="eight")
     assert run.returncode == 2, run.stdout + run.stderr
     assert (
         "--pool-size: must be an integer of at least 1, got 'eight' (from ONECARD_POOL_SIZE)"
@@ -176,17 +181,7 @@ def test_a_malformed_dsn_exits_2_from_the_command(tmp_path: Path) -> None:
     """The command as an operator runs it, with a DSN whose port has a typo:
     it printed a traceback and exited 1, a supervisor's "crashed" (found by review)."""
     data = tmp_path / "data"
-    run = subprocess.run(
-        [sys.executable, "-m", "onecard.server.cli", "serve", "--data-dir", str(data)],
-        env={
-            **os.environ,
-            "ONECARD_DSN": "postgresql://ledger:S3cretPW@db.example:54x2/onecard",
-            "ONECARD_LISTEN": "127.0.0.1:0",
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = _serve_command(data, ONECARD_DSN="postgresql://ledger:S3cretPW@db.example:54x2/onecard")
     assert run.returncode == 2, run.stdout + run.stderr
     assert (
         "argument --dsn: asyncpg cannot use it: a port must be a number, got '54x2' "
