@@ -55,23 +55,6 @@ _SLICE = 20_000
 TERMINALS_BY_ID_MAX = 1_000
 
 
-class _PayableOf(dict[str, int | None]):
-    """Each operator's payable account id, or None: worked out once an operator.
-
-    Not once a terminal: hundreds of thousands of terminals share a few dozen
-    operators, so building each terminal's account code repeated the same few
-    dozen answers.
-    """
-
-    def __init__(self, account_ids: dict[str, int]) -> None:
-        super().__init__()
-        self._account_ids = account_ids
-
-    def __missing__(self, operator: str) -> int | None:
-        account = self[operator] = self._account_ids.get(payable_code(operator))
-        return account
-
-
 class StaleReference(LookupError):
     """A batch met reference data (a product, a system account) this copy lacks.
 
@@ -124,7 +107,6 @@ class ReferenceData:
         }
         terminal_operator: dict[int, str] = {}
         terminal_payable: dict[int, int] = {}
-        payables = _PayableOf(account_ids)
         # A province's hundreds of thousands of terminals, read a row each and
         # put into the copy in one piece, took the event loop for most of a
         # second and every call in flight waited. One row per operator, its
@@ -135,7 +117,7 @@ class ReferenceData:
             " GROUP BY operator_id"
         ):
             operator, terminals = r["operator_id"], r["terminals"]
-            account = payables[operator]
+            account = account_ids.get(payable_code(operator))  # once an operator
             for start in range(0, len(terminals), _SLICE):
                 await asyncio.sleep(0)
                 some = terminals[start : start + _SLICE]
@@ -184,7 +166,6 @@ class ReferenceData:
             # No await from here on: a flusher never sees a terminal without
             # its operator's payable account, nor a half-patched copy.
             self.account_ids.update(learned)
-            payables = _PayableOf(self.account_ids)
             for terminal in ids:
                 operator = found.get(terminal)
                 if operator is None:
@@ -192,7 +173,7 @@ class ReferenceData:
                     self.terminal_payable.pop(terminal, None)
                     continue
                 self.terminal_operator[terminal] = operator
-                if (account := payables[operator]) is not None:
+                if (account := self.account_ids.get(payable_code(operator))) is not None:
                     self.terminal_payable[terminal] = account
                 else:
                     self.terminal_payable.pop(terminal, None)
