@@ -29,7 +29,8 @@ from onecard.ledger.keys import FileKeyStore, KeyStoreError, MemoryKeyStore
 from onecard.ledger.pii import read_key_file
 from onecard.ledger.storage.migrate import apply_migrations, available_migrations
 from onecard.server.app import RunningServer, start_server
-from onecard.server.config import ServerConfig, describe_dsn
+from onecard.server.config import ServerConfig
+from onecard.server.dsn import describe_dsn
 from onecard.server.embedded_pg import EmbeddedPostgres
 from onecard.v1 import common_pb2
 from tests.support import (

@@ -22,9 +22,9 @@ from onecard.server.config import (
     add_option,
     add_server_options,
     config_from_args,
-    describe_dsn,
     dsn_setting,
 )
+from onecard.server.dsn import describe_dsn
 from onecard.server.embedded_pg import EmbeddedPostgresError
 from onecard.server.logs import setup_logging
 

@@ -34,7 +34,8 @@ from prometheus_client import multiprocess
 
 from onecard.ledger.devdata import seed_demo_data
 from onecard.ledger.storage.migrate import apply_migrations
-from onecard.server.config import ServerConfig, describe_dsn
+from onecard.server.config import ServerConfig
+from onecard.server.dsn import describe_dsn
 from onecard.server.embedded_pg import EmbeddedPostgres
 from onecard.server.entry import take_noted
 from onecard.server.listen import WORKER_ENV, check_port_free, is_worker
