@@ -108,3 +108,17 @@ async def test_a_missing_server_address_says_to_start_the_server_or_give_target(
     assert str(tmp_path / "server.addr") in err
     assert "start the server" in err and "--target" in err
     assert "cannot reach" not in err
+
+
+async def test_a_malformed_dsn_is_refused_naming_it_without_its_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It used to reach asyncpg.connect and end in a ValueError traceback.
+    dsn = "postgresql://loader:s3cretpw@db.example:54x2/onecard"
+    args = _parser().parse_args(
+        ["--target", "127.0.0.1:9", "--dsn", dsn, "--data-dir", str(tmp_path), "--count", "5"]
+    )
+    assert await run(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--dsn" in err and "a port must be a number, got '54x2'" in err
+    assert "s3cretpw" not in err

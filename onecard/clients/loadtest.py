@@ -58,6 +58,7 @@ from onecard.ledger.audit import balance_discrepancies, trial_balance
 from onecard.ledger.devdata import DEMO_ISSUER, DEV_KEYS
 from onecard.ledger.keys import MemoryKeyStore, parse_key_document
 from onecard.ledger.model import PostingKind
+from onecard.server.dsn import dsn_problem
 from onecard.v1 import (
     common_pb2,
     terminal_pb2_grpc,
@@ -956,6 +957,9 @@ async def run(args: argparse.Namespace) -> int:
                 f"(onecard serve --data-dir {args.data_dir}) or give --target HOST:PORT"
             )
     dsn, source = _database(args)
+    problem = dsn_problem(dsn) if args.dsn else None
+    if problem:
+        return _refuse(f"--dsn: {problem}")
     keys = MemoryKeyStore(parse_key_document(DEV_KEYS, "dev keys"))
     version = keys.get(DEMO_ISSUER, 2)
     assert version is not None
