@@ -151,3 +151,43 @@ async def test_a_database_holding_such_a_double_credit_is_named_before_the_upgra
         assert not await conn.fetchval("SELECT count(*) FROM schema_migrations WHERE version = 11")
     finally:
         await conn.close()
+
+
+async def test_a_load_refused_while_its_copy_waited_for_the_card_is_spent_for_the_copy(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore, db_dsn: str
+) -> None:
+    """A refused load's MAC1 is spent (README), also for a copy that was already waiting.
+
+    The copy's first statement read the used MAC1s as they were before it
+    waited for the card, so a refusal committed meanwhile was invisible to it,
+    and the copy was credited once the card was active again: cash handed
+    back for the first, the top-up credited for the second.
+    """
+    card = await issue(channel, keys)
+    await fetch(db_dsn, "UPDATE cards SET status = 2 WHERE card_no = $1", int(card.card_no))
+    pending, when = card.begin_load(5000, TOPUP), now_bcd_text()
+    holder = await asyncpg.connect(db_dsn)
+    releaser = await asyncpg.connect(db_dsn)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM cards WHERE card_no = $1 FOR UPDATE", int(card.card_no))
+        first = asyncio.create_task(server.ledger.create_loads([load(card, pending, 1, when)]))
+        await waiting_for_locks(holder, 1)
+        # The loss released at the desk right after the first is answered.
+        release = asyncio.create_task(
+            releaser.execute("UPDATE cards SET status = 1 WHERE card_no = $1", int(card.card_no))
+        )
+        await waiting_for_locks(holder, 2)
+        copy = asyncio.create_task(server.ledger.create_loads([load(card, pending, 2, when)]))
+        await waiting_for_locks(holder, 3)
+        await tx.commit()
+        await release
+    finally:
+        await holder.close()
+        await releaser.close()
+    assert (await first)[0].status.name == "CARD_NOT_ACTIVE"
+    again = (await copy)[0]
+    assert (again.status.name, again.mac2) == ("STALE_COUNTER", b"")
+    assert await purse(db_dsn, card) == 0
+    await assert_books_balance(db_dsn)

@@ -32,10 +32,11 @@ from onecard.ledger.storage import Conn
 
 
 class BatchRaced(Exception):
-    """Another process committed one of this batch's (terminal, seq) keys first.
+    """Another process committed one of this batch's (terminal, seq) keys first,
+    or answered the MAC1 of a load this batch approves.
 
     The transaction is rolled back; running the batch again answers those
-    items as duplicates.
+    items as duplicates (or the load as STALE_COUNTER).
     """
 
 
@@ -206,7 +207,15 @@ WITH txns AS (
          AS d(card_no, delta, online_counter)
     WHERE c.card_no = d.card_no
 ), {hot_accounts(24)}
-SELECT 1
+-- MAC1s of the loads this batch approves that another transaction answered
+-- (refused: 0011's unique index catches only approved ones) while the batch
+-- waited for its card locks: _READ could not see them, this statement can.
+SELECT count(*)
+FROM unnest($3::bigint[], $12::integer[], $13::bytea[], $7::smallint[])
+     AS n(card_no, online_counter, card_random, status)
+JOIN terminal_txns t USING (card_no, online_counter, card_random)
+WHERE n.status = {int(TxnStatus.APPROVED)} AND n.online_counter IS NOT NULL  -- loads only
+  AND t.online_counter IS NOT NULL
 """
 
 
@@ -261,7 +270,7 @@ async def apply_terminal_batch(
             touched = [(no, c) for no, c in cards.items() if c.touched]
             system = sorted(a for a in writes.accounts if a < purse_account(0))
             try:
-                await conn.execute(
+                spent = await conn.fetchval(
                     _WRITE,
                     *writes.txns,
                     *writes.postings,
@@ -275,6 +284,14 @@ async def apply_terminal_batch(
                 # Another writer committed one of our keys since _READ looked;
                 # the batch runs again and answers it as a duplicate.
                 raise BatchRaced() from None
+            if spent:
+                # A copy of an approved load's MAC1 was refused by another
+                # transaction while this one waited for the card: it is spent
+                # (README), so roll back and run again, which answers the load
+                # STALE_COUNTER. Refused copies may repeat a MAC1, so no index
+                # can hold them unique, and re-reading them after the locks
+                # would cost every batch with a load a round trip.
+                raise BatchRaced()
     return results
 
 
