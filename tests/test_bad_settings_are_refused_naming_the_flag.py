@@ -212,3 +212,27 @@ def test_a_malformed_dsn_in_a_namespace_built_by_hand_is_refused_too() -> None:
     ):
         args.dsn = good
         assert config_from_args(args).dsn == good
+
+
+#: Passwords with characters urllib reads as an IPv6 host's brackets, and
+#: quotes that Python's repr escapes: the refusal quoted a piece of them.
+BRACKETED_PASSWORDS = [
+    "postgresql://ledger:x[S3cretPW]y@db.example/onecard",
+    "postgresql://ledger:[S3cret'PW]@db.example/onecard",
+    """postgresql://ledger:[S3cr"et'PW]@db.example/onecard""",
+    "postgresql://ledger:S3cret[PW@[::1]:5432/onecard",
+]
+
+
+@pytest.mark.parametrize("dsn", BRACKETED_PASSWORDS)
+def test_a_password_with_brackets_or_quotes_is_not_quoted_in_the_refusal(
+    dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """urllib refuses a '[' or ']' outside a host, quoting what it took for the
+    host: a piece of the password, which the refusal printed (found by review)."""
+    data = tmp_path / "data"
+    assert main(["serve", "--data-dir", str(data), f"--dsn={dsn}"]) == 2
+    out, err = capsys.readouterr()
+    assert "argument --dsn: asyncpg cannot use it" in err, err
+    assert "S3c" not in out + err and "retPW" not in out + err and "et'PW" not in err, err
+    assert not data.exists()

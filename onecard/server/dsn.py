@@ -111,17 +111,21 @@ def _without_secrets(text: str, dsn: str) -> str:
     asyncpg read a piece of it as a port or a parameter, which its message
     quotes: a quoted piece holding any piece of the password is masked (a
     piece of one character only when it is all the quote holds).
+
+    A ``[`` or ``]`` in it makes urllib take what lies between for an IPv6
+    host, and a quote in it makes the message's quoting escape it, so
+    pieces end at brackets and commas (a host list) too, and every run of
+    four or more of the password's characters is masked wherever it shows,
+    however the message quoted it: ``'S3cret'`` in "'S3cret' does not appear
+    to be an IPv4 or IPv6 address" was a piece of the password (found by review).
     """
     rest = dsn.partition("://")[2]
     secrets = [rest.rpartition("@")[0].partition(":")[2]] if "@" in rest else []
     with contextlib.suppress(ValueError):
         secrets += parse_qs(urlsplit(dsn).query).get("password", [])
+    wholes = {whole for secret in secrets for whole in (secret, unquote(secret)) if whole}
     pieces = {
-        piece
-        for secret in secrets
-        for whole in (secret, unquote(secret))
-        for piece in (whole, *re.split(r"[/?#@:&=]", whole))
-        if piece
+        piece for whole in wholes for piece in (whole, *re.split(r"[/?#@:&=\[\],]", whole)) if piece
     }
 
     def mask(quoted: re.Match[str]) -> str:
@@ -133,4 +137,10 @@ def _without_secrets(text: str, dsn: str) -> str:
     for piece in sorted(pieces, key=len, reverse=True):
         if len(piece) >= 3:
             text = text.replace(piece, "***")
+    for whole in wholes:
+        for size in range(len(whole), 3, -1):
+            for start in range(len(whole) - size + 1):
+                run = whole[start : start + size]
+                if run in text:
+                    text = text.replace(run, "***")
     return text
