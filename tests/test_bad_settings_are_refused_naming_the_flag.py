@@ -236,3 +236,25 @@ def test_a_password_with_brackets_or_quotes_is_not_quoted_in_the_refusal(
     assert "argument --dsn: asyncpg cannot use it" in err, err
     assert "S3c" not in out + err and "retPW" not in out + err and "et'PW" not in err, err
     assert not data.exists()
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://ledger:S3cretPW@db1,/onecard",
+        "postgresql://ledger:S3cretPW@,db1/onecard",
+        "postgresql://ledger:S3cretPW@db1,,db2/onecard",
+    ],
+)
+def test_a_dsn_with_an_empty_host_in_its_list_is_refused_not_a_traceback(
+    dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A trailing comma in the host list made asyncpg's parser raise IndexError,
+    which the check let through: a traceback while the arguments were parsed
+    (found by review)."""
+    data = tmp_path / "data"
+    assert main(["serve", "--data-dir", str(data), f"--dsn={dsn}"]) == 2
+    out, err = capsys.readouterr()
+    assert "argument --dsn: asyncpg cannot use it: a host of its host list is empty" in err, err
+    assert "S3c" not in out + err
+    assert not data.exists()

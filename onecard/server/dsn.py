@@ -93,6 +93,10 @@ def dsn_problem(dsn: str) -> str | None:
         if bad_number:
             why = f"a port must be a number, got {bad_number[1]}"
         return f"asyncpg cannot use it: {_without_secrets(why, dsn)}"
+    except IndexError:
+        # Its parser indexes each host of the list: an empty one (db1,/onecard,
+        # a trailing comma) raised this, a traceback while arguments were parsed.
+        return "asyncpg cannot use it: a host of its host list is empty"
     except OSError as exc:  # a certificate or key file it names
         why = _without_secrets(str(exc), dsn)
         return f"asyncpg cannot use it: a file it names cannot be read: {why}"
