@@ -228,3 +228,25 @@ def test_a_key_file_reached_through_a_link_is_checked_as_the_file_read(tmp_path:
         os.chown(private, 65534, 65534)
         with pytest.raises(KeyStoreError, match="belongs to another user"):
             FileKeyStore(private)
+
+
+@pytest.mark.parametrize("which", ["development key file", "personal-data key file"])
+def test_a_key_file_that_cannot_be_made_is_refused_naming_it(
+    which: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A data directory where the key file cannot be made (here under a regular
+    file) was reported as "cannot reach the database or the network" with exit
+    3, a supervisor's "retry", naming neither the key file nor the directory's
+    problem (found by review)."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    argv = ["serve", "--data-dir", str(blocker / "data"), "--listen", "127.0.0.1:0"]
+    if which == "personal-data key file":
+        keys = tmp_path / "keys.json"
+        keys.write_text(json.dumps(DEV_KEYS))
+        keys.chmod(0o600)
+        argv += ["--keys", str(keys)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"onecard: {which} {blocker / 'data'}" in err and "cannot be made" in err, err
+    assert "network" not in err and "Traceback" not in err, err

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from onecard.ledger.accounts import cash_code, payable_code
+from onecard.ledger.keys import create_private_file
 from onecard.ledger.model import PaymentChannel
 from onecard.ledger.storage import Conn
 
@@ -61,10 +62,8 @@ DEMO_TERMINALS = [
 
 def write_dev_key_file(path: Path) -> bool:
     """Create the key file with owner-only permissions; False if it already exists."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    fd = create_private_file(path, "development key file")
+    if fd is None:
         return False
     with os.fdopen(fd, "w") as fh:
         json.dump(DEV_KEYS, fh, indent=2)

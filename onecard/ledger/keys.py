@@ -8,6 +8,7 @@ sees, which leaves room for an HSM that would never hand out key bytes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -276,6 +277,28 @@ def read_private_file(path: Path, what: str) -> bytes:
         ) from None
     finally:
         os.close(fd)
+
+
+def create_private_file(path: Path, what: str) -> int | None:
+    """A descriptor of a new file only its owner can read, open for writing; None if it exists.
+
+    Its directory is made as needed. A directory where it cannot be made (not
+    writable, under a regular file) is a KeyStoreError naming the file: the
+    bare OSError reached the command as "cannot reach the database or the
+    network" and exit 3, which a supervisor takes for an outage to retry.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.parent.is_dir():
+            return None
+        exc: OSError = NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+    except OSError as error:
+        exc = error
+    raise KeyStoreError(
+        f"{what} {shown_path(path)} cannot be made: {exc.strerror or type(exc).__name__}"
+    )
 
 
 class FileKeyStore(MemoryKeyStore):

@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onecard.ledger.crypto.encoding import FieldError
-from onecard.ledger.keys import KeyStoreError, read_private_file, shown_path
+from onecard.ledger.keys import (
+    KeyStoreError,
+    create_private_file,
+    read_private_file,
+    shown_path,
+)
 from onecard.ledger.model import ProtectedHolder
 
 KEY_BYTES = 32
@@ -142,10 +147,8 @@ class PiiProtector:
 
 def load_or_create_key(path: Path) -> bytes:
     """The development key file beside the dev card keys: owner-only, made once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    fd = create_private_file(path, "personal-data key file")
+    if fd is None:
         return read_key_file(path)
     with os.fdopen(fd, "w") as fh:
         fh.write(os.urandom(KEY_BYTES).hex())
