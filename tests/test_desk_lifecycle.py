@@ -634,6 +634,32 @@ async def test_terminal_reverses_its_last_transaction_once(
     await assert_books_balance(server.dsn)
 
 
+async def test_a_refused_transaction_after_it_leaves_the_last_approved_one_reversible(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """The last approved debit stays the terminal's last for a reversal (README: "its own
+    last approved online debit or load"): the next passenger's card, refused as reported
+    lost, moved nothing, and a cashier undoing the fare before it was told NOT_REVERSIBLE."""
+    card = await funded(channel, keys, 1000)
+    lost = await funded(channel, keys, 1000)
+    assert (await report_loss(channel, lost.card_no)).status == OK
+    bus = Terminal(channel, BUS, 7030)
+    first = await bus.debit(card, 300)  # seq 7030
+    assert first.status == APPROVED, first
+    refused = await bus.debit(lost, 200)  # seq 7031
+    assert refused.status == common_pb2.TXN_STATUS_CARD_NOT_ACTIVE, refused
+    stub = terminal_stub(channel)
+    undo = await stub.Reverse(reverse_request(card.card_no, 300, bus.next_seq(), 7030))
+    assert undo.status == APPROVED and undo.balance_after == 1000, undo
+    # An approved one after it still makes it not the last.
+    assert (await bus.debit(card, 100)).status == APPROVED  # seq 7033
+    assert (await bus.debit(card, 100)).status == APPROVED  # seq 7034
+    not_last = await stub.Reverse(reverse_request(card.card_no, 100, bus.next_seq(), 7033))
+    assert not_last.status == common_pb2.TXN_STATUS_NOT_REVERSIBLE
+    assert "seq 7034 came after it" in not_last.detail
+    await assert_books_balance(server.dsn)
+
+
 async def test_a_reversal_stored_before_its_time_left_the_fingerprint_still_matches_its_retry(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:

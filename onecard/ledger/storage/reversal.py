@@ -215,13 +215,17 @@ async def _check(
         return TxnStatus.NOT_REVERSIBLE, f"{what} is not an approved online debit or load", None
     if original["card_no"] != card_no or original["amount"] != r.amount:
         return TxnStatus.NOT_REVERSIBLE, f"{what} was for another card or amount", None
+    # "Last" among what moved money: a refused debit or load after it (the
+    # next passenger's card lost, or short) changed nothing a cashier undoes,
+    # and a refused or approved reversal is not a sale.
     later = await conn.fetchval(
         """SELECT terminal_seq FROM terminal_txns
-           WHERE terminal_id = $1 AND terminal_seq > $2 AND kind <> $3
+           WHERE terminal_id = $1 AND terminal_seq > $2 AND kind <> $3 AND status = $4
            ORDER BY terminal_seq LIMIT 1""",
         terminal_id,
         r.original_seq,
         int(TxnKind.REVERSAL),
+        int(TxnStatus.APPROVED),
     )
     if later is not None:
         return (
