@@ -159,6 +159,25 @@ async def test_postings_are_append_only(
         await conn.close()
 
 
+async def test_the_audit_log_is_append_only(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """A desk action's audit row can be neither changed nor removed (migration 0020)."""
+    await issue(channel, keys)
+    conn = await asyncpg.connect(server.dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM audit_log") > 0
+        for statement in (
+            "UPDATE audit_log SET staff_id = 'someone else'",
+            "DELETE FROM audit_log",
+            "TRUNCATE audit_log",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+                await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
 def test_cli_serve_simulate_and_stop(tmp_path: Path) -> None:
     """The README's first command, as a newcomer runs it: serve, simulate, Ctrl-C, serve again."""
     data = tmp_path / "data"
