@@ -957,7 +957,7 @@ async def run(args: argparse.Namespace) -> int:
                 f"(onecard serve --data-dir {args.data_dir}) or give --target HOST:PORT"
             )
     dsn, source = _database(args)
-    problem = dsn_problem(dsn) if args.dsn else None
+    problem = dsn_problem(args.dsn) if args.dsn else None
     if problem:
         return _refuse(f"--dsn: {problem}")
     keys = MemoryKeyStore(parse_key_document(DEV_KEYS, "dev keys"))
