@@ -250,3 +250,26 @@ def test_a_key_file_that_cannot_be_made_is_refused_naming_it(
     err = capsys.readouterr().err
     assert f"onecard: {which} {blocker / 'data'}" in err and "cannot be made" in err, err
     assert "network" not in err and "Traceback" not in err, err
+
+
+def test_a_new_personal_data_key_is_on_disk_before_it_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key's digests reach the database at once: a key file left in the page cache
+    could come back empty after a power loss while the digests stayed, and no holder's
+    ID check would pass again (found by review). The file and its directory are synced."""
+    from onecard.ledger.pii import load_or_create_key
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = tmp_path / "data" / "pii-key"
+    key = load_or_create_key(path)
+    assert len(key) == 32
+    assert synced == [str(path), str(path.parent)]
+    assert load_or_create_key(path) == key and len(synced) == 2  # read, not made again

@@ -8,11 +8,10 @@ production key file is given by path or environment instead.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from onecard.ledger.accounts import cash_code, payable_code
-from onecard.ledger.keys import create_private_file
+from onecard.ledger.keys import write_new_private_file
 from onecard.ledger.model import PaymentChannel
 from onecard.ledger.storage import Conn
 
@@ -62,12 +61,7 @@ DEMO_TERMINALS = [
 
 def write_dev_key_file(path: Path) -> bool:
     """Create the key file with owner-only permissions; False if it already exists."""
-    fd = create_private_file(path, "development key file")
-    if fd is None:
-        return False
-    with os.fdopen(fd, "w") as fh:
-        json.dump(DEV_KEYS, fh, indent=2)
-    return True
+    return write_new_private_file(path, "development key file", json.dumps(DEV_KEYS, indent=2))
 
 
 async def ensure_issuer_accounts(conn: Conn, issuer: str) -> None:

@@ -301,6 +301,30 @@ def create_private_file(path: Path, what: str) -> int | None:
     )
 
 
+def write_new_private_file(path: Path, what: str, text: str) -> bool:
+    """Write ``text`` to a new owner-only file and make it durable; False if it exists.
+
+    The personal-data key's digests go into the database as soon as it is
+    made: a key file still in the page cache when the machine loses power
+    could come back empty or missing while the digests made with it stay,
+    and no registered holder's check would pass again. So the file and its
+    directory entry are flushed to disk before the key is used.
+    """
+    fd = create_private_file(path, what)
+    if fd is None:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return True
+
+
 class FileKeyStore(MemoryKeyStore):
     """Keys from a JSON file only its owner can read; ``reload()`` re-reads it (SIGHUP)."""
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from onecard.ledger.crypto.encoding import FieldError
 from onecard.ledger.keys import (
     KeyStoreError,
-    create_private_file,
     read_private_file,
     shown_path,
+    write_new_private_file,
 )
 from onecard.ledger.model import ProtectedHolder
 
@@ -147,11 +147,7 @@ class PiiProtector:
 
 def load_or_create_key(path: Path) -> bytes:
     """The development key file beside the dev card keys: owner-only, made once."""
-    fd = create_private_file(path, "personal-data key file")
-    if fd is None:
-        return read_key_file(path)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(os.urandom(KEY_BYTES).hex())
+    write_new_private_file(path, "personal-data key file", os.urandom(KEY_BYTES).hex())
     return read_key_file(path)
 
 
