@@ -258,3 +258,11 @@ def test_a_dsn_with_an_empty_host_in_its_list_is_refused_not_a_traceback(
     assert "argument --dsn: asyncpg cannot use it: a host of its host list is empty" in err, err
     assert "S3c" not in out + err
     assert not data.exists()
+
+
+def test_a_settings_printout_never_shows_the_database_password() -> None:
+    """A ServerConfig in a log line or a traceback's locals printed its DSN whole (review)."""
+    from onecard.server.config import ServerConfig
+
+    shown = repr(ServerConfig(dsn="postgresql://ledger:Pr1vate-pw@db1:5432/onecard"))
+    assert "Pr1vate-pw" not in shown and "listen=" in shown

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import asyncpg
 import grpc
@@ -203,7 +203,8 @@ class RunningServer:
     keys: MemoryKeyStore
     health: health_aio.HealthServicer
     embedded: EmbeddedPostgres | None
-    dsn: str
+    #: May hold the database password: kept out of repr, as the key bytes are.
+    dsn: str = field(repr=False)
     #: The Prometheus endpoint, when --metrics-listen asked for one here.
     metrics: MetricsServer | None = None
     #: Samples the event loop's lag and the queues while metrics are recorded

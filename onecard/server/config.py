@@ -21,7 +21,8 @@ from onecard.v1 import upload_pb2
 @dataclass
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
-    dsn: str | None = None
+    #: May hold the database password: kept out of repr, as the key bytes are.
+    dsn: str | None = field(default=None, repr=False)
     data_dir: Path = field(default_factory=lambda: Path(".onecard"))
     keys: Path | None = None
     allow_slow_crypto: bool = False
