@@ -273,3 +273,15 @@ def test_a_new_personal_data_key_is_on_disk_before_it_is_used(
     assert len(key) == 32
     assert synced == [str(path), str(path.parent)]
     assert load_or_create_key(path) == key and len(synced) == 2  # read, not made again
+
+
+def test_a_key_document_with_a_huge_number_is_refused_not_a_traceback(tmp_path: Path) -> None:
+    """json refuses an integer of over 4,300 digits with a bare ValueError (found by review)."""
+    text = '{"versions": [{"issuer": "3104", "key_version": ' + "9" * 5000 + "}]}"
+    path = tmp_path / "keys.json"
+    path.write_text(text)
+    path.chmod(0o600)
+    with pytest.raises(KeyStoreError, match="holds a number too long to read"):
+        FileKeyStore(path)
+    with pytest.raises(KeyStoreError, match="ONECARD_KEYS_JSON holds a number too long"):
+        key_store_from_env({"ONECARD_KEYS_JSON": text})

@@ -346,6 +346,10 @@ class FileKeyStore(MemoryKeyStore):
             ) from None
         except RecursionError:
             raise KeyStoreError(f"key file {shown} is nested too deeply") from None
+        except ValueError:
+            # json's int() refuses a number of over 4,300 digits (CPython's
+            # guard against quadratic conversion): a traceback at start-up.
+            raise KeyStoreError(f"key file {shown} holds a number too long to read") from None
         return parse_key_document(doc, shown)
 
     def reload(self) -> None:
@@ -368,4 +372,6 @@ def key_store_from_env(environ: Mapping[str, str] | None = None) -> MemoryKeySto
         raise KeyStoreError(f"{ENV_KEYS} is not JSON (column {exc.colno})") from None
     except RecursionError:
         raise KeyStoreError(f"{ENV_KEYS} is nested too deeply") from None
+    except ValueError:  # a number of over 4,300 digits, as in a key file
+        raise KeyStoreError(f"{ENV_KEYS} holds a number too long to read") from None
     return MemoryKeyStore(parse_key_document(doc, ENV_KEYS))
