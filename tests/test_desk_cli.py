@@ -221,3 +221,36 @@ async def test_cli_deny_list_gathers_every_page(
     doc = json.loads(out)
     assert sorted(e["card_number"] for e in doc["entries"]) == sorted(c.card_no for c in cards)
     assert doc["full"] and doc["version"] == "3" and "next_page_token" not in doc
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (("history", "3104000000000001", "--limit", "-1"), "--limit"),
+        (("issue", "3104000000000001", "--deposit", "0", "--key-version", "-1"), "--key-version"),
+        (("issue", "3104000000000001", "--deposit", "0", "--key-version", "4294967296"),
+         "--key-version"),
+        (("replace", "3104000000000001", "3104000000000002", "--key-version", "-1"),
+         "--key-version"),
+        (("deny-list", "--since", "-1"), "--since"),
+        (("refund", "3104000000000001", "9223372036854775808", "1", "--case", "C", "--reason",
+          "r"), "posting"),
+        (("refund", "3104000000000001", "1", "9223372036854775808", "--case", "C", "--reason",
+          "r"), "amount"),
+        (("cancel", "3104000000000001", "--card-balance", "9223372036854775808"),
+         "--card-balance"),
+        (("reverse", "3104000000000001", "-1", "--terminal", "310400000001", "--seq", "2",
+          "--original-seq", "1"), "amount"),
+        (("reverse", "3104000000000001", "100", "--terminal", "310400000001", "--seq", "-1",
+          "--original-seq", "1"), "--seq"),
+        (("reverse", "3104000000000001", "100", "--terminal", "310400000001", "--seq", "2",
+          "--original-seq", "4294967296"), "--original-seq"),
+    ],
+)  # fmt: skip
+async def test_cli_number_outside_its_field_is_a_usage_error_naming_it(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], flag: str
+) -> None:
+    """A number the request's field cannot hold is refused naming the argument, no traceback."""
+    code, _, err = await desk(capsys, None, *argv)
+    assert code == 2, err
+    assert f"argument {flag}" in err and "Traceback" not in err, err

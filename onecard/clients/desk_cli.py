@@ -139,6 +139,31 @@ class DeskClient:
         return EXIT_OK if ok else EXIT_REFUSED
 
 
+#: What the request fields the CLI's numbers go into can hold (desk.proto, terminal.proto).
+UINT32 = (0, 2**32 - 1)
+UINT64 = (0, 2**64 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _whole(field: tuple[int, int]) -> Callable[[str], int]:
+    """An argparse type: a whole number its request field can hold (argparse names the option).
+
+    protobuf refuses any other with a bare ValueError, which left the CLI as a traceback.
+    """
+    low, high = field
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
 def _channel_value(name: str) -> int:
     return _CHANNELS[name]
 
@@ -425,9 +450,11 @@ def add_desk_parser(sub: Any) -> None:
     p.add_argument("card", help="16-digit card number")
     p.add_argument("--product", default="standard", help="standard, student, senior, …")
     p.add_argument(
-        "--deposit", type=int, required=True, help="fen; must equal the product's deposit"
+        "--deposit", type=_whole(INT64), required=True, help="fen; must equal the product's deposit"
     )
-    p.add_argument("--key-version", type=int, default=1, help="issuer key version of the card")
+    p.add_argument(
+        "--key-version", type=_whole(UINT32), default=1, help="issuer key version of the card"
+    )
     p.add_argument("--channel", choices=channels, default="cash", help="how the deposit was paid")
     p.add_argument("--name", help="holder's name (registered card)")
     p.add_argument("--id-number", help="holder's ID number; stored only masked")
@@ -440,7 +467,7 @@ def add_desk_parser(sub: Any) -> None:
     p.add_argument("card")
     p.add_argument("--from", dest="from_time", help="RFC 3339 start, inclusive")
     p.add_argument("--to", dest="to_time", help="RFC 3339 end, exclusive")
-    p.add_argument("--limit", type=int, default=50, help="postings per page")
+    p.add_argument("--limit", type=_whole(UINT32), default=50, help="postings per page")
     p.add_argument("--page-token", help="continue from the previous page")
 
     for name, handler, text in (
@@ -455,7 +482,9 @@ def add_desk_parser(sub: Any) -> None:
     p.add_argument("card")
     p.add_argument("new_card", help="the new card's number")
     p.add_argument("--reason", choices=["lost", "damaged"], default="lost")
-    p.add_argument("--key-version", type=int, default=1, help="the new card's key version")
+    p.add_argument(
+        "--key-version", type=_whole(UINT32), default=1, help="the new card's key version"
+    )
     p.add_argument("--id-number", help="holder's ID number (required for a registered card)")
 
     p = flow("cancel", _cancel, "cancel a card and refund it (退卡)")
@@ -463,24 +492,30 @@ def add_desk_parser(sub: Any) -> None:
     p.add_argument("--channel", choices=channels, default="cash", help="how to refund")
     p.add_argument(
         "--card-balance",
-        type=int,
+        type=_whole(INT64),
         help="the chip's balance in fen when the card was read; without it the refund is held",
     )
     p.add_argument("--id-number", help="holder's ID number (required for a registered card)")
 
     p = flow("refund", _refund, "refund a disputed purchase posting (退款)")
     p.add_argument("card")
-    p.add_argument("posting", type=int, help="posting id (see `onecard desk history`)")
-    p.add_argument("amount", type=int, help="fen")
+    p.add_argument("posting", type=_whole(INT64), help="posting id (see `onecard desk history`)")
+    p.add_argument("amount", type=_whole(INT64), help="fen")
     p.add_argument("--case", required=True, help="complaint case reference")
     p.add_argument("--reason", required=True, help="why, for the audit trail")
 
     p = flow("deny-list", _deny_list, "the deny list terminals pull (黑名单)", action=False)
-    p.add_argument("--since", type=int, default=0, help="version held; 0 for the full list")
+    p.add_argument(
+        "--since", type=_whole(UINT64), default=0, help="version held; 0 for the full list"
+    )
 
     p = flow("reverse", _reverse, "reverse a terminal's last transaction (撤消)", action=False)
     p.add_argument("card")
-    p.add_argument("amount", type=int, help="fen, as in the original")
+    p.add_argument("amount", type=_whole(UINT32), help="fen, as in the original")
     p.add_argument("--terminal", required=True, help="12-digit terminal id")
-    p.add_argument("--seq", type=int, required=True, help="the reversal's own terminal seq")
-    p.add_argument("--original-seq", type=int, required=True, help="seq of the transaction")
+    p.add_argument(
+        "--seq", type=_whole(UINT32), required=True, help="the reversal's own terminal seq"
+    )
+    p.add_argument(
+        "--original-seq", type=_whole(UINT32), required=True, help="seq of the transaction"
+    )
