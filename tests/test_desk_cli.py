@@ -254,3 +254,18 @@ async def test_cli_number_outside_its_field_is_a_usage_error_naming_it(
     code, _, err = await desk(capsys, None, *argv)
     assert code == 2, err
     assert f"argument {flag}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1"])
+async def test_cli_timeout_not_above_zero_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], timeout: str
+) -> None:
+    """A deadline already past is the caller's mistake, not an outage to retry (exit 3)."""
+    code = await asyncio.to_thread(
+        main,
+        ["desk", "show", "3104000000000001", "--target", "127.0.0.1:1", "--operator", "clerk7",
+         "--timeout", timeout],
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--timeout" in err and "retry" not in err, err

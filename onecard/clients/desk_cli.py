@@ -372,6 +372,15 @@ def cmd_desk(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if not args.timeout > 0:
+        # gRPC takes a deadline already past and answers DEADLINE_EXCEEDED,
+        # which this command would report as an outage to retry.
+        print(
+            f"{prog}: --timeout (ONECARD_TIMEOUT): must be more than 0 seconds, "
+            f"got {args.timeout:g}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if args.request_id is None:
         # Chosen here, not in the call, so an outage message can name it for the retry.
         args.request_id = str(uuid.uuid4())
