@@ -122,3 +122,15 @@ async def test_a_malformed_dsn_is_refused_naming_it_without_its_password(
     err = " ".join(capsys.readouterr().err.split())
     assert "--dsn" in err and "a port must be a number, got '54x2'" in err
     assert "s3cretpw" not in err
+
+
+def test_an_opening_balance_no_chip_can_hold_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """A purse is 4 bytes on the card (PROTOCOL.md): past it every upload batch was
+    refused INVALID_ARGUMENT (card_balance_before) and, past int64, the seeding failed
+    as "cannot reach the database or the network", exit 3."""
+    assert _parser().parse_args(["--card-balance", "4294967295"]).card_balance == 4294967295
+    for value in ("4294967296", "99999999999999999999"):
+        with pytest.raises(SystemExit) as exc:
+            _parser().parse_args(["--card-balance", value])
+        assert exc.value.code == 2
+        assert "argument --card-balance: must be at most 4294967295" in capsys.readouterr().err

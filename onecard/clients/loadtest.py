@@ -68,6 +68,9 @@ from onecard.v1 import (
 
 KINDS = ("debit", "load", "upload")
 PURSE_MAX = 100_000  # the demo standard product's
+#: The most a chip's purse can hold: 4 bytes on the card (PROTOCOL.md); the
+#: records the run uploads carry it as ``card_balance_before``.
+CHIP_BALANCE_MAX = 0xFFFFFFFF
 #: The rush profile's rate is the mean times ``1 - RUSH_SWING * cos(2 pi x)`` at
 #: fraction x of the run: half the mean at its ends, 1.5 times it at the peak.
 RUSH_SWING = 0.5
@@ -817,7 +820,7 @@ def parse_mix(text: str) -> dict[str, int]:
     return mix
 
 
-def _whole(minimum: int) -> Callable[[str], int]:
+def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     """An argparse type: a whole number of at least ``minimum`` (argparse names the option)."""
 
     def parse(text: str) -> int:
@@ -827,6 +830,8 @@ def _whole(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse
@@ -858,7 +863,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cards", type=_whole(1), default=100_000, help="card population")
     p.add_argument("--terminals", type=_whole(1), default=2_000, help="terminals played")
-    p.add_argument("--card-balance", type=_whole(0), default=20_000, help="opening balance, fen")
+    p.add_argument(
+        "--card-balance",
+        type=_whole(0, CHIP_BALANCE_MAX),
+        default=20_000,
+        help="opening balance, fen",
+    )
     p.add_argument("--mix", type=parse_mix, default=parse_mix("debit=70,load=5,upload=25"))
     p.add_argument("--batch", type=_whole(1), default=100, help="records per upload batch")
     p.add_argument(
