@@ -134,3 +134,22 @@ def test_an_opening_balance_no_chip_can_hold_is_refused(capsys: pytest.CaptureFi
             _parser().parse_args(["--card-balance", value])
         assert exc.value.code == 2
         assert "argument --card-balance: must be at most 4294967295" in capsys.readouterr().err
+
+
+async def test_a_plot_without_matplotlib_is_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """matplotlib is the [plot] extra, not installed by `pip install .`: the README's
+    example (--plot run.png) ran the whole load and then ended in a traceback
+    (ModuleNotFoundError) instead of its exit code."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    args = _parser().parse_args(
+        ["--target", "127.0.0.1:9", "--data-dir", str(tmp_path), "--count", "1",
+         "--json", str(tmp_path / "run.json"), "--plot", str(tmp_path / "run.png")]
+    )  # fmt: skip
+    assert await run(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--plot" in err and "matplotlib" in err and "[plot]" in err, err
+    assert not (tmp_path / "run.json").exists()

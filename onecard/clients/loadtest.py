@@ -947,6 +947,15 @@ async def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console()
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            # Found now, not after the run: the plot is drawn last.
+            return _refuse(
+                "--plot needs matplotlib, which `pip install .` does not install: "
+                "install onecard with its [plot] extra (pip install '.[plot]') or matplotlib"
+            )
     count = _request_count(args)
     if count < 1:
         return _refuse(
