@@ -153,3 +153,19 @@ async def test_a_plot_without_matplotlib_is_refused_before_the_run(
     err = " ".join(capsys.readouterr().err.split())
     assert "--plot" in err and "matplotlib" in err and "[plot]" in err, err
     assert not (tmp_path / "run.json").exists()
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+async def test_a_report_file_in_a_missing_directory_is_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    """The report is written last: the run went to its end, then lost its report and
+    said "cannot reach the database or the network", exit 3."""
+    missing = tmp_path / "no-such-dir" / "run.out"
+    args = _parser().parse_args(
+        ["--target", "127.0.0.1:9", "--data-dir", str(tmp_path), "--count", "1",
+         option, str(missing)]
+    )  # fmt: skip
+    assert await run(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert option in err and str(missing.parent) in err and "cannot reach" not in err, err

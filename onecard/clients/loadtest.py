@@ -947,6 +947,10 @@ async def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console()
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        # Written after the run: a directory that is not there would lose the report.
+        if path is not None and not path.parent.is_dir():
+            return _refuse(f"{option}: directory {path.parent} does not exist")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
