@@ -210,6 +210,23 @@ def test_cli_serve_simulate_and_stop(tmp_path: Path) -> None:
         assert round_ in (0, 1)
 
 
+def test_simulate_with_no_server_says_to_start_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run before the server is up, or after it stopped (server.addr stays): it ended in a
+    traceback of gRPC's UNAVAILABLE instead of saying what to do."""
+    from onecard.ledger.devdata import write_dev_key_file
+    from onecard.server.cli import main
+
+    write_dev_key_file(tmp_path / "dev-keys.json")
+    (tmp_path / "server.addr").write_text("127.0.0.1:1")  # a server that has stopped
+    code = main(["simulate", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "127.0.0.1:1" in err and "onecard serve" in err and "--target" in err, err
+    assert "Traceback" not in err
+
+
 async def test_key_version_added_while_serving(db_dsn: str, tmp_path: Path) -> None:
     """Rotation: a new key version becomes usable on reload; cards of the old ones keep working."""
     key_file = await seed_with_dev_keys(db_dsn, tmp_path)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import asyncpg
+import grpc
 
 from onecard.ledger.crypto.encoding import FieldError
 from onecard.ledger.crypto.select import CryptoUnavailable
@@ -199,7 +200,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         addr_file = data_dir / "server.addr"
         target = addr_file.read_text().strip() if addr_file.exists() else "127.0.0.1:50051"
     keys = FileKeyStore(args.keys or data_dir / "dev-keys.json")
-    surprises = asyncio.run(simulator.run(target, keys, data_dir))
+    try:
+        surprises = asyncio.run(simulator.run(target, keys, data_dir))
+    except grpc.aio.AioRpcError as exc:
+        # Most often no server yet, or one that has stopped (server.addr stays).
+        print(
+            f"onecard simulate: server {target}: {exc.code().name}: {exc.details()}; is it "
+            f"running? start it (onecard serve --data-dir {data_dir}) or give --target HOST:PORT",
+            file=sys.stderr,
+        )
+        return 3
     return 1 if surprises else 0
 
 
