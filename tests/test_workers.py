@@ -87,6 +87,8 @@ def test_two_workers_on_the_embedded_database(tmp_path: Path) -> None:
     proc, banner = start_cli_server(["--workers", "2"], env)
     try:
         assert "workers: 2" in banner and "embedded PostgreSQL" in banner, banner
+        # The README: the banner prints the psql that reaches it (socket only, no TCP port).
+        assert "(psql -h " in banner and " -U postgres onecard)" in banner, banner
         assert_simulation_passes(env)
     finally:
         out = stop_cli_server(proc)

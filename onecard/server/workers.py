@@ -447,7 +447,16 @@ def run_workers(cfg: ServerConfig, workers: int, argv: list[str]) -> int:
             sup.metrics_dir = workers_dir(cfg.data_dir)
             sup.env[MULTIPROC_ENV] = str(sup.metrics_dir)
             metrics = MetricsServer(cfg.metrics_listen, sup.metrics_dir)
-        where = cfg.data_dir / "pg" if embedded is not None else describe_dsn(dsn)
+        # The embedded database has no TCP listener: the banner says how psql reaches
+        # it, as one process's does.
+        from onecard.server.app import EMBEDDED_DATABASE  # loaded by _prepare already
+
+        where = (
+            f"{cfg.data_dir / 'pg'} (psql -h {embedded.socket_dir} -p {embedded.port} "
+            f"-U postgres {EMBEDDED_DATABASE})"
+            if embedded is not None
+            else describe_dsn(dsn)
+        )
 
         def banner(pids: list[int]) -> None:
             if metrics is not None:
