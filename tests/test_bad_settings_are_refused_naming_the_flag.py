@@ -266,3 +266,24 @@ def test_a_settings_printout_never_shows_the_database_password() -> None:
 
     shown = repr(ServerConfig(dsn="postgresql://ledger:Pr1vate-pw@db1:5432/onecard"))
     assert "Pr1vate-pw" not in shown and "listen=" in shown
+
+
+def test_a_key_cache_this_machine_cannot_allocate_is_refused_naming_the_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cache is allocated whole at start (about 100 bytes a key): --key-cache-size
+    1073741823, the extension's own ceiling and so taken by the bounds, asks for about
+    100 GB, and the server ended in a MemoryError traceback. The allocation failing is
+    simulated, so that the test does not depend on this machine's memory."""
+    from onecard.ledger.crypto import _fast
+
+    class NoMemory:
+        def __init__(self, cache_size: int) -> None:
+            raise MemoryError
+
+    monkeypatch.setattr(_fast, "BatchVerifier", NoMemory)
+    argv = ["serve", "--data-dir", str(tmp_path / "data"), "--listen", "127.0.0.1:0"]
+    assert main([*argv, "--key-cache-size", "1073741823"]) == 2
+    err = capsys.readouterr().err
+    assert "--key-cache-size" in err and "1,073,741,823" in err, err
+    assert "Traceback" not in err

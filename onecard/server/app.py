@@ -19,6 +19,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from onecard.ledger.crypto.encoding import FieldError
 from onecard.ledger.crypto.select import make_verifier
 from onecard.ledger.devdata import seed_demo_data, write_dev_key_file
 from onecard.ledger.engine import Ledger
@@ -50,6 +51,8 @@ from onecard.v1 import (
 log = logging.getLogger("onecard.server")
 
 EMBEDDED_DATABASE = "onecard"
+#: About what one derived key takes in the extension's cache (FastVerifier).
+KEY_CACHE_ENTRY_BYTES = 100
 #: Allocations between young-generation collections (CPython's default: 700).
 GC_THRESHOLD = 50_000
 SERVICE_NAMES = (
@@ -343,7 +346,17 @@ async def start_server(cfg: ServerConfig, keys: MemoryKeyStore | None = None) ->
     dev_keys = False
     if keys is None:
         keys, dev_keys = load_keys(cfg)
-    verifier = make_verifier(keys, cfg.key_cache_size, cfg.allow_slow_crypto)
+    try:
+        verifier = make_verifier(keys, cfg.key_cache_size, cfg.allow_slow_crypto)
+    except MemoryError:
+        # The extension allocates its cache whole, at start: a size within its
+        # ceiling (1,073,741,823) can still be more than this machine has.
+        raise FieldError(
+            "--key-cache-size",
+            f"a cache of {cfg.key_cache_size:,} derived keys (about "
+            f"{cfg.key_cache_size * KEY_CACHE_ENTRY_BYTES // 2**20:,} MB) cannot be "
+            "allocated here; give a smaller one",
+        ) from None
     pii_key = load_pii_key(cfg)  # refused before anything touches the database
     # Before the database starts, so that a taken port is refused first. A
     # worker records metrics for its parent, which serves the sum of all.
