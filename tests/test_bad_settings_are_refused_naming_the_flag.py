@@ -287,3 +287,15 @@ def test_a_key_cache_this_machine_cannot_allocate_is_refused_naming_the_flag(
     err = capsys.readouterr().err
     assert "--key-cache-size" in err and "1,073,741,823" in err, err
     assert "Traceback" not in err
+
+
+def test_migrate_without_a_dsn_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 2 naming --dsn and its twin, as every other missing or bad setting; it
+    exited 1, the code the CLI keeps for a failed run (a refused business rule, books
+    that do not add up)."""
+    monkeypatch.delenv("ONECARD_DSN", raising=False)
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert "--dsn" in err and "ONECARD_DSN" in err, err

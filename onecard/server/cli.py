@@ -184,7 +184,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             await conn.close()
 
     if not args.dsn:
-        raise SystemExit("migrate needs --dsn or ONECARD_DSN")
+        # A usage error, exit 2 as every other missing setting (SystemExit's was 1).
+        print("onecard migrate: needs --dsn or ONECARD_DSN", file=sys.stderr)
+        return 2
     applied = asyncio.run(go())
     print(f"migrations applied: {', '.join(applied) or 'none needed'}")
     return 0
