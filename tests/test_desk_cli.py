@@ -269,3 +269,19 @@ async def test_cli_timeout_not_above_zero_is_a_usage_error(
     err = capsys.readouterr().err
     assert code == 2, err
     assert "--timeout" in err and "retry" not in err, err
+
+
+@pytest.mark.parametrize("staff", ["张三", "clerk\n7"])
+async def test_cli_staff_id_grpc_cannot_send_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], staff: str
+) -> None:
+    """gRPC metadata is printable ASCII: a clerk's id in Chinese ended the command in a
+    traceback (ExecuteBatchError) before anything was sent."""
+    code = await asyncio.to_thread(
+        main,
+        ["desk", "show", "3104000000000001", "--target", "127.0.0.1:1", "--operator", staff],
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--operator" in err and "ASCII" in err and "Traceback" not in err, err
+    assert staff not in err

@@ -372,6 +372,16 @@ def cmd_desk(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if args.handler is not _deny_list and not (
+        args.operator.isascii() and args.operator.isprintable()
+    ):
+        # gRPC sends metadata as printable ASCII only, and raised on anything else.
+        print(
+            f"{prog}: --operator (ONECARD_OPERATOR): a staff id is printable ASCII "
+            f"(it travels in gRPC metadata), got {len(args.operator)} characters with others",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if not args.timeout > 0:
         # gRPC takes a deadline already past and answers DEADLINE_EXCEEDED,
         # which this command would report as an outage to retry.
