@@ -27,7 +27,11 @@ from onecard.clients.terminal import Terminal
 from onecard.ledger.devdata import DEV_KEYS
 from onecard.ledger.keys import FileKeyStore, KeyStoreError, MemoryKeyStore
 from onecard.ledger.pii import read_key_file
-from onecard.ledger.storage.migrate import apply_migrations, available_migrations
+from onecard.ledger.storage.migrate import (
+    SchemaNewerThanCode,
+    apply_migrations,
+    available_migrations,
+)
 from onecard.server.app import RunningServer, start_server
 from onecard.server.config import ServerConfig
 from onecard.server.dsn import describe_dsn
@@ -143,6 +147,36 @@ async def test_migrations_are_recorded_and_rerun_applies_nothing(empty_db_dsn: s
         assert [v["version"] for v in versions] == [m.version for m in available_migrations()]
     finally:
         await conn.close()
+
+
+async def test_a_database_migrated_by_a_newer_onecard_is_refused(
+    empty_db_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A downgrade: this code's queries do not fit a newer schema (0016 dropped a
+    column 0015's code reads), yet the server started and served it without a
+    word, and every request that met the difference failed as UNKNOWN."""
+    newest = max(m.version for m in available_migrations())
+    conn = await asyncpg.connect(empty_db_dsn)
+    try:
+        await apply_migrations(conn)
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, 'from_the_future')",
+            newest + 1,
+        )
+        with pytest.raises(SchemaNewerThanCode) as err:
+            await apply_migrations(conn)
+        assert f"{newest + 1:04d}_from_the_future" in str(err.value)
+        # nothing was done, and the lock is not left held
+        assert not await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        )
+    finally:
+        await conn.close()
+    from onecard.server.cli import main
+
+    # the operator's to fix, as a refused migration is
+    assert await asyncio.to_thread(main, ["migrate", "--dsn", empty_db_dsn]) == 2
+    assert f"{newest + 1:04d}_from_the_future" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

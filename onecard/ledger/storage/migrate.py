@@ -64,6 +64,20 @@ class MigrationFailed(Exception):
         )
 
 
+class SchemaNewerThanCode(Exception):
+    """The database holds migrations this code does not have: a newer onecard
+    upgraded it, and this one's queries may not fit it (0016 dropped a column
+    0015's code reads). Refused before anything is applied or served.
+    """
+
+    def __init__(self, unknown: list[tuple[int, str]]) -> None:
+        names = ", ".join(f"{version:04d}_{name}" for version, name in unknown)
+        super().__init__(
+            f"the database was migrated by a newer onecard ({names}, which this version "
+            "does not have): run that version or a newer one against it"
+        )
+
+
 async def apply_migrations(conn: Conn) -> list[str]:
     """Apply every migration not yet recorded; return the names applied."""
     applied: list[str] = []
@@ -79,7 +93,16 @@ async def apply_migrations(conn: Conn) -> list[str]:
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
         done = await applied_versions(conn)
-        for mig in available_migrations():
+        known = available_migrations()
+        unknown = done - {mig.version for mig in known}
+        if unknown:
+            rows = await conn.fetch(
+                "SELECT version, name FROM schema_migrations WHERE version = any($1::int[])"
+                " ORDER BY version",
+                sorted(unknown),
+            )
+            raise SchemaNewerThanCode([(r["version"], r["name"]) for r in rows])
+        for mig in known:
             if mig.version in done:
                 continue
             async with conn.transaction():
