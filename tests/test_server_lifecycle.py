@@ -179,12 +179,54 @@ async def test_a_database_migrated_by_a_newer_onecard_is_refused(
     assert f"{newest + 1:04d}_from_the_future" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    ("table", "column"),
-    [("postings", "amount = amount + 1"), ("audit_log", "staff_id = 'someone else'")],
-)
-async def test_postings_and_the_audit_log_are_append_only(
-    table: str, column: str, server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+async def test_migrations_wait_past_the_databases_statement_timeout(db_dsn: str) -> None:
+    """A statement_timeout the DBA set on the database (or role) cut the wait for
+    another server's migration lock short, and the start ended as "cannot reach
+    the database" (exit 3), though the lock wait is meant to last however long
+    the other server migrates; a migration longer than it was cancelled too."""
+    setup = await asyncpg.connect(db_dsn)
+    try:
+        await setup.execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET statement_timeout = 200',"
+            " current_database()); END $$"
+        )
+        # 0020 again, to be applied while a reader holds audit_log for longer than that
+        await setup.execute("DELETE FROM schema_migrations WHERE version = 20")
+        await setup.execute("DROP TRIGGER audit_log_append_only ON audit_log")
+        await setup.execute("DROP FUNCTION audit_log_is_append_only()")
+    finally:
+        await setup.close()
+    holder = await asyncpg.connect(db_dsn)
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        # another server migrating: it holds the migration lock for a second
+        await holder.execute("SELECT pg_advisory_lock($1)", 0x0EC4_2D00)
+        release = asyncio.get_running_loop().call_later(
+            1.0,
+            lambda: asyncio.ensure_future(
+                holder.execute("SELECT pg_advisory_unlock($1)", 0x0EC4_2D00)
+            ),
+        )
+        assert await apply_migrations(conn) == ["0020_audit_log_append_only"]
+        release.cancel()
+        # and a migration that waits for a table longer than the timeout
+        await conn.execute("DELETE FROM schema_migrations WHERE version = 20")
+        await conn.execute("DROP TRIGGER audit_log_append_only ON audit_log")
+        await conn.execute("DROP FUNCTION audit_log_is_append_only()")
+        reader = holder.transaction()
+        await reader.start()
+        await holder.execute("LOCK audit_log IN SHARE MODE")
+        asyncio.get_running_loop().call_later(1.0, lambda: asyncio.ensure_future(reader.commit()))
+        assert await apply_migrations(conn) == ["0020_audit_log_append_only"]
+        # the session's own timeout is back
+        assert await conn.fetchval("SHOW statement_timeout") == "200ms"
+    finally:
+        await conn.close()
+        await holder.close()
+
+
+async def test_postings_are_append_only(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """Money moved and who moved it can be neither changed nor removed (the audit
     log since migration 0020: a desk action's row could be rewritten before)."""

@@ -84,7 +84,10 @@ async def apply_migrations(conn: Conn) -> list[str]:
     try:
         # A ledger session bounds its lock waits (--lock-timeout-ms); a server
         # starting while another migrates waits for it however long it takes.
+        # So does a statement_timeout the database or role may set: it cut
+        # that wait short, and cancelled a migration over a large table.
         await conn.execute("SET lock_timeout = 0")
+        await conn.execute("SET statement_timeout = 0")
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -118,5 +121,6 @@ async def apply_migrations(conn: Conn) -> list[str]:
             applied.append(f"{mig.version:04d}_{mig.name}")
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
-        await conn.execute("RESET lock_timeout")  # back to the session's own setting
+        await conn.execute("RESET lock_timeout")  # back to the session's own settings
+        await conn.execute("RESET statement_timeout")
     return applied
