@@ -225,6 +225,48 @@ async def test_migrations_wait_past_the_databases_statement_timeout(db_dsn: str)
         await holder.close()
 
 
+async def test_a_connection_lost_during_a_migration_is_an_outage_and_a_retry_applies_it(
+    db_dsn: str,
+) -> None:
+    """The database restarting (or the session killed) in the middle of a migration
+    ended the start in a traceback of asyncpg's InterfaceError, exit 1: the
+    transaction's exit and the lock's release each raised on the closed
+    connection over the loss, which had itself been called a refused migration."""
+    holder = await asyncpg.connect(db_dsn)
+    try:
+        await holder.execute("DELETE FROM schema_migrations WHERE version = 20")
+        await holder.execute("DROP TRIGGER audit_log_append_only ON audit_log")
+        await holder.execute("DROP FUNCTION audit_log_is_append_only()")
+        reader = holder.transaction()
+        await reader.start()
+        await holder.execute("LOCK audit_log IN SHARE MODE")  # 0020 waits for it
+        conn = await asyncpg.connect(db_dsn)
+        pid = conn.get_server_pid()
+        migrating = asyncio.ensure_future(apply_migrations(conn))
+        for _ in range(100):
+            waiting = await holder.fetchval(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting
+        await holder.execute("SELECT pg_terminate_backend($1)", pid)
+        with pytest.raises(asyncpg.PostgresConnectionError):  # "cannot reach the database", 3
+            await migrating
+        await reader.rollback()
+        assert not await holder.fetchval(
+            "SELECT count(*) FROM schema_migrations WHERE version = 20"
+        )
+    finally:
+        await holder.close()
+    retry = await asyncpg.connect(db_dsn)
+    try:
+        assert await apply_migrations(retry) == ["0020_audit_log_append_only"]
+    finally:
+        await retry.close()
+
+
 async def test_postings_are_append_only(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:

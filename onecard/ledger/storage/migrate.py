@@ -108,9 +108,15 @@ async def apply_migrations(conn: Conn) -> list[str]:
         for mig in known:
             if mig.version in done:
                 continue
-            async with conn.transaction():
+            # Not ``async with``: on a connection lost meanwhile its exit raises
+            # InterfaceError over the loss, which the caller reports as an outage.
+            tx = conn.transaction()
+            await tx.start()
+            try:
                 try:
                     await conn.execute(mig.sql)
+                except asyncpg.PostgresConnectionError:
+                    raise  # the database went away: not the migration refused
                 except asyncpg.PostgresError as exc:
                     raise MigrationFailed(mig, exc) from exc
                 await conn.execute(
@@ -118,9 +124,16 @@ async def apply_migrations(conn: Conn) -> list[str]:
                     mig.version,
                     mig.name,
                 )
+            except BaseException:
+                if not conn.is_closed():
+                    await tx.rollback()
+                raise
+            await tx.commit()
             applied.append(f"{mig.version:04d}_{mig.name}")
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
-        await conn.execute("RESET lock_timeout")  # back to the session's own settings
-        await conn.execute("RESET statement_timeout")
+        # A lost session has lost its lock and settings with it.
+        if not conn.is_closed():
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+            await conn.execute("RESET lock_timeout")  # back to the session's own settings
+            await conn.execute("RESET statement_timeout")
     return applied
