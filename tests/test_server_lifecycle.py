@@ -179,15 +179,19 @@ async def test_a_database_migrated_by_a_newer_onecard_is_refused(
     assert f"{newest + 1:04d}_from_the_future" in capsys.readouterr().err
 
 
-async def test_migrations_wait_past_the_databases_statement_timeout(db_dsn: str) -> None:
-    """A statement_timeout the DBA set on the database (or role) cut the wait for
-    another server's migration lock short, and the start ended as "cannot reach
-    the database" (exit 3), though the lock wait is meant to last however long
-    the other server migrates; a migration longer than it was cancelled too."""
+@pytest.mark.parametrize("setting", ["statement_timeout", "transaction_timeout"])
+async def test_migrations_wait_past_the_databases_timeouts(db_dsn: str, setting: str) -> None:
+    """A statement_timeout (or, from PostgreSQL 17, a transaction_timeout) the DBA
+    set on the database or role cut the wait for another server's migration lock
+    short, and the start ended as "cannot reach the database" (exit 3), though
+    the lock wait is meant to last however long the other server migrates; a
+    migration longer than it was cancelled too."""
     setup = await asyncpg.connect(db_dsn)
     try:
+        if await setup.fetchval("SELECT current_setting($1, true)", setting) is None:
+            pytest.skip(f"this PostgreSQL has no {setting}")
         await setup.execute(
-            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET statement_timeout = 200',"
+            f"DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET {setting} = 200',"
             " current_database()); END $$"
         )
         # 0020 again, to be applied while a reader holds audit_log for longer than that
@@ -197,6 +201,7 @@ async def test_migrations_wait_past_the_databases_statement_timeout(db_dsn: str)
     finally:
         await setup.close()
     holder = await asyncpg.connect(db_dsn)
+    await holder.execute(f"SET {setting} = 0")  # it holds what it holds, not cut short
     conn = await asyncpg.connect(db_dsn)
     try:
         # another server migrating: it holds the migration lock for a second
@@ -219,7 +224,7 @@ async def test_migrations_wait_past_the_databases_statement_timeout(db_dsn: str)
         asyncio.get_running_loop().call_later(1.0, lambda: asyncio.ensure_future(reader.commit()))
         assert await apply_migrations(conn) == ["0020_audit_log_append_only"]
         # the session's own timeout is back
-        assert await conn.fetchval("SHOW statement_timeout") == "200ms"
+        assert await conn.fetchval(f"SHOW {setting}") == "200ms"
     finally:
         await conn.close()
         await holder.close()

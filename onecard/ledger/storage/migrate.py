@@ -18,6 +18,11 @@ from onecard.ledger.storage import Conn
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _LOCK_KEY = 0x0EC4_2D00  # advisory lock id for migrations
+# Sets transaction_timeout for the session ($1; NULL: back to the session's own
+# value, as RESET), on a server that has it (PostgreSQL 17 and later).
+_SET_TRANSACTION_TIMEOUT = """
+    SELECT set_config(name, coalesce($1::text, reset_val), false)
+    FROM pg_settings WHERE name = 'transaction_timeout'"""
 
 
 @dataclass(frozen=True)
@@ -85,9 +90,11 @@ async def apply_migrations(conn: Conn) -> list[str]:
         # A ledger session bounds its lock waits (--lock-timeout-ms); a server
         # starting while another migrates waits for it however long it takes.
         # So does a statement_timeout the database or role may set: it cut
-        # that wait short, and cancelled a migration over a large table.
+        # that wait short, and cancelled a migration over a large table; and
+        # a transaction_timeout (PostgreSQL 17 and later) ended the session.
         await conn.execute("SET lock_timeout = 0")
         await conn.execute("SET statement_timeout = 0")
+        await conn.execute(_SET_TRANSACTION_TIMEOUT, "0")
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -136,4 +143,5 @@ async def apply_migrations(conn: Conn) -> list[str]:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
             await conn.execute("RESET lock_timeout")  # back to the session's own settings
             await conn.execute("RESET statement_timeout")
+            await conn.execute(_SET_TRANSACTION_TIMEOUT, None)
     return applied
