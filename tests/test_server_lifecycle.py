@@ -272,8 +272,12 @@ async def test_a_connection_lost_during_a_migration_is_an_outage_and_a_retry_app
         await retry.close()
 
 
-async def test_postings_are_append_only(
-    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+@pytest.mark.parametrize(
+    ("table", "column"),
+    [("postings", "amount = amount + 1"), ("audit_log", "staff_id = 'someone else'")],
+)
+async def test_postings_and_the_audit_log_are_append_only(
+    table: str, column: str, server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
     """Money moved and who moved it can be neither changed nor removed (the audit
     log since migration 0020: a desk action's row could be rewritten before)."""
