@@ -1012,3 +1012,36 @@ async def test_a_stop_ends_upload_streams_at_once_and_answers_only_the_batch_tak
     assert [p for p in await postings_of(db_dsn, idle_card) if p in purchases] == purchases
     assert [p for p in await postings_of(db_dsn, busy_card) if p in purchases] == purchases * 2
     await assert_books_balance(db_dsn)
+
+
+async def test_a_late_record_that_takes_the_successor_below_zero_is_negative_balance(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """The purse that goes negative is the successor's, which paid for the ride.
+
+    The old card's own purse is back at 0 once the amount followed, so
+    looking at it told finance nothing about the holder who now owes 200.
+    """
+    old = await funded(channel, keys, amount=300)
+    new = await issue(channel, keys)
+    await replace_by_sql(server.dsn, old, new)
+    new.balance = 300  # the desk wrote the balance onto the new chip
+    spent = await Terminal(channel, BUS, 800_000).debit(new, 300)
+    assert spent.status == common_pb2.TXN_STATUS_APPROVED and spent.balance_after == 0
+    late = ride(old, 200)  # the old card rode the bus before it was handed in
+    (reply,) = await Gateway(channel).upload([make_batch("neg", [late])])
+    res = reply.results[0]
+    assert res.outcome == WITH_EXCEPTION
+    assert list(res.exceptions) == [
+        upload_pb2.RECORD_EXCEPTION_CARD_BLOCKED,
+        upload_pb2.RECORD_EXCEPTION_NEGATIVE_BALANCE,
+    ]
+    assert [await balance_of(server.dsn, c) for c in (old, new)] == [0, -200]
+    kinds = await fetch(
+        server.dsn,
+        "SELECT kind FROM finance_exceptions WHERE terminal_seq = $1 ORDER BY kind",
+        late.terminal_seq,
+    )
+    assert [r["kind"] for r in kinds] == list(res.exceptions)
+    await assert_acknowledged(server.dsn, [late], [reply])
+    await assert_books_balance(server.dsn)
