@@ -1045,3 +1045,25 @@ async def test_a_late_record_that_takes_the_successor_below_zero_is_negative_bal
     assert [r["kind"] for r in kinds] == list(res.exceptions)
     await assert_acknowledged(server.dsn, [late], [reply])
     await assert_books_balance(server.dsn)
+
+
+async def test_a_record_repeating_the_cards_highest_counter_is_a_counter_repeat(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """A second record at the counter the card's last record used (a cloned chip),
+    uploaded later, with a balance that agrees: only the counter gives it away."""
+    card = await funded(channel, keys)
+    first = ride(card, 100)
+    gateway = Gateway(channel)
+    (a,) = await gateway.upload([make_batch("hi1", [first])])
+    assert a.results[0].outcome == POSTED
+    card.offline_counter -= 1  # the clone signs at the counter the card just used
+    clone = ride(card, 100)
+    assert clone.offline_counter == first.offline_counter
+    assert clone.card_balance_before == await balance_of(server.dsn, card)
+    (b,) = await gateway.upload([make_batch("hi2", [clone])])
+    assert b.results[0].outcome == WITH_EXCEPTION
+    assert list(b.results[0].exceptions) == [upload_pb2.RECORD_EXCEPTION_COUNTER_REPEAT]
+    assert await balance_of(server.dsn, card) == 4800  # posted all the same: the ride happened
+    await assert_acknowledged(server.dsn, [first, clone], [a, b])
+    await assert_books_balance(server.dsn)
