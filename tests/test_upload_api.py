@@ -1067,3 +1067,22 @@ async def test_a_record_repeating_the_cards_highest_counter_is_a_counter_repeat(
     assert await balance_of(server.dsn, card) == 4800  # posted all the same: the ride happened
     await assert_acknowledged(server.dsn, [first, clone], [a, b])
     await assert_books_balance(server.dsn)
+
+
+async def test_a_genuine_record_of_an_unknown_card_beside_a_ride_posts_only_the_ride(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """Same terminal, same batch: the stranger's record claims its identity but
+    moves no money; the passenger's ride is posted, once, to the operator."""
+    card = await funded(channel, keys)
+    stranger = SimulatedCard("3104999999999998", issuer_key(keys, 1))
+    stranger.balance = 1000
+    records = [ride(card, 200), ride(stranger, 300)]
+    (reply,) = await Gateway(channel).upload([make_batch("mixed", records)])
+    assert [r.outcome for r in reply.results] == [POSTED, QUARANTINED]
+    assert reply.results[1].quarantine_reason == upload_pb2.QUARANTINE_REASON_UNKNOWN_CARD
+    assert await balance_of(server.dsn, card) == 4800
+    purchases = await fetch(server.dsn, "SELECT card_no, amount FROM postings WHERE kind = 1")
+    assert [tuple(r) for r in purchases] == [(int(card.card_no), 200)]
+    await assert_acknowledged(server.dsn, records, [reply])
+    await assert_books_balance(server.dsn)
