@@ -213,6 +213,25 @@ async def test_over_limit(
     await assert_books_balance(server.dsn)
 
 
+async def test_a_load_the_chip_could_not_hold_is_over_limit(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """The chip shows more than the ledger (a purchase posted that the chip never
+    completed): the load must fit on the chip as well as in the ledger's purse."""
+    card = await funded(channel, keys, 5000)
+    card.balance = 99_900  # what the chip reports as its balance before the load
+    load = await Terminal(channel, "310400000009", 9).load(card, 200)
+    assert load.status == common_pb2.TXN_STATUS_OVER_LIMIT
+    assert "100100" in load.detail and "100000" in load.detail
+    assert load.balance_after == 5000 and not load.mac2
+    assert card.balance == 99_900  # no MAC2: the chip was not credited
+    loads = await fetch(
+        server.dsn, "SELECT amount FROM postings WHERE card_no = $1 AND kind = 2", int(card.card_no)
+    )
+    assert [r["amount"] for r in loads] == [5000]
+    await assert_books_balance(server.dsn)
+
+
 async def test_unknown_terminal(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
