@@ -168,6 +168,35 @@ async def test_a_reversed_load_retried_gets_no_mac2_and_the_counter_comes_back(
     await assert_books_balance(server.dsn)
 
 
+async def test_a_reversed_load_does_not_give_back_a_counter_a_later_load_moved_past(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """The counter comes back only while the reversed load's was the card's last:
+    after a later load the chip is past it, and a chip image behind it stays stale."""
+    card = await issue(channel, keys)
+    stub = terminal_stub(channel)
+    first = card.begin_load(3000, TOPUP)
+    reply = await stub.Load(load_request(channel, card, first, 61))
+    assert reply.status == APPROVED
+    card.finish_load(first, WHEN, reply.mac2)
+    behind = SimulatedCard(card.card_no, issuer_key(keys, 1))  # a chip image at counter 0
+    other = "310400000004"  # another machine, another load at the next counter
+    second = card.begin_load(1000, other)
+    assert second.online_counter == 1
+    reply = await stub.Load(load_request(channel, card, second, 7))
+    assert reply.status == APPROVED
+    card.finish_load(second, WHEN, reply.mac2)
+    assert await purse(server.dsn, card) == (4000, 2)
+
+    reversal = await stub.Reverse(reverse_request(card, 3000, TOPUP, 62, 61))
+    assert reversal.status == APPROVED and reversal.balance_after == 1000
+    assert await purse(server.dsn, card) == (1000, 2)  # the chip is at counter 2 still
+    stale = await stub.Load(load_request(channel, behind, behind.begin_load(500, TOPUP), 63))
+    assert stale.status == common_pb2.TXN_STATUS_STALE_COUNTER and not stale.mac2
+    assert await purse(server.dsn, card) == (1000, 2)
+    await assert_books_balance(server.dsn)
+
+
 async def test_a_reversed_debit_retried_is_not_reported_approved(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
