@@ -437,6 +437,43 @@ async def test_cancel_chip_showing_less_pays_the_chip_balance(
     await assert_books_balance(server.dsn)
 
 
+async def test_cancel_of_a_card_offline_rides_took_below_zero_keeps_only_what_it_owes(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """Purse at -300: the deposit makes it whole and the other 1700 fen go to the holder."""
+    from onecard.clients.gateway import Gateway, offline_record
+
+    card = await funded(channel, keys, 100)  # deposit 2000
+    card.balance = 500  # the chip shows more than the ledger, and pays a 400 ride with it
+    ride = offline_record(card, 400, BUS, 78, now_bcd_text())
+    (up,) = await Gateway(channel).upload_records([ride])
+    assert up.results[0].balance_after == -300
+    reply = await cancel(channel, card.card_no, readable=True, card_balance=card.balance)
+    assert reply.status == OK, reply
+    assert reply.amount == 1700 and "deposit 1700 fen" in reply.detail
+    assert (reply.card.balance, reply.card.deposit) == (0, 0)
+    moves = await fetch(
+        server.dsn,
+        "SELECT kind, debit_account, credit_account, amount FROM postings "
+        "WHERE card_no = $1 AND kind IN ($2, $3, $4) ORDER BY posting_id",
+        int(card.card_no),
+        int(PostingKind.BALANCE_REFUND),
+        int(PostingKind.DEPOSIT_OFFSET),
+        int(PostingKind.DEPOSIT_REFUND),
+    )
+    deposit, purse = deposit_account(int(card.card_no)), purse_account(int(card.card_no))
+    assert [tuple(m)[:3] for m in moves] == [
+        (PostingKind.DEPOSIT_OFFSET, deposit, purse),
+        (PostingKind.DEPOSIT_REFUND, deposit, moves[1]["credit_account"]),
+    ]
+    assert [m["amount"] for m in moves] == [300, 1700]
+    cash = await fetch(
+        server.dsn, "SELECT balance FROM account_balances WHERE code = 'cash:3104:cash'"
+    )
+    assert cash[0]["balance"] == -400  # took 2000 + 100, paid back 1700: the rides' 400
+    await assert_books_balance(server.dsn)
+
+
 async def test_cancel_unreadable_card_holds_the_refund_until_the_job_pays(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
