@@ -17,6 +17,7 @@ from onecard.ledger.accounts import deposit_account
 from onecard.ledger.audit import (
     Discrepancy,
     balance_discrepancies,
+    chip_adjust_discrepancies,
     trial_balance,
 )
 from onecard.ledger.keys import MemoryKeyStore
@@ -73,5 +74,25 @@ async def test_a_deposit_changed_alone_fails_the_trial_balance_and_is_named(
         assert await balance_discrepancies(conn) == [
             Discrepancy(deposit_account(int(card.card_no)), 2001, 2000)
         ]
+    finally:
+        await conn.close()
+
+
+async def test_a_chip_adjustment_no_posting_explains_is_named(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """A move the chip did not see, recorded without its posting (or a posting
+    whose move was forgotten): the card's next record would be judged wrong."""
+    card, other = await funded(channel, keys, 1000), await funded(channel, keys, 1000)
+    await assert_books_balance(server.dsn)
+    conn = await _tampered(
+        server.dsn,
+        "UPDATE cards SET chip_adjust = chip_adjust + 250 WHERE card_no = $1",
+        int(card.card_no),
+    )
+    try:
+        assert await trial_balance(conn) == 0 and await balance_discrepancies(conn) == []
+        assert await chip_adjust_discrepancies(conn) == [(int(card.card_no), 250, 0)]
+        assert int(other.card_no) not in [c for c, _, _ in await chip_adjust_discrepancies(conn)]
     finally:
         await conn.close()
