@@ -66,6 +66,31 @@ async def test_load_then_debit_every_suite(
     await assert_books_balance(server.dsn)
 
 
+async def test_a_load_is_taken_into_the_cash_of_its_payment_channel(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """Finance settles each channel on its own (the cash drawer, Alipay, the bank)."""
+    card = await issue(channel, keys)  # its deposit came in cash
+    topup = Terminal(channel, "310400000009", 30)
+    for amount, paid_by in (
+        (1000, common_pb2.PAYMENT_CHANNEL_ALIPAY),
+        (300, common_pb2.PAYMENT_CHANNEL_WECHAT_PAY),
+        (50, common_pb2.PAYMENT_CHANNEL_BANK_CARD),
+        (7, common_pb2.PAYMENT_CHANNEL_CASH),
+    ):
+        assert (await topup.load(card, amount, paid_by)).status == APPROVED
+    rows = await fetch(
+        server.dsn, "SELECT code, balance FROM account_balances WHERE code LIKE 'cash:3104:%'"
+    )
+    assert {r["code"]: r["balance"] for r in rows if r["balance"]} == {
+        "cash:3104:alipay": -1000,
+        "cash:3104:wechat_pay": -300,
+        "cash:3104:bank_card": -50,
+        "cash:3104:cash": -2007,
+    }
+    await assert_books_balance(server.dsn)
+
+
 async def test_insufficient_funds_posts_nothing(
     server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
 ) -> None:
