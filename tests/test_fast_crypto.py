@@ -797,3 +797,58 @@ def test_the_per_call_helpers_refuse_a_date_that_never_was_as_the_twin_does(when
         with pytest.raises(FieldError) as info:
             sign()
         assert info.value.field == "date_time"
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "20261131083000",  # 31 November
+        "20260229120000",  # 29 February of a common year
+        "21000229120000",  # 1900/2100 rule: not a leap year
+        "00000101000000",  # year 0
+        "20261300000000",  # month 13
+        "20261100000000",  # day 0
+        "20261203246000",  # 24:60
+        "20261122240000",  # hour 24
+        "20261122083060",  # second 60
+    ],
+)
+@pytest.mark.parametrize("v", VECTORS, ids=ids)
+def test_the_batch_path_refuses_a_date_that_never_was_as_the_twin_does(
+    v: Vector, when: str
+) -> None:
+    """The batch path checked only that the date was 14 digits: a record signed over
+    30 February verified MAC_OK, and a load over it was answered a MAC2, where the twin
+    raises FieldError("date_time") (found by a differential fuzz)."""
+    version = v.version()
+    store = MemoryKeyStore([version])
+    tac_key = _fast.derive_card_key(v.suite, version.mtk.reveal(), CARD, KV, 1)
+    tac_input = reference.purchase_tac_input(**{**PURCHASE, "date_time": "20261122083015"})
+    tac = _fast.mac(v.suite, tac_key, tac_input[:15] + bytes.fromhex(when))  # the card signed it
+    purchase = purchase_check(v, date_time=when, tac=tac)
+    load = load_check(v, date_time=when)  # MAC1 does not cover the date: it verifies
+    for verifier in (ReferenceVerifier(store), FastVerifier(store), FastVerifier(store, 0)):
+        with pytest.raises(FieldError) as info:
+            verifier.verify_purchases([purchase_check(v), purchase])
+        assert info.value.field == "date_time"
+        with pytest.raises(FieldError) as info:
+            verifier.verify_loads([load_check(v), load])
+        assert info.value.field == "date_time"
+
+
+@pytest.mark.parametrize(
+    "when", ["20240229120000", "20000229235959", "00010101000000", "99991231235959"]
+)
+def test_the_batch_path_takes_every_real_date(when: str) -> None:
+    v = BY_SUITE[Suite.SM4]
+    version = v.version()
+    store = MemoryKeyStore([version])
+    tac_key = _fast.derive_card_key(v.suite, version.mtk.reveal(), CARD, KV, 1)
+    tac = _fast.purchase_tac(v.suite, tac_key, **{**PURCHASE, "date_time": when})
+    seslk = h(v.seslk)
+    mac2 = _fast.load_mac2(
+        v.suite, seslk, LOAD["amount"], LOAD["txn_type"], LOAD["terminal_id"], when
+    )
+    for verifier in (ReferenceVerifier(store), FastVerifier(store)):
+        assert verifier.verify_purchases([purchase_check(v, date_time=when, tac=tac)]) == [MAC_OK]
+        assert verifier.verify_loads([load_check(v, date_time=when)]) == [(MAC_OK, mac2)]

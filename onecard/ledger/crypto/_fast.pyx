@@ -761,6 +761,37 @@ cdef int _bcd(object s, uchar* out, Py_ssize_t ndigits, str field) except -1:
     return 0
 
 
+cdef inline int _bcd2(uchar b) noexcept nogil:
+    return (b >> 4) * 10 + (b & 0x0F)
+
+
+cdef int _real_moment(const uchar* dt) noexcept nogil:
+    """Whether 7 BCD bytes ``YYYYMMDDhhmmss`` (digits already checked) name a real
+    moment, as the twin's ``parse_datetime`` requires: years 1-9999, Gregorian leap years."""
+    cdef int year = _bcd2(dt[0]) * 100 + _bcd2(dt[1])
+    cdef int month = _bcd2(dt[2])
+    cdef int day = _bcd2(dt[3])
+    cdef int last
+    if year < 1 or month < 1 or month > 12 or day < 1:
+        return 0
+    if month == 2:
+        last = 29 if (year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)) else 28
+    elif month == 4 or month == 6 or month == 9 or month == 11:
+        last = 30
+    else:
+        last = 31
+    return day <= last and _bcd2(dt[4]) < 24 and _bcd2(dt[5]) < 60 and _bcd2(dt[6]) < 60
+
+
+cdef int _date_field(object value, uchar* out) except -1:
+    """``_bcd`` of a date and time that must be a real moment (the twin refuses 30 February)."""
+    _bcd(value, out, 14, "date_time")
+    if not _real_moment(out):
+        parse_datetime(value)  # raises the twin's FieldError
+        raise FieldError("date_time", f"is not a real date and time: {value!r}")
+    return 0
+
+
 cdef uchar _mac_field(object value, uchar* out, str field) except 0xFE:
     """Copy a received MAC; returns its length, or LEN_WRONG when no suite's fits."""
     cdef Py_ssize_t n
@@ -1001,7 +1032,7 @@ cdef class BatchVerifier:
                     r.txn_type = t[4]
                     _bcd(t[5], r.terminal, 12, "terminal_id")
                     r.seq = t[6]
-                    _bcd(t[7], r.dt, 14, "date_time")
+                    _date_field(t[7], r.dt)
                     r.tac_len = _mac_field(t[8], r.tac, "tac")
                 slot_of = <int32_t*>PyMem_Malloc(len(ids) * sizeof(int32_t))
                 if slot_of == NULL:
@@ -1134,7 +1165,7 @@ cdef class BatchVerifier:
                     r.amount = t[6]
                     r.txn_type = t[7]
                     _bcd(t[8], r.terminal, 12, "terminal_id")
-                    _bcd(t[9], r.dt, 14, "date_time")
+                    _date_field(t[9], r.dt)
                     r.mac1_len = _mac_field(t[10], r.mac1, "mac1")
                 slot_of = <int32_t*>PyMem_Malloc(len(ids) * sizeof(int32_t))
                 if slot_of == NULL:
