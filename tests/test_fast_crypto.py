@@ -13,6 +13,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -852,3 +854,45 @@ def test_the_batch_path_takes_every_real_date(when: str) -> None:
     for verifier in (ReferenceVerifier(store), FastVerifier(store)):
         assert verifier.verify_purchases([purchase_check(v, date_time=when, tac=tac)]) == [MAC_OK]
         assert verifier.verify_loads([load_check(v, date_time=when)]) == [(MAC_OK, mac2)]
+
+
+@pytest.mark.parametrize("value", [200.9, 200.0, Decimal("200.5"), Fraction(401, 2)])
+def test_an_integer_field_that_is_no_integer_is_refused_as_the_twin_does(value: Any) -> None:
+    """Amounts, sequence numbers, counters and types went through C conversion, which
+    truncates anything with ``__int__``: a purchase of 200.9 fen verified MAC_OK as one of
+    200, a load was answered a MAC2, and the helpers signed 200 (found by a differential
+    fuzz); the twin refuses each (its encoders take only int)."""
+    v = BY_SUITE[Suite.AES]
+    store = MemoryKeyStore([v.version()])
+    purchases = [purchase_check(v, **{f: value}) for f in ("amount", "terminal_seq", "txn_type")]
+    loads = [
+        load_check(v, **{f: value}) for f in ("amount", "old_balance", "online_counter", "txn_type")
+    ]
+    for verifier in (ReferenceVerifier(store), FastVerifier(store)):
+        for p in purchases:
+            with pytest.raises((TypeError, AttributeError)):
+                verifier.verify_purchases([purchase_check(v), p])
+        for ld in loads:
+            with pytest.raises((TypeError, AttributeError)):
+                verifier.verify_loads([load_check(v), ld])
+    key, seslk = h(v.card_tac_key), h(v.seslk)
+    helpers: tuple[Callable[[], bytes], ...] = (
+        lambda: _fast.purchase_tac(3, key, value, 6, "310400000001", 42, "20261122083015"),
+        lambda: _fast.purchase_tac(3, key, 200, value, "310400000001", 42, "20261122083015"),
+        lambda: _fast.purchase_tac(3, key, 200, 6, "310400000001", value, "20261122083015"),
+        lambda: _fast.load_session_key(3, key, h("A1B2C3D4"), value),
+        lambda: _fast.load_mac1(3, seslk, value, 5000, 2, "310400000009"),
+        lambda: _fast.load_mac1(3, seslk, 1500, value, 2, "310400000009"),
+        lambda: _fast.load_mac1(3, seslk, 1500, 5000, value, "310400000009"),
+        lambda: _fast.load_mac2(3, seslk, value, 2, "310400000009", "20261122090000"),
+        lambda: _fast.load_mac2(3, seslk, 5000, value, "310400000009", "20261122090000"),
+    )
+    for sign in helpers:
+        with pytest.raises(TypeError):
+            sign()
+
+    # an int subclass is still an int, as for the twin
+    class Fen(int):
+        pass
+
+    assert FastVerifier(store).verify_purchases([purchase_check(v, amount=Fen(200))]) == [MAC_OK]

@@ -26,6 +26,7 @@ simple per-call functions, which exist for terminal simulators and tests.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.long cimport PyLong_Check
 from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_1BYTE_DATA, PyUnicode_1BYTE_KIND, PyUnicode_Check, PyUnicode_GET_LENGTH, PyUnicode_KIND
@@ -792,6 +793,14 @@ cdef int _date_field(object value, uchar* out) except -1:
     return 0
 
 
+cdef inline object _int(object value, str field):
+    """An integer field as it is: C conversion would truncate a float or a Decimal
+    (200.9 fen verified as 200), where the twin's encoders refuse it."""
+    if not PyLong_Check(value):
+        raise TypeError(f"{field}: expected int, got {type(value).__name__}")
+    return value
+
+
 cdef uchar _mac_field(object value, uchar* out, str field) except 0xFE:
     """Copy a received MAC; returns its length, or LEN_WRONG when no suite's fits."""
     cdef Py_ssize_t n
@@ -1028,10 +1037,10 @@ cdef class BatchVerifier:
                         last_kv = t[1]
                     r.slot = last_idx
                     _bcd(t[2], r.card, 16, "card_no")
-                    r.amount = t[3]
-                    r.txn_type = t[4]
+                    r.amount = _int(t[3], "amount")
+                    r.txn_type = _int(t[4], "txn_type")
                     _bcd(t[5], r.terminal, 12, "terminal_id")
-                    r.seq = t[6]
+                    r.seq = _int(t[6], "terminal_seq")
                     _date_field(t[7], r.dt)
                     r.tac_len = _mac_field(t[8], r.tac, "tac")
                 slot_of = <int32_t*>PyMem_Malloc(len(ids) * sizeof(int32_t))
@@ -1160,10 +1169,10 @@ cdef class BatchVerifier:
                     _bcd(t[2], r.card, 16, "card_no")
                     # a random of the wrong length cannot give a good MAC1 (as in the twin)
                     r.rnd_ok = _mac_field(t[3], r.rnd, "random") == 4
-                    r.ctr = t[4]
-                    r.old_balance = t[5]
-                    r.amount = t[6]
-                    r.txn_type = t[7]
+                    r.ctr = _int(t[4], "online_counter")
+                    r.old_balance = _int(t[5], "old_balance")
+                    r.amount = _int(t[6], "amount")
+                    r.txn_type = _int(t[7], "txn_type")
                     _bcd(t[8], r.terminal, 12, "terminal_id")
                     _date_field(t[9], r.dt)
                     r.mac1_len = _mac_field(t[10], r.mac1, "mac1")
@@ -1340,10 +1349,10 @@ def purchase_tac(suite, card_tac_key, amount, txn_type, terminal_id, terminal_se
     cdef bytes k = bytes(card_tac_key)
     cdef uchar msg[22]
     _key_arg(k, 16, "card TAC key")
-    put32(msg, amount)
-    msg[4] = <uint8_t>txn_type
+    put32(msg, _int(amount, "amount"))
+    msg[4] = <uint8_t>_int(txn_type, "txn_type")
     _bcd(terminal_id, msg + 5, 12, "terminal_id")
-    put32(msg + 11, terminal_seq)
+    put32(msg + 11, _int(terminal_seq, "terminal_seq"))
     parse_datetime(date_time)  # in the twin's order: after the fields before it
     _bcd(date_time, msg + 15, 14, "date_time")
     return _mac(s, k, msg, 22)
@@ -1356,7 +1365,7 @@ def load_session_key(suite, card_load_key, random, online_counter):
     cdef bytes rb = bytes(random)
     cdef const uchar* k = _key_arg(kb, 16, "card load key")
     cdef const uchar* rnd = _key_arg(rb, 4, "random")
-    cdef uint16_t ctr = online_counter
+    cdef uint16_t ctr = _int(online_counter, "online_counter")
     cdef uchar seslk[16]
     cdef Work w
     cdef int ok = work_open(&w) and session_key(&w, s, k, rnd, ctr, seslk)
@@ -1373,9 +1382,9 @@ def load_mac1(suite, seslk, old_balance, amount, txn_type, terminal_id):
     """MAC1 = MAC(SESLK, old balance ‖ amount ‖ type ‖ terminal id)."""
     cdef int s = _check_suite(suite)
     cdef uchar msg[15]
-    put32(msg, old_balance)
-    put32(msg + 4, amount)
-    msg[8] = <uint8_t>txn_type
+    put32(msg, _int(old_balance, "old_balance"))
+    put32(msg + 4, _int(amount, "amount"))
+    msg[8] = <uint8_t>_int(txn_type, "txn_type")
     _bcd(terminal_id, msg + 9, 12, "terminal_id")
     return _mac(s, seslk, msg, 15)
 
@@ -1384,8 +1393,8 @@ def load_mac2(suite, seslk, amount, txn_type, terminal_id, date_time):
     """MAC2 = MAC(SESLK, amount ‖ type ‖ terminal id ‖ date time); a real moment, as in the twin."""
     cdef int s = _check_suite(suite)
     cdef uchar msg[18]
-    put32(msg, amount)
-    msg[4] = <uint8_t>txn_type
+    put32(msg, _int(amount, "amount"))
+    msg[4] = <uint8_t>_int(txn_type, "txn_type")
     _bcd(terminal_id, msg + 5, 12, "terminal_id")
     parse_datetime(date_time)
     _bcd(date_time, msg + 11, 14, "date_time")
