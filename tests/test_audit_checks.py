@@ -96,3 +96,36 @@ async def test_a_chip_adjustment_no_posting_explains_is_named(
         assert int(other.card_no) not in [c for c, _, _ in await chip_adjust_discrepancies(conn)]
     finally:
         await conn.close()
+
+
+async def test_a_hot_account_slot_changed_alone_fails_the_trial_balance_and_is_named(
+    server: RunningServer, channel: grpc.aio.Channel, keys: MemoryKeyStore
+) -> None:
+    """A hot account's balance is spread over per-batch slots (migration 0007); a
+    check that summed only ``accounts`` would not see a slot written without its
+    posting (found by the mutation audit: no test tampered with a slot)."""
+    card = await funded(channel, keys, 1000)
+    debit = await Terminal(channel, BUS, 600).debit(card, 300)
+    assert debit.status == common_pb2.TXN_STATUS_APPROVED
+    await assert_books_balance(server.dsn)
+    conn = await asyncpg.connect(server.dsn)
+    try:
+        slot = await conn.fetchrow(
+            "SELECT account_id, slot FROM account_slots WHERE balance <> 0 "
+            "ORDER BY account_id, slot LIMIT 1"
+        )
+        assert slot is not None, "a debit leaves a payable's balance in a slot"
+        stored = await conn.fetchval(
+            "SELECT balance FROM account_balances WHERE account_id = $1", slot["account_id"]
+        )
+        await conn.execute(
+            "UPDATE account_slots SET balance = balance + 7 WHERE account_id = $1 AND slot = $2",
+            slot["account_id"],
+            slot["slot"],
+        )
+        assert await trial_balance(conn) == 7
+        assert await balance_discrepancies(conn) == [
+            Discrepancy(slot["account_id"], stored + 7, stored)
+        ]
+    finally:
+        await conn.close()
