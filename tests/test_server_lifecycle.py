@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -938,3 +939,16 @@ async def test_a_server_on_a_primary_and_standby_dsn_serves_and_stops_cleanly(
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.parametrize("name", ["0021_Fix.sql", "21_fix.sql", "0021-fix.sql", "0021_fix.SQL"])
+def test_a_migration_file_misnamed_is_refused_not_skipped(name: str, tmp_path: Path) -> None:
+    """Skipped, a schema change would ship and never be applied, and nothing would say so."""
+    from onecard.ledger.storage.migrate import BadMigrationFile
+
+    (tmp_path / "0001_core.sql").write_text("SELECT 1;")
+    (tmp_path / "README.txt").write_text("not a migration")
+    assert [m.name for m in available_migrations(tmp_path)] == ["core"]
+    (tmp_path / name).write_text("SELECT 1;")
+    with pytest.raises(BadMigrationFile, match=re.escape(name)):
+        available_migrations(tmp_path)

@@ -16,7 +16,7 @@ import grpc
 from onecard.ledger.crypto.encoding import FieldError
 from onecard.ledger.crypto.select import CryptoUnavailable
 from onecard.ledger.keys import KeyStoreError
-from onecard.ledger.storage.migrate import MigrationFailed, SchemaNewerThanCode
+from onecard.ledger.storage.migrate import BadMigrationFile, MigrationFailed, SchemaNewerThanCode
 from onecard.ledger.storage.pool import NotDurable
 from onecard.server.config import (
     ServerConfig,
@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         CryptoUnavailable,
         MigrationFailed,
         SchemaNewerThanCode,
+        BadMigrationFile,
         NotDurable,
     ) as exc:
         # Start-up refusals are the operator's to fix; a traceback would hide the advice.

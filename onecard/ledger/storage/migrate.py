@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
 
 import asyncpg
 
@@ -32,12 +33,27 @@ class Migration:
     sql: str
 
 
-def available_migrations() -> list[Migration]:
+class BadMigrationFile(Exception):
+    """A ``.sql`` file in the migrations directory that is not ``NNNN_name.sql``.
+
+    Skipped, it would never be applied and nothing would say so: a schema
+    change shipped and silently missing (``0021_Fix.sql``, ``21_fix.sql``).
+    """
+
+
+def available_migrations(directory: Traversable | None = None) -> list[Migration]:
+    """The migrations in ``directory`` (the package's own by default), by version."""
     found: list[Migration] = []
-    for entry in resources.files("onecard.ledger.migrations").iterdir():
+    files = directory or resources.files("onecard.ledger.migrations")
+    for entry in files.iterdir():
         m = _NAME.match(entry.name)
         if m:
             found.append(Migration(int(m.group(1)), m.group(2), entry.read_text("utf-8")))
+        elif entry.name.lower().endswith(".sql"):
+            raise BadMigrationFile(
+                f"migration file {entry.name} is not named NNNN_name.sql "
+                "(four digits, then lower-case letters, digits and _): it would never be applied"
+            )
     found.sort(key=lambda mig: mig.version)
     versions = [mig.version for mig in found]
     if len(set(versions)) != len(versions):
