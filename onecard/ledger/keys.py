@@ -279,7 +279,7 @@ def read_private_file(path: Path, what: str) -> bytes:
         os.close(fd)
 
 
-def create_private_file(path: Path, what: str) -> int | None:
+def _open_new_private_file(path: Path, what: str) -> int | None:
     """A descriptor of a new file only its owner can read, open for writing; None if it exists.
 
     Its directory is made as needed. A directory where it cannot be made (not
@@ -310,7 +310,7 @@ def write_new_private_file(path: Path, what: str, text: str) -> bool:
     and no registered holder's check would pass again. So the file and its
     directory entry are flushed to disk before the key is used.
     """
-    fd = create_private_file(path, what)
+    fd = _open_new_private_file(path, what)
     if fd is None:
         return False
     with os.fdopen(fd, "w") as fh:
